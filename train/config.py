@@ -1,0 +1,160 @@
+"""Training configuration: one pydantic model, loaded from YAML (`alter-train run --config x.yaml`).
+
+Defaults are the ALTER paper's: rank 8, lr_B 1e-3, lr_A 1e-5, β = γ = 1, λ = 0.01, batch 4,
+3 epochs, Tsallis q = 1.5 with threshold 1.2 (see `train.entropy` for why q = 1.5). Small
+from-scratch models need other values; they set them in their own config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from alter_serve.core.bundle import SUPPORTED_RANKS, is_valid_head_name
+
+Method = Literal["alter", "alter_no_entropy", "grad_ascent", "grad_diff", "npo"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    """The base model: a Hugging Face folder, or "demo" for `train.demo_model.build_demo_model()`."""
+
+    path: str = "demo"
+    # auto: bf16 weights on CUDA (adapters stay fp32), fp32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+class DataSection(_Section):
+    """Forget/retain data and how forget records are grouped into sub-domains (one head each).
+
+    kind "synthetic": a `SyntheticTofu` folder (`path`; default: the model folder's `data/`); the
+    forget set is the records of `forget_subdomains`, the retain set all other records.
+    kind "json": TOFU-format record files `forget_file` and `retain_file` (a JSON list or JSON lines).
+    Sub-domains come from the records' `subdomain_field`, or, when that is null, from k-means over
+    the base model's mean hidden states into `num_subdomains` clusters (heads "cluster-0", …).
+    """
+
+    kind: Literal["synthetic", "json"] = "synthetic"
+    path: str | None = None
+    forget_subdomains: list[str] = Field(default_factory=list)
+    forget_file: str | None = None
+    retain_file: str | None = None
+    subdomain_field: str | None = "subdomain"
+    num_subdomains: int | None = Field(default=None, ge=1)
+    max_length: int = Field(default=256, ge=8)
+    max_retain: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataSection:
+        if self.kind == "synthetic" and not self.forget_subdomains:
+            raise ValueError("data.kind 'synthetic' needs data.forget_subdomains (one forget head each)")
+        if self.kind == "json" and not (self.forget_file and self.retain_file):
+            raise ValueError("data.kind 'json' needs data.forget_file and data.retain_file")
+        if self.subdomain_field is None and self.num_subdomains is None:
+            raise ValueError("set data.subdomain_field, or data.num_subdomains for k-means sub-domains")
+        bad = [d for d in self.forget_subdomains if not is_valid_head_name(d)]
+        if bad:
+            raise ValueError(f"forget_subdomains {bad} are not valid head names ([a-z0-9][a-z0-9_-]*)")
+        return self
+
+
+class AdapterSection(_Section):
+    rank: int = 8
+    alpha: float = Field(default=16.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_TARGETS))
+    init_scale: float = Field(default=1e-2, gt=0)  # ‖column‖ of the data-initialised heads
+    init_tokens: int = Field(default=512, ge=1)     # tokens per head used for that initialisation
+
+    @model_validator(mode="after")
+    def _servable_rank(self) -> AdapterSection:
+        if self.rank not in SUPPORTED_RANKS:
+            raise ValueError(f"adapter.rank {self.rank} cannot be served by vLLM; use one of {list(SUPPORTED_RANKS)}")
+        return self
+
+
+class EntropySection(_Section):
+    q: float = Field(default=1.5, gt=0)
+    threshold: float = 1.2
+    split: Literal["threshold", "quantile"] = "threshold"
+    quantile: float = Field(default=0.8, gt=0, lt=1)
+    histogram: bool = True
+
+
+class OptimSection(_Section):
+    epochs: int = Field(default=3, ge=0)          # Phase II (ALTER) or the baseline's epochs
+    phase1_epochs: int = Field(default=1, ge=0)   # ALTER Phase I (shared A)
+    batch_size: int = Field(default=4, ge=1)
+    lr_A: float = Field(default=1e-5, ge=0)
+    lr_B: float = Field(default=1e-3, ge=0)
+    lr: float = Field(default=1e-5, gt=0)         # baselines (LoRA or full parameters)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    beta: float = Field(default=1.0, ge=0)        # ALTER forget (IHL) weight; GradDiff/NPO γ
+    gamma: float = Field(default=1.0, ge=0)       # ALTER retain (NLL) weight; GradDiff/NPO α
+    lam: float = Field(default=0.01, ge=0)        # ALTER structural (orthogonality) weight
+    npo_beta: float = Field(default=0.1, gt=0)
+    # Retain step: each forget head joins the (detached) forward with this probability.
+    retain_view_head_prob: float = Field(default=0.5, ge=0, le=1)
+    router_epochs: int = Field(default=3, ge=0)
+    router_lr: float = Field(default=1e-2, gt=0)
+
+
+class RuntimeSection(_Section):
+    device: str = "auto"                  # auto: cuda if available, else cpu
+    bf16: bool = True                     # autocast to bf16 on CUDA (ignored on CPU)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    threads: int | None = Field(default=None, ge=1)
+    progress: bool = True
+    output_dir: str | None = None         # default: runs/<name>
+    cache_dir: str = "var/cache"
+    eval_batch_size: int = Field(default=16, ge=1)
+
+
+class TrainConfig(_Section):
+    name: str = Field(pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+    method: Method = "alter"
+    peft: Literal["lora", "full"] = "lora"   # baselines only; ALTER is always AsymLoRA
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    entropy: EntropySection = Field(default_factory=EntropySection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    @property
+    def is_alter(self) -> bool:
+        return self.method in ("alter", "alter_no_entropy")
+
+    def output_path(self) -> Path:
+        return Path(self.runtime.output_dir or f"runs/{self.name}")
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML config (optionally deep-merging `overrides`); errors name the file and every field."""
+    source = Path(path)
+    raw = yaml.safe_load(source.read_text()) or {}
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()]
+        raise ValueError(f"invalid training config {source}:\n  - " + "\n  - ".join(lines)) from None
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

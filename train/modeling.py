@@ -1,0 +1,337 @@
+"""AsymLoRA (ALTER) layers injected into a Hugging Face causal LM.
+
+Every targeted `nn.Linear` with frozen weight W0 [out, in] becomes
+
+    y = W0 x + s · Σ_h ω_h · B_h · (A x)          s = alpha / r,  A: [r, in],  B_h: [out, r]
+
+with heads h = 0 (retain, B_r) and h = 1 … H−1 (one forget head B_d per forget sub-domain).
+`A x` is computed once per layer and all heads are mixed on it with one matmul:
+
+* `view` mode (what tenants are served): ω is a fixed vector [H], so the heads collapse first,
+  B_V = Σ_h ω_h B_h (a tiny [out, r] reduction), and the layer adds s · B_V (A x). This is
+  *exactly* the standard LoRA (A, B_V) that `alter_serve.core.views.peft_tensors` writes.
+* `routed` mode (the paper's per-token inference): ω is [..., H] per token, so the heads are
+  concatenated, B_cat = [B_0 | … | B_{H−1}] ∈ [out, H·r], and the layer adds
+  s · B_cat ((ω ⊗ A x) flattened to [..., H·r]).
+* `off`: the base model, adapters skipped.
+
+Gradient isolation is per head: `HeadMix.grad_heads` names the heads that may receive gradients
+in the next forward; the others enter the forward detached (their values are used, their
+gradient is exactly zero). A head with ω_h = 0 also gets exactly zero gradient.
+
+Adapter parameters are kept in fp32 (optimizer master copy); the forward runs in the model's
+compute dtype (bf16 under CUDA autocast), so the adapter adds few, small kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alter_serve.core.bundle import (
+    RETAIN_HEAD,
+    AlterBundle,
+    BaseModelRef,
+    EntropySpec,
+    Heads,
+    Manifest,
+    RouterSpec,
+)
+
+MODES = ("off", "view", "routed")
+
+
+@dataclass
+class HeadMix:
+    """What every AlterLinear of one model applies on its next forward (shared, mutable).
+
+    `weights`: [H] in view mode, [..., H] broadcastable to the layer input's leading dims in
+    routed mode. `grad_heads`: bool [H], True where the head may receive gradients; None = all.
+    """
+
+    heads: list[str]
+    mode: str = "view"
+    weights: torch.Tensor | None = None
+    grad_heads: torch.Tensor | None = None
+
+
+class AlterLinear(nn.Module):
+    """A frozen `nn.Linear` plus the shared A and the stacked heads B [out, H, r]."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, mix: HeadMix):
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scale = alpha / rank
+        self.mix = mix
+        num_heads = len(mix.heads)
+        factory = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+        # Heads stacked as [out, H, r]: head h is lora_B[:, h] (PEFT's [out, r] layout) and the
+        # concatenation [B_0 | … | B_{H−1}] is lora_B.reshape(out, H·r), a view, not a copy.
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, num_heads, rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default for A
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        mix = self.mix
+        if mix.mode == "off":
+            return result
+        dtype = _compute_dtype(x)
+        heads = _isolate(self.lora_B, mix.grad_heads)
+        ax = F.linear(x.to(dtype), self.lora_A.to(dtype))
+        if mix.mode == "view":
+            b_view = torch.einsum("ohr,h->or", heads, mix.weights.to(heads.dtype))
+            delta = F.linear(ax, b_view.to(dtype))
+        elif mix.mode == "routed":
+            weights = mix.weights.to(dtype)
+            mixed = (weights.unsqueeze(-1) * ax.unsqueeze(-2)).flatten(-2)
+            delta = F.linear(mixed, heads.flatten(1).to(dtype))
+        else:
+            raise ValueError(f"unknown adapter mode {mix.mode!r}; use one of {MODES}")
+        return result + (self.scale * delta).to(result.dtype)
+
+    def head(self, index: int) -> torch.Tensor:
+        """B_h as [out, r] (a view into the stacked parameter)."""
+        return self.lora_B[:, index]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _isolate(stacked: torch.Tensor, grad_heads: torch.Tensor | None) -> torch.Tensor:
+    """Detach the heads not in `grad_heads`: same values, exactly zero gradient for them."""
+    if grad_heads is None or not stacked.requires_grad or bool(grad_heads.all()):
+        return stacked
+    keep = grad_heads.to(stacked.device).view(1, -1, 1)
+    return torch.where(keep, stacked, stacked.detach())
+
+
+class AlterModel(nn.Module):
+    """A causal LM with AlterLinear layers; calls go straight to the wrapped model.
+
+    Head 0 is "retain"; heads 1 … are the forget heads in `forget_heads` order.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, AlterLinear], mix: HeadMix,
+                 target_modules: list[str], rank: int, alpha: float):
+        super().__init__()
+        self.model = model
+        self.mix = mix
+        self.target_modules = list(target_modules)
+        self.rank = rank
+        self.alpha = alpha
+        self._layers = layers  # plain dict: the modules are already registered inside `model`
+
+    # ---- plumbing --------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @property
+    def layers(self) -> dict[str, AlterLinear]:
+        return dict(self._layers)
+
+    @property
+    def heads(self) -> list[str]:
+        return list(self.mix.heads)
+
+    @property
+    def forget_heads(self) -> list[str]:
+        return self.mix.heads[1:]
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def head_index(self, name: str) -> int:
+        try:
+            return self.mix.heads.index(name)
+        except ValueError:
+            raise KeyError(f"no head {name!r}; heads are {self.mix.heads}") from None
+
+    def lora_A_parameters(self) -> list[nn.Parameter]:
+        return [layer.lora_A for layer in self._layers.values()]
+
+    def lora_B_parameters(self) -> list[nn.Parameter]:
+        return [layer.lora_B for layer in self._layers.values()]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor by "<module>.lora_A" / "<module>.lora_B" (for checkpoints)."""
+        state = {}
+        for name, layer in self._layers.items():
+            state[f"{name}.lora_A"] = layer.lora_A.detach()
+            state[f"{name}.lora_B"] = layer.lora_B.detach()
+        return state
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, layer in self._layers.items():
+                layer.lora_A.copy_(state[f"{name}.lora_A"])
+                layer.lora_B.copy_(state[f"{name}.lora_B"])
+
+    # ---- modes -----------------------------------------------------------------------------
+    def set_off(self) -> None:
+        self.mix.mode, self.mix.weights = "off", None
+
+    def set_view(self, retain: float = 1.0, forget: dict[str, float] | None = None) -> None:
+        """Fixed head weights ω = (retain, forget[d] for each named d, 0 for the others)."""
+        weights = torch.zeros(len(self.mix.heads), dtype=torch.float32, device=self._device())
+        weights[0] = retain
+        for name, weight in (forget or {}).items():
+            index = self.head_index(name)
+            if index == 0:
+                raise KeyError("'retain' is set through the `retain` argument, not `forget`")
+            weights[index] = weight
+        self.mix.mode, self.mix.weights = "view", weights
+
+    def set_routed(self, weights: torch.Tensor) -> None:
+        """Per-token head weights [..., H] (column 0 is the retain head)."""
+        if weights.shape[-1] != len(self.mix.heads):
+            raise ValueError(f"routed weights need {len(self.mix.heads)} columns (heads {self.mix.heads}), "
+                             f"got shape {tuple(weights.shape)}")
+        self.mix.mode, self.mix.weights = "routed", weights
+
+    def set_grad_heads(self, names: Sequence[str] | None) -> None:
+        """Only the named heads receive gradients (None: all heads)."""
+        if names is None:
+            self.mix.grad_heads = None
+            return
+        mask = torch.zeros(len(self.mix.heads), dtype=torch.bool, device=self._device())
+        for name in names:
+            mask[self.head_index(name)] = True
+        self.mix.grad_heads = mask
+
+    @contextmanager
+    def mixing(self, mode: str = "view", retain: float = 1.0, forget: dict[str, float] | None = None,
+               routed: torch.Tensor | None = None, grad_heads: Sequence[str] | None = None) -> Iterator[None]:
+        """Temporarily set the mode, head weights and trainable heads; restore on exit."""
+        saved = (self.mix.mode, self.mix.weights, self.mix.grad_heads)
+        try:
+            if mode == "off":
+                self.set_off()
+            elif mode == "view":
+                self.set_view(retain, forget)
+            elif mode == "routed":
+                if routed is None:
+                    raise ValueError("routed mode needs per-token weights")
+                self.set_routed(routed)
+            else:
+                raise ValueError(f"unknown adapter mode {mode!r}; use one of {MODES}")
+            self.set_grad_heads(grad_heads)
+            yield
+        finally:
+            self.mix.mode, self.mix.weights, self.mix.grad_heads = saved
+
+    def _device(self) -> torch.device:
+        return next(iter(self._layers.values())).lora_A.device
+
+
+# ---- injection ------------------------------------------------------------------------------------
+
+
+def matches_target(name: str, targets: Sequence[str]) -> bool:
+    """PEFT's suffix rule: `name` is a target if it equals one or ends with "." + one."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def inject(model: nn.Module, target_modules: Sequence[str], rank: int, alpha: float,
+           forget_heads: Sequence[str]) -> AlterModel:
+    """Freeze `model` and wrap every targeted nn.Linear in an AlterLinear (in place).
+
+    Heads start at B = 0 (the model is unchanged until they are initialised or trained).
+    """
+    targets = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and matches_target(name, target_modules)]
+    if not targets:
+        raise ValueError(f"no nn.Linear in the model matches target_modules {list(target_modules)}")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    mix = HeadMix(heads=[RETAIN_HEAD, *forget_heads])
+    layers: dict[str, AlterLinear] = {}
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = AlterLinear(getattr(parent, child), rank, alpha, mix)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    alter = AlterModel(model, layers, mix, list(target_modules), rank, alpha)
+    alter.set_view(1.0, {})
+    return alter
+
+
+# ---- bundles ----------------------------------------------------------------------------------------
+
+
+def to_bundle(
+    alter: AlterModel,
+    base_model: str,
+    base_fingerprint: str,
+    *,
+    entropy: EntropySpec | None = None,
+    router: dict[str, torch.Tensor] | None = None,
+    router_spec: RouterSpec | None = None,
+    training: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> AlterBundle:
+    """The trained adapters as an `AlterBundle` (module names as in `model.named_modules()`)."""
+    manifest = Manifest(
+        base_model=BaseModelRef(name_or_path=base_model, fingerprint=base_fingerprint),
+        rank=alter.rank,
+        alpha=alter.alpha,
+        target_modules=sorted(alter.target_modules),
+        heads=Heads(retain=RETAIN_HEAD, forget=alter.forget_heads),
+        router=router_spec or RouterSpec(),
+        entropy=entropy or EntropySpec(),
+        training=training or {},
+    )
+    lora_a, retain = {}, {}
+    forget: dict[str, dict[str, torch.Tensor]] = {name: {} for name in alter.forget_heads}
+    for module, layer in alter.layers.items():
+        lora_a[module] = _export(layer.lora_A, dtype)
+        retain[module] = _export(layer.head(0), dtype)
+        for index, head in enumerate(alter.forget_heads, start=1):
+            forget[head][module] = _export(layer.head(index), dtype)
+    router_tensors = {k: _export(v, dtype) for k, v in (router or {}).items()}
+    return AlterBundle(manifest, lora_a, retain, forget, router_tensors)
+
+
+def from_bundle(model: nn.Module, bundle: AlterBundle) -> AlterModel:
+    """Inject the bundle's adapters into `model` (its base model) and load A and every head."""
+    m = bundle.manifest
+    alter = inject(model, m.target_modules, m.rank, m.alpha, bundle.forget_heads)
+    layers = alter.layers
+    missing = sorted(set(layers) - set(bundle.lora_a))
+    extra = sorted(set(bundle.lora_a) - set(layers))
+    if missing or extra:
+        raise ValueError(f"bundle does not fit this model: modules without adapters {missing}, "
+                         f"adapters for absent modules {extra}")
+    with torch.no_grad():
+        for module, layer in layers.items():
+            layer.lora_A.copy_(bundle.lora_a[module].float())
+            layer.lora_B[:, 0].copy_(bundle.retain[module].float())
+            for index, head in enumerate(bundle.forget_heads, start=1):
+                layer.lora_B[:, index].copy_(bundle.forget[head][module].float())
+    return alter
+
+
+def _export(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.detach().to(device="cpu", dtype=dtype).contiguous()

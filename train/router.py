@@ -1,0 +1,154 @@
+"""The entropy-aware router of ALTER's per-token ("routed") inference.
+
+For token position t, with S_t = S_q of the frozen base model's next-token distribution there and
+h_t the base model's last hidden state (RMS-normalised), the router scores the forget heads
+plus a *null* slot ("no forget head"):
+
+    f_t = [h_t / rms(h_t), S_t, 1]                   features, [hidden + 2]
+    z_t = W_g f_t                                     [1 + D]   (slot 0 = null, slots 1 … D = forget heads)
+    ω_t = softmax(z_t / τ_t)[1:]                      τ_t = 0.8 if S_t > threshold else 0.01
+
+and the layer applies B_r + Σ_d ω_{t,d} B_d. The retain head is always on (weight 1), as in the
+static views. The null slot is what lets a retain-domain token route to *no* forget head; without
+it a softmax over forget heads alone would always switch some head fully on. Low-entropy tokens
+(τ = 0.01) get an essentially hard choice; high-entropy tokens (τ = 0.8) a soft mixture.
+
+The paper writes the gate as W_g · S_q(x_t). A scalar entropy alone cannot tell sub-domains apart,
+so the features add the base model's hidden state; the entropy enters both as a feature and
+through the temperature. W_g is trained after Phase II by cross-entropy (at τ = 1) on the
+sequence's sub-domain label (null for retain data), on detached base-model features: it
+touches no adapter weight, so head isolation is unaffected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alter_serve.core.bundle import AlterBundle, RouterSpec
+
+from .entropy import tsallis_entropy
+from .modeling import AlterModel
+
+ROUTER_KIND = "entropy_softmax"
+NULL_SLOT = 0
+
+
+class EntropyRouter(nn.Module):
+    """W_g [1 + D, hidden + 2] and the temperatures; see the module docstring for the math."""
+
+    def __init__(self, hidden_size: int, num_forget: int, q: float, threshold: float,
+                 tau_high: float = 0.8, tau_low: float = 0.01):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.q, self.threshold = q, threshold
+        self.tau_high, self.tau_low = tau_high, tau_low
+        # Zero init: uniform routing until trained (no accidental preference for any head).
+        self.weight = nn.Parameter(torch.zeros(1 + num_forget, hidden_size + 2))
+
+    @property
+    def num_forget(self) -> int:
+        return self.weight.shape[0] - 1
+
+    def features(self, hidden: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()
+        normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+        ones = torch.ones_like(entropy, dtype=torch.float32)
+        return torch.cat([normed, entropy.float().unsqueeze(-1), ones.unsqueeze(-1)], dim=-1)
+
+    def logits(self, hidden: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.features(hidden, entropy), self.weight)
+
+    def temperature(self, entropy: torch.Tensor) -> torch.Tensor:
+        high = torch.full_like(entropy, self.tau_high, dtype=torch.float32)
+        return torch.where(entropy > self.threshold, high, torch.full_like(high, self.tau_low))
+
+    def head_weights(self, hidden: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        """[..., 1 + D] weights for (retain, forget heads…): retain 1, forget ω_t (null dropped)."""
+        tau = self.temperature(entropy).unsqueeze(-1)
+        omega = torch.softmax(self.logits(hidden, entropy) / tau, dim=-1)
+        retain = torch.ones_like(omega[..., :1])
+        return torch.cat([retain, omega[..., 1:]], dim=-1)
+
+    # ---- bundle I/O ----------------------------------------------------------------------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.detach().cpu().float().contiguous()}
+
+    def spec(self) -> RouterSpec:
+        return RouterSpec(kind=ROUTER_KIND, params={
+            "features": "rms_normed_last_hidden+entropy+bias", "null_slot": NULL_SLOT,
+            "q": self.q, "threshold": self.threshold, "tau_high": self.tau_high, "tau_low": self.tau_low,
+        })
+
+    @classmethod
+    def from_bundle(cls, bundle: AlterBundle) -> "EntropyRouter":
+        if "weight" not in bundle.router:
+            raise ValueError("bundle has no router weights ('router.weight'); routed mode is unavailable")
+        weight = bundle.router["weight"]
+        p = bundle.manifest.router.params
+        router = cls(weight.shape[1] - 2, weight.shape[0] - 1, float(p["q"]), float(p["threshold"]),
+                     float(p.get("tau_high", 0.8)), float(p.get("tau_low", 0.01)))
+        if router.num_forget != len(bundle.forget_heads):
+            raise ValueError(f"router scores {router.num_forget} forget heads, bundle has {len(bundle.forget_heads)}")
+        with torch.no_grad():
+            router.weight.copy_(weight.float())
+        return router
+
+
+@torch.no_grad()
+def base_features(alter: AlterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last hidden [B, T, hidden], S_q [B, T]) of the base model (adapters off), no grad."""
+    with alter.mixing("off"):
+        out = alter(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return out.hidden_states[-1], tsallis_entropy(out.logits, q)
+
+
+def routed_forward(alter: AlterModel, router: EntropyRouter, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, **kwargs) -> object:
+    """The paper's inference: a base pass for (h_t, S_t), then the adapted pass with ω_t per token."""
+    hidden, entropy = base_features(alter, input_ids, attention_mask, router.q)
+    weights = router.head_weights(hidden, entropy)
+    with alter.mixing("routed", routed=weights):
+        return alter(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def train_router(
+    alter: AlterModel,
+    router: EntropyRouter,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    epochs: int = 3,
+    lr: float = 1e-2,
+    max_tokens: int = 50_000,
+) -> list[float]:
+    """Fit W_g by cross-entropy to each sequence's head label (0 = null/retain, d = forget head d).
+
+    `batches` yields (input_ids, attention_mask, head_label [B]); features are computed once
+    (base model, no grad) and reused across epochs. Only the first `max_tokens` tokens are kept,
+    which bounds the feature cache (tokens × hidden floats) on large data sets.
+    Returns the mean loss per epoch.
+    """
+    cached, kept = [], 0
+    for input_ids, attention_mask, label in batches:
+        if kept >= max_tokens:
+            break
+        hidden, entropy = base_features(alter, input_ids, attention_mask, router.q)
+        valid = attention_mask.bool()
+        labels = label.to(valid.device).unsqueeze(1).expand_as(attention_mask)[valid]
+        cached.append((hidden[valid].float(), entropy[valid], labels))
+        kept += int(valid.sum())
+    optimizer = torch.optim.Adam(router.parameters(), lr=lr)
+    history = []
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for hidden, entropy, target in cached:
+            loss = F.cross_entropy(router.logits(hidden, entropy), target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total, count = total + loss.item(), count + 1
+        history.append(total / max(count, 1))
+    return history
