@@ -1,0 +1,48 @@
+"""The persistent registry: bundles, views, tenants, grants, API keys, experiments, feedback and the
+request log (SQLAlchemy 2.0; SQLite by default). No web code and no vLLM here.
+
+    registry = Registry("sqlite:///var/registry.db", "var/data", base_fingerprint=fp, base_shapes=shapes)
+    registry.create_all()
+"""
+
+from .errors import Conflict, InvalidInput, NotFound, RegistryError
+from .experiments import Arm, choose_arm
+from .records import (
+    ArmResult,
+    BundleInfo,
+    BundleUpdate,
+    BundleVersion,
+    ExperimentInfo,
+    FeedbackInfo,
+    KeyInfo,
+    Limits,
+    Principal,
+    RequestLogEntry,
+    TenantInfo,
+    ViewChange,
+    ViewInfo,
+)
+from .store import Registry
+
+__all__ = [
+    "Arm",
+    "ArmResult",
+    "BundleInfo",
+    "BundleUpdate",
+    "BundleVersion",
+    "Conflict",
+    "ExperimentInfo",
+    "FeedbackInfo",
+    "InvalidInput",
+    "KeyInfo",
+    "Limits",
+    "NotFound",
+    "Principal",
+    "Registry",
+    "RegistryError",
+    "RequestLogEntry",
+    "TenantInfo",
+    "ViewChange",
+    "ViewInfo",
+    "choose_arm",
+]

@@ -1,0 +1,1063 @@
+"""`Registry`: the persistent state of alter-serve — bundles, views, tenants, grants, API keys,
+experiments, feedback and the request log.
+
+One SQLAlchemy engine (SQLite by default; any SQLAlchemy URL, e.g. PostgreSQL when several
+replicas share one database) plus a data directory holding the content-addressed file store
+(`files.py`). Every public method opens its own short session and returns frozen records
+(`records.py`), so callers — the FastAPI layer's thread pool, the engine — never hold a session.
+
+Consistency rules kept here:
+- Files first, row second. A bundle or composed view folder is written completely (atomically,
+  content-addressed) before the transaction that refers to it; if that transaction fails, folders
+  this call created are removed again. So no row ever points at a missing folder, and a failed call
+  leaves nothing half-registered.
+- A bundle name and the views composed from it move together: changing a bundle (a new upload or a
+  replaced head) recomposes its views first and then, in one transaction, points the bundle at the
+  new version and each changed view at its new folder. A change that would break a view (it names a
+  head the new version lacks) is refused before anything is written.
+- Optimistic concurrency: that transaction re-checks that the bundle and its views are still what
+  was composed against, and raises `Conflict` ("retry") otherwise.
+- SQLite: WAL (readers never block the writer), foreign keys on, and writes open with
+  `BEGIN IMMEDIATE` so two writers queue on the busy timeout instead of failing mid-transaction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import case, create_engine, delete, event, func, insert, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from ..core.bundle import (
+    HEAD_NAME_PATTERN,
+    AlterBundle,
+    BundleError,
+    _read_safetensors,
+    is_valid_head_name,
+    load_bundle,
+    validate_contents,
+)
+from ..core.views import ORIGINAL_VIEW, ComposedView, View, check_view_fits, compose
+from . import experiments as exp
+from . import files, keys
+from .errors import Conflict, InvalidInput, NotFound
+from .experiments import Arm
+from .models import (
+    ApiKeyRow,
+    Base,
+    BundleRow,
+    BundleVersionRow,
+    ExperimentRow,
+    FeedbackRow,
+    RequestLogRow,
+    TenantRow,
+    ViewRow,
+    experiment_tenants,
+    grants,
+    utcnow,
+)
+from .records import (
+    ROLES,
+    ArmResult,
+    BundleInfo,
+    BundleUpdate,
+    BundleVersion,
+    ExperimentInfo,
+    FeedbackInfo,
+    KeyInfo,
+    Limits,
+    Principal,
+    RequestLogEntry,
+    TenantInfo,
+    ViewChange,
+    ViewInfo,
+)
+
+_NAME_HELP = f"must match {HEAD_NAME_PATTERN} (lowercase letters, digits, '_' and '-'; at most 63 characters)"
+_WRITE_OPTION = "alter_serve_write"
+MAX_COMMENT_CHARS = 10_000
+MAX_RESPONSE_ID_CHARS = 128
+
+
+def _check_name(kind: str, name: object) -> str:
+    if not is_valid_head_name(name):  # the same pattern as head names: URL-, label- and filename-safe
+        raise InvalidInput(f"{kind} name {name!r} {_NAME_HELP}")
+    return name  # type: ignore[return-value]
+
+
+def _make_engine(url: str) -> Engine:
+    """An engine with SQLite tuned for a threaded server: WAL, foreign keys, immediate write locks."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+    memory = parsed.database in (None, "", ":memory:")
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30.0}}
+    if memory:
+        kwargs["poolclass"] = StaticPool  # one shared connection; for tests, not for a threaded server
+    else:
+        Path(parsed.database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take BEGIN away from the sqlite3 module (its legacy mode starts transactions lazily and
+        # never for SELECT) so that `_on_begin` decides how each transaction starts.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        if not memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe with WAL
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # A write transaction takes the write lock up front: a deferred one that reads, then writes,
+        # fails with SQLITE_BUSY if another writer committed in between (busy_timeout cannot help).
+        immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Registry:
+    """The registry. Construct, call `create_all()` once, then use from any thread.
+
+    `base_fingerprint` / `base_shapes` (from `core.fingerprint`) bind stored bundles to the served
+    base model: every bundle is validated against them on upload and on every recomposition. Leave
+    them None only where no base model is at hand (offline tools, tests of the bookkeeping).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        data_dir: str | Path,
+        *,
+        base_fingerprint: str | None = None,
+        base_shapes: Mapping[str, tuple[int, int]] | None = None,
+    ):
+        self.url = url
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.base_fingerprint = base_fingerprint
+        self.base_shapes = dict(base_shapes) if base_shapes is not None else None
+        self.engine = _make_engine(url)
+        self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(
+            self.engine.execution_options(**{_WRITE_OPTION: True}), expire_on_commit=False
+        )
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def create_all(self) -> None:
+        """Create missing tables and folders, and the built-in view "original" (the base model)."""
+        Base.metadata.create_all(self.engine)
+        (self.data_dir / files.BUNDLES_DIR).mkdir(parents=True, exist_ok=True)
+        (self.data_dir / files.VIEWS_DIR).mkdir(parents=True, exist_ok=True)
+        try:
+            with self._writing("the built-in view 'original'") as s:
+                if s.scalar(select(ViewRow.id).where(ViewRow.name == ORIGINAL_VIEW)) is None:
+                    s.add(ViewRow(name=ORIGINAL_VIEW, bundle_id=None, spec={}))
+        except Conflict:
+            pass  # another replica created it at the same moment
+
+    def close(self) -> None:
+        """Close pooled connections (tests, shutdown)."""
+        self.engine.dispose()
+
+    @contextmanager
+    def _reading(self) -> Iterator[Session]:
+        with self._read_sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _writing(self, subject: str) -> Iterator[Session]:
+        """A write transaction; a constraint violation (a concurrent duplicate) becomes `Conflict`."""
+        try:
+            with self._write_sessions() as session, session.begin():
+                yield session
+        except IntegrityError as exc:
+            raise Conflict(f"{subject}: clashes with a concurrent change ({exc.orig}); reload and retry") from exc
+
+    def _abs(self, relative: str) -> Path:
+        return self.data_dir / relative
+
+    # ---- bundles --------------------------------------------------------------------------------
+
+    def _validated(self, source: str | Path) -> AlterBundle:
+        try:
+            return load_bundle(source, self.base_shapes, self.base_fingerprint)
+        except BundleError as exc:
+            raise InvalidInput(f"bundle at {source} is invalid; fix it and upload it again:", exc.problems) from exc
+
+    def store_bundle(self, name: str, src_dir: str | Path, *, replace: bool = False) -> BundleUpdate:
+        """Validate the bundle folder `src_dir` against the base model, store it content-addressed
+        under `<data_dir>/bundles/<sha256>/` and register it as `name`.
+
+        Nothing is written before validation passes, and a failure leaves no row and no folder.
+        The validated in-memory bundle is what gets written (not a second read of `src_dir`), so the
+        stored bytes are exactly the validated ones. With `replace=True` an existing name gets this
+        upload as its new version and its views are recomposed (see `BundleUpdate.views`).
+        """
+        _check_name("bundle", name)
+        bundle = self._validated(src_dir)
+        with self._reading() as s:
+            current = s.scalar(select(BundleRow.content_hash).where(BundleRow.name == name))
+        if current is not None:
+            if not replace:
+                raise Conflict(
+                    f"bundle {name!r} already exists (version {current[:12]}); pass replace=True to make this "
+                    "upload its new version, or choose another name"
+                )
+            return self._apply_bundle(name, bundle, expect_hash=current)
+        digest = bundle.content_hash()
+        folder, created = files.write_bundle(bundle, self.data_dir / files.BUNDLES_DIR, digest)
+        try:
+            with self._writing(f"bundle {name!r}") as s:
+                row = self._insert_bundle(s, name, bundle, digest)
+                info = self._bundle_info(row)
+        except BaseException:
+            if created:
+                self._discard_bundle_folder(digest)
+            raise
+        return BundleUpdate(info, None, ())
+
+    def _insert_bundle(self, s: Session, name: str, bundle: AlterBundle, digest: str) -> BundleRow:
+        manifest = bundle.manifest.model_dump(mode="json")
+        path = f"{files.BUNDLES_DIR}/{digest}"
+        row = BundleRow(
+            name=name,
+            content_hash=digest,
+            path=path,
+            base_fingerprint=bundle.manifest.base_model.fingerprint,
+            manifest=manifest,
+        )
+        s.add(row)
+        s.flush()
+        s.add(BundleVersionRow(bundle_id=row.id, content_hash=digest, path=path, manifest=manifest))
+        return row
+
+    def get_bundle(self, name: str) -> BundleInfo:
+        with self._reading() as s:
+            return self._bundle_info(self._bundle_row(s, name))
+
+    def list_bundles(self) -> list[BundleInfo]:
+        with self._reading() as s:
+            return [self._bundle_info(r) for r in s.scalars(select(BundleRow).order_by(BundleRow.name))]
+
+    def open_bundle(self, name: str) -> AlterBundle:
+        """The current version of bundle `name`, loaded and validated against the base model."""
+        return self._validated(self.get_bundle(name).path)
+
+    def list_bundle_versions(self, name: str) -> list[BundleVersion]:
+        """Every version `name` has pointed at, newest first; the first is current."""
+        with self._reading() as s:
+            row = self._bundle_row(s, name)
+            versions = s.scalars(
+                select(BundleVersionRow).where(BundleVersionRow.bundle_id == row.id).order_by(BundleVersionRow.id.desc())
+            )
+            return [
+                BundleVersion(name, v.content_hash, self._abs(v.path), v.created_at, v.superseded_at) for v in versions
+            ]
+
+    def drop_bundle_version(self, name: str, content_hash: str) -> None:
+        """Forget an old (drained) version of `name` and delete its folder if nothing else uses it."""
+        with self._writing(f"bundle {name!r}") as s:
+            row = self._bundle_row(s, name)
+            if row.content_hash == content_hash:
+                raise Conflict(f"version {content_hash[:12]} is the current version of bundle {name!r}; "
+                               "replace it before dropping it, or remove the bundle")
+            gone = s.execute(
+                delete(BundleVersionRow).where(
+                    BundleVersionRow.bundle_id == row.id, BundleVersionRow.content_hash == content_hash
+                )
+            ).rowcount
+            if not gone:
+                raise NotFound(f"bundle {name!r} has no version {content_hash!r}; see list_bundle_versions")
+        self._discard_bundle_folder(content_hash)
+
+    def remove_bundle(self, name: str) -> None:
+        """Delete bundle `name`, its history and its now unreferenced folders. Refused while views use it."""
+        with self._writing(f"bundle {name!r}") as s:
+            row = self._bundle_row(s, name)
+            users = s.scalars(select(ViewRow.name).where(ViewRow.bundle_id == row.id).order_by(ViewRow.name)).all()
+            if users:
+                raise Conflict(f"bundle {name!r} is used by view(s) {list(users)}; remove those views first")
+            hashes = set(s.scalars(select(BundleVersionRow.content_hash).where(BundleVersionRow.bundle_id == row.id)))
+            hashes.add(row.content_hash)
+            s.delete(row)
+        for digest in hashes:
+            self._discard_bundle_folder(digest)
+
+    def replace_head(self, bundle_name: str, head: str, weights_safetensors_path: str | Path) -> BundleUpdate:
+        """Swap one head's B matrices (the hot-swap). The file holds one `[out, rank]` tensor per
+        adapted module, named `<module>` or as in the bundle (`<module>.B.retain`,
+        `<module>.B.forget.<head>`). The result is a new bundle version (new content hash); every
+        view of the bundle is recomposed, and `BundleUpdate.views` lists those whose weights changed
+        (views that give the head weight 0 or do not name it keep their version)."""
+        with self._reading() as s:
+            row = self._bundle_row(s, bundle_name)
+            current_hash, current_path = row.content_hash, self._abs(row.path)
+        bundle = self._validated(current_path)
+        heads = [bundle.manifest.heads.retain, *bundle.forget_heads]
+        if head not in heads:
+            raise NotFound(f"bundle {bundle_name!r} has no head {head!r}; its heads are {heads}. "
+                           "Upload a new bundle version (store_bundle with replace=True) to add heads")
+        weights = self._read_head_weights(Path(weights_safetensors_path), head, bundle.modules)
+        updated = bundle.replace_head(head, weights)
+        problems = validate_contents(updated, self.base_shapes, self.base_fingerprint)
+        if problems:
+            raise InvalidInput(f"new weights for head {head!r} of bundle {bundle_name!r} are invalid:", problems)
+        return self._apply_bundle(bundle_name, updated, expect_hash=current_hash)
+
+    @staticmethod
+    def _read_head_weights(path: Path, head: str, modules: list[str]) -> dict[str, Any]:
+        """`{module: B}` from a safetensors file (bounded, pickle-free read); every problem listed."""
+        if not path.is_file():
+            raise InvalidInput(f"head weights file {path} does not exist; upload a .safetensors file")
+        problems: list[str] = []
+        tensors = _read_safetensors(path, problems)
+        if tensors is None:
+            raise InvalidInput(f"head weights file {path} could not be read:", problems)
+        label = "B.retain" if head == "retain" else f"B.forget.{head}"
+        weights = {}
+        for key, tensor in sorted(tensors.items()):
+            module = key[: -len(label) - 1] if key.endswith("." + label) else key
+            if module not in modules:
+                problems.append(f"tensor {key!r}: not an adapted module of this bundle (expected '<module>' or "
+                                f"'<module>.{label}' for modules like {modules[:3]})")
+            elif module in weights:
+                problems.append(f"tensor {key!r}: module {module!r} given twice")
+            else:
+                weights[module] = tensor
+        if problems:
+            raise InvalidInput(f"head weights file {path} does not fit head {head!r}:", problems)
+        return weights
+
+    def _apply_bundle(self, name: str, bundle: AlterBundle, *, expect_hash: str) -> BundleUpdate:
+        """Make `bundle` the content of bundle `name` (a new version when its hash differs from
+        `expect_hash`) and recompose every view of it, atomically: files first, then one transaction
+        that re-checks nothing moved since `expect_hash` was read."""
+        digest = bundle.content_hash()
+        with self._reading() as s:
+            bundle_id = self._bundle_row(s, name).id
+            specs = {v.name: v.spec for v in s.scalars(select(ViewRow).where(ViewRow.bundle_id == bundle_id))}
+        problems = []
+        for view_name, spec in sorted(specs.items()):
+            try:
+                check_view_fits(bundle, View(name=view_name, **spec))
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise InvalidInput(f"the new version of bundle {name!r} would break {len(problems)} view(s); "
+                               "redefine or remove them first:", problems)
+        created_bundle = False
+        created_views: list[str] = []
+        try:
+            if digest != expect_hash:
+                _, created_bundle = files.write_bundle(bundle, self.data_dir / files.BUNDLES_DIR, digest)
+            composed = {}
+            for view_name, spec in specs.items():
+                composed[view_name], created = self._compose(bundle, View(name=view_name, **spec))
+                if created:
+                    created_views.append(composed[view_name].content_hash)
+            with self._writing(f"bundle {name!r}") as s:
+                row = self._bundle_row(s, name, lock=True)
+                if row.content_hash != expect_hash:
+                    raise Conflict(f"bundle {name!r} changed to version {row.content_hash[:12]} while this update was "
+                                   "prepared; retry")
+                now = utcnow()
+                if digest != expect_hash:
+                    self._advance_bundle(s, row, bundle, digest, now)
+                changes = self._point_views(s, row, specs, composed, now)
+                info = self._bundle_info(row)
+        except BaseException:
+            if created_bundle:
+                self._discard_bundle_folder(digest)
+            for view_hash in created_views:
+                self._discard_view_folder(view_hash)
+            raise
+        return BundleUpdate(info, expect_hash, tuple(changes))
+
+    def _advance_bundle(self, s: Session, row: BundleRow, bundle: AlterBundle, digest: str, now: Any) -> None:
+        manifest = bundle.manifest.model_dump(mode="json")
+        path = f"{files.BUNDLES_DIR}/{digest}"
+        s.execute(
+            BundleVersionRow.__table__.update()
+            .where(BundleVersionRow.bundle_id == row.id, BundleVersionRow.superseded_at.is_(None))
+            .values(superseded_at=now)
+        )
+        s.add(BundleVersionRow(bundle_id=row.id, content_hash=digest, path=path, manifest=manifest, created_at=now))
+        row.content_hash, row.path, row.manifest, row.updated_at = digest, path, manifest, now
+        row.base_fingerprint = bundle.manifest.base_model.fingerprint
+
+    def _point_views(
+        self, s: Session, bundle_row: BundleRow, specs: dict[str, dict], composed: dict[str, ComposedView], now: Any
+    ) -> list[ViewChange]:
+        rows = {v.name: v for v in s.scalars(select(ViewRow).where(ViewRow.bundle_id == bundle_row.id))}
+        if {n: r.spec for n, r in rows.items()} != specs:
+            raise Conflict(f"the views of bundle {bundle_row.name!r} changed while they were being recomposed; retry")
+        changes = []
+        for view_name in sorted(rows):
+            row, new = rows[view_name], composed[view_name]
+            if row.content_hash == new.content_hash:
+                continue
+            previous = self._composed_of(row)
+            row.content_hash, row.path, row.updated_at = new.content_hash, f"{files.VIEWS_DIR}/{new.content_hash}", now
+            changes.append(ViewChange(self._view_info(row, bundle_row.name), previous))
+        return changes
+
+    def recompose_views_for_bundle(self, bundle_name: str) -> list[ViewChange]:
+        """Recompose every view of `bundle_name` from its current version; return the views whose
+        composed LoRA changed (empty when all were up to date, e.g. after a repeated call)."""
+        with self._reading() as s:
+            row = self._bundle_row(s, bundle_name)
+            current_hash, path = row.content_hash, self._abs(row.path)
+        return list(self._apply_bundle(bundle_name, self._validated(path), expect_hash=current_hash).views)
+
+    def _discard_bundle_folder(self, digest: str) -> None:
+        """Remove `bundles/<digest>` unless a bundle or a kept version still refers to it."""
+        with self._reading() as s:
+            used = s.scalar(select(BundleRow.id).where(BundleRow.content_hash == digest).limit(1)) or s.scalar(
+                select(BundleVersionRow.id).where(BundleVersionRow.content_hash == digest).limit(1)
+            )
+        if not used:
+            files.remove_folder(self.data_dir / files.BUNDLES_DIR / digest)
+
+    # ---- views ----------------------------------------------------------------------------------
+
+    def _compose(self, bundle: AlterBundle, view: View) -> tuple[ComposedView, bool]:
+        """Compose into the view store; also report whether this call created the folder."""
+        root = self.data_dir / files.VIEWS_DIR
+        before = files.stored_hashes(root)
+        composed = compose(bundle, view, root)
+        return composed, composed.content_hash not in before
+
+    def _discard_view_folder(self, digest: str) -> None:
+        with self._reading() as s:
+            used = s.scalar(select(ViewRow.id).where(ViewRow.content_hash == digest).limit(1))
+        if not used:
+            files.remove_folder(self.data_dir / files.VIEWS_DIR / digest)
+
+    def define_view(self, view: View, bundle_name: str | None, *, replace: bool = False) -> ViewChange:
+        """Create view `view.name` on bundle `bundle_name` and compose it into `<data_dir>/views/`.
+
+        With `replace=True` an existing view is redefined; `ViewChange.previous` is then its old
+        composed folder (equal to the new one when the weights did not change). The built-in view
+        "original" cannot be defined or redefined."""
+        if view.is_original:
+            raise InvalidInput("'original' is the built-in base-model view and cannot be (re)defined; choose another name")
+        if bundle_name is None:
+            raise InvalidInput(f"view {view.name!r} needs a bundle; only the built-in 'original' view has none")
+        with self._reading() as s:
+            brow = self._bundle_row(s, bundle_name)
+            bundle_hash, bundle_path = brow.content_hash, self._abs(brow.path)
+            if not replace and s.scalar(select(ViewRow.id).where(ViewRow.name == view.name)) is not None:
+                raise Conflict(f"view {view.name!r} already exists; pass replace=True to redefine it, or choose another name")
+        bundle = self._validated(bundle_path)
+        try:
+            check_view_fits(bundle, view)
+        except ValueError as exc:
+            raise InvalidInput(f"{exc}; define the view with heads of bundle {bundle_name!r}") from exc
+        composed, created = self._compose(bundle, view)
+        try:
+            with self._writing(f"view {view.name!r}") as s:
+                brow = self._bundle_row(s, bundle_name, lock=True)
+                if brow.content_hash != bundle_hash:
+                    raise Conflict(f"bundle {bundle_name!r} changed while view {view.name!r} was composed; retry")
+                row = s.scalar(select(ViewRow).where(ViewRow.name == view.name))
+                previous = None
+                now = utcnow()
+                if row is None:
+                    row = ViewRow(name=view.name, created_at=now)
+                    s.add(row)
+                elif not replace:
+                    raise Conflict(f"view {view.name!r} already exists; pass replace=True to redefine it")
+                else:
+                    previous = self._composed_of(row)
+                row.bundle_id, row.spec = brow.id, view.spec_dict()
+                row.content_hash, row.path = composed.content_hash, f"{files.VIEWS_DIR}/{composed.content_hash}"
+                row.updated_at = now
+                s.flush()
+                info = self._view_info(row, bundle_name)
+        except BaseException:
+            if created:
+                self._discard_view_folder(composed.content_hash)
+            raise
+        return ViewChange(info, previous)
+
+    def get_view(self, name: str) -> ViewInfo:
+        with self._reading() as s:
+            row = s.execute(self._view_query().where(ViewRow.name == name)).first()
+            if row is None:
+                raise NotFound(f"view {name!r} not found; see list_views")
+            return self._view_info(*row)
+
+    def list_views(self) -> list[ViewInfo]:
+        with self._reading() as s:
+            return [self._view_info(*r) for r in s.execute(self._view_query().order_by(ViewRow.name))]
+
+    def remove_view(self, name: str) -> ViewInfo:
+        """Delete a view; returns it so the engine can unload its LoRA once drained. Refused for
+        "original", for a view granted to a tenant and for a view an unstopped experiment serves.
+        The composed folder stays until `prune_view_store` (requests may still be running on it)."""
+        if name == ORIGINAL_VIEW:
+            raise Conflict("'original' is the built-in base-model view and cannot be removed")
+        with self._writing(f"view {name!r}") as s:
+            found = s.execute(self._view_query().where(ViewRow.name == name)).first()
+            if found is None:
+                raise NotFound(f"view {name!r} not found; see list_views")
+            row, bundle_name = found
+            tenants = s.scalars(
+                select(TenantRow.name).join(grants, grants.c.tenant_id == TenantRow.id)
+                .where(grants.c.view_id == row.id).order_by(TenantRow.name)
+            ).all()
+            if tenants:
+                raise Conflict(f"view {name!r} is granted to tenant(s) {list(tenants)}; revoke those grants first")
+            users = [e.name for e in self._live_experiments(s) if any(a["view"] == name for a in e.arms)]
+            if users:
+                raise Conflict(f"view {name!r} is an arm of experiment(s) {sorted(users)}; stop or change them first")
+            info = self._view_info(row, bundle_name)
+            s.delete(row)
+        return info
+
+    def prune_view_store(self, keep: Iterable[str] = ()) -> list[str]:
+        """Delete composed folders no view points at, except the content hashes in `keep` (versions
+        the engine still serves while they drain). Returns the deleted hashes."""
+        root = self.data_dir / files.VIEWS_DIR
+        with self._reading() as s:
+            used = set(s.scalars(select(ViewRow.content_hash).where(ViewRow.content_hash.is_not(None))))
+        removed = sorted(files.stored_hashes(root) - used - set(keep))
+        for digest in removed:
+            files.remove_folder(root / digest)
+        return removed
+
+    # ---- tenants and grants ---------------------------------------------------------------------
+
+    def create_tenant(
+        self, name: str, *, limits: Limits | None = None, views: Sequence[str] = (), default_view: str | None = None
+    ) -> TenantInfo:
+        """A new tenant granted `views`; `default_view`, if given, must be one of them."""
+        _check_name("tenant", name)
+        if default_view is not None and default_view not in views:
+            raise InvalidInput(f"default view {default_view!r} of tenant {name!r} is not among its granted views "
+                               f"{list(views)}; grant it too")
+        limits = limits or Limits()
+        with self._writing(f"tenant {name!r}") as s:
+            if s.scalar(select(TenantRow.id).where(TenantRow.name == name)) is not None:
+                raise Conflict(f"tenant {name!r} already exists; choose another name or update it")
+            view_ids = self._view_ids(s, views)
+            row = TenantRow(name=name, **limits.model_dump(), default_view_id=view_ids.get(default_view), disabled=False)
+            s.add(row)
+            s.flush()
+            for view_id in view_ids.values():
+                s.execute(insert(grants).values(tenant_id=row.id, view_id=view_id, created_at=utcnow()))
+            return self._tenant_info(s, row)
+
+    def get_tenant(self, name: str) -> TenantInfo:
+        with self._reading() as s:
+            return self._tenant_info(s, self._tenant_row(s, name))
+
+    def list_tenants(self) -> list[TenantInfo]:
+        with self._reading() as s:
+            return [self._tenant_info(s, r) for r in s.scalars(select(TenantRow).order_by(TenantRow.name))]
+
+    def set_limits(self, name: str, limits: Limits) -> TenantInfo:
+        with self._writing(f"tenant {name!r}") as s:
+            row = self._tenant_row(s, name)
+            for field, value in limits.model_dump().items():
+                setattr(row, field, value)
+            return self._tenant_info(s, row)
+
+    def set_disabled(self, name: str, disabled: bool) -> TenantInfo:
+        """Disable or re-enable a tenant. A disabled tenant's keys stop authenticating at once."""
+        with self._writing(f"tenant {name!r}") as s:
+            row = self._tenant_row(s, name)
+            row.disabled = bool(disabled)
+            return self._tenant_info(s, row)
+
+    def set_default_view(self, name: str, view: str | None) -> TenantInfo:
+        with self._writing(f"tenant {name!r}") as s:
+            row = self._tenant_row(s, name)
+            if view is None:
+                row.default_view_id = None
+            else:
+                view_id = self._view_ids(s, [view])[view]
+                if s.scalar(select(grants.c.view_id).where(grants.c.tenant_id == row.id, grants.c.view_id == view_id)) is None:
+                    raise InvalidInput(f"view {view!r} is not granted to tenant {name!r}; grant it before making it the default")
+                row.default_view_id = view_id
+            return self._tenant_info(s, row)
+
+    def grant_view(self, tenant: str, view: str) -> TenantInfo:
+        """Let `tenant` use `view` as a model name (idempotent)."""
+        with self._writing(f"grant of view {view!r} to tenant {tenant!r}") as s:
+            row = self._tenant_row(s, tenant)
+            view_id = self._view_ids(s, [view])[view]
+            exists = s.scalar(select(grants.c.view_id).where(grants.c.tenant_id == row.id, grants.c.view_id == view_id))
+            if exists is None:
+                s.execute(insert(grants).values(tenant_id=row.id, view_id=view_id, created_at=utcnow()))
+            return self._tenant_info(s, row)
+
+    def revoke_view(self, tenant: str, view: str) -> TenantInfo:
+        """Take `view` away from `tenant`; effective for its next request. Refused for its default view."""
+        with self._writing(f"grant of view {view!r} to tenant {tenant!r}") as s:
+            row = self._tenant_row(s, tenant)
+            view_id = self._view_ids(s, [view])[view]
+            if row.default_view_id == view_id:
+                raise Conflict(f"view {view!r} is the default view of tenant {tenant!r}; set another default first")
+            gone = s.execute(delete(grants).where(grants.c.tenant_id == row.id, grants.c.view_id == view_id)).rowcount
+            if not gone:
+                raise NotFound(f"tenant {tenant!r} has no grant for view {view!r}")
+            return self._tenant_info(s, row)
+
+    def delete_tenant(self, name: str) -> None:
+        """Delete a tenant with its grants, API keys and experiment memberships (keys fail at once)."""
+        with self._writing(f"tenant {name!r}") as s:
+            s.delete(self._tenant_row(s, name))
+
+    # ---- API keys -------------------------------------------------------------------------------
+
+    def create_key(self, tenant: str | None, role: str = "tenant") -> tuple[int, str]:
+        """A new key; returns `(key_id, secret)`. The secret is shown here once and never stored."""
+        if role not in ROLES:
+            raise InvalidInput(f"key role {role!r} must be one of {list(ROLES)}")
+        if role == "admin" and tenant is not None:
+            raise InvalidInput(f"admin keys belong to no tenant; pass tenant=None, not {tenant!r}")
+        if role == "tenant" and tenant is None:
+            raise InvalidInput("a tenant key needs a tenant name")
+        secret = keys.new_secret()
+        with self._writing("API key") as s:
+            tenant_id = None if tenant is None else self._tenant_row(s, tenant).id
+            row = ApiKeyRow(tenant_id=tenant_id, role=role, prefix=keys.display_prefix(secret), key_hash=keys.hash_secret(secret))
+            s.add(row)
+            s.flush()
+            return row.id, secret
+
+    def revoke_key(self, key_id: int) -> KeyInfo:
+        """Revoke a key; the next `authenticate` with it fails. Revoking twice keeps the first time."""
+        with self._writing(f"API key {key_id}") as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None:
+                raise NotFound(f"API key {key_id} not found; see list_keys")
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+            return self._key_info(s, row)
+
+    def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
+        """All keys (or one tenant's), oldest first, without secrets or hashes."""
+        with self._reading() as s:
+            query = select(ApiKeyRow).order_by(ApiKeyRow.id)
+            if tenant is not None:
+                query = query.where(ApiKeyRow.tenant_id == self._tenant_row(s, tenant).id)
+            return [self._key_info(s, r) for r in s.scalars(query)]
+
+    def authenticate(self, secret: str) -> Principal | None:
+        """The principal a key secret belongs to, or None (unknown, malformed, revoked, or the
+        tenant is disabled). Read from the database on every call — no cache — so revocation,
+        grants and limits take effect on the next request on every replica."""
+        if not keys.looks_like_secret(secret):
+            return None
+        digest = keys.hash_secret(secret)
+        with self._reading() as s:
+            found = s.execute(
+                select(ApiKeyRow, TenantRow).outerjoin(TenantRow, ApiKeyRow.tenant_id == TenantRow.id)
+                .where(ApiKeyRow.key_hash == digest)
+            ).first()
+            if found is None:
+                return None
+            key, tenant = found
+            if not keys.hashes_match(key.key_hash, secret) or key.revoked_at is not None:
+                return None
+            if key.role == "admin":
+                return Principal(key.id, "admin", None, None, frozenset(), None, Limits())
+            if tenant is None or tenant.disabled:
+                return None
+            granted = s.execute(
+                select(ViewRow.id, ViewRow.name).join(grants, grants.c.view_id == ViewRow.id)
+                .where(grants.c.tenant_id == tenant.id)
+            ).all()
+            default = next((n for i, n in granted if i == tenant.default_view_id), None)
+            return Principal(key.id, "tenant", tenant.id, tenant.name, frozenset(n for _, n in granted), default,
+                             self._limits(tenant))
+
+    def resolve_model(self, principal: Principal, model_name: str) -> ViewInfo | None:
+        """The view a tenant's `model` field names, or None (the API answers 404 model_not_found).
+        Exact match only against the tenant's granted view names: no case folding, no stripping, and
+        the grant is checked again in the database. Admin keys have no grants."""
+        if principal.tenant_id is None or not isinstance(model_name, str) or model_name not in principal.views:
+            return None
+        with self._reading() as s:
+            found = s.execute(
+                self._view_query().join(grants, grants.c.view_id == ViewRow.id)
+                .where(grants.c.tenant_id == principal.tenant_id, ViewRow.name == model_name)
+            ).first()
+        if found is None or found[0].name != model_name:  # guard against a case-insensitive collation
+            return None
+        return self._view_info(*found)
+
+    # ---- experiments ----------------------------------------------------------------------------
+
+    def create_experiment(
+        self,
+        name: str,
+        *,
+        alias: str,
+        tenants: Sequence[str],
+        arms: Sequence[Arm | Mapping[str, Any]],
+        sticky: str = exp.STICKY_USER,
+        control_arm: str | None = None,
+        salt: str | None = None,
+        status: str = exp.RUNNING,
+    ) -> ExperimentInfo:
+        """An A/B test: for `tenants`, model name `alias` is served by one of `arms`.
+        `control_arm` defaults to the first arm; `salt` to a fresh random one."""
+        _check_name("experiment", name)
+        _check_name("experiment alias", alias)
+        parsed = self._parse_arms(name, arms, control_arm)
+        control_name = control_arm if control_arm is not None else parsed[0].name
+        try:
+            sticky = exp.normalize_sticky(sticky)
+        except ValueError as exc:
+            raise InvalidInput(f"experiment {name!r}: {exc}") from exc
+        self._check_status(name, status)
+        if not tenants:
+            raise InvalidInput(f"experiment {name!r} needs at least one tenant")
+        with self._writing(f"experiment {name!r}") as s:
+            if s.scalar(select(ExperimentRow.id).where(ExperimentRow.name == name)) is not None:
+                raise Conflict(f"experiment {name!r} already exists; choose another name or update it")
+            self._view_ids(s, sorted({a.view for a in parsed}))
+            tenant_ids = {t: self._tenant_row(s, t).id for t in tenants}
+            row = ExperimentRow(name=name, alias=alias, arms=[a.model_dump() for a in parsed], sticky=sticky,
+                                salt=salt if salt is not None else exp.new_salt(), status=status, control_arm=control_name)
+            if status != exp.STOPPED:
+                self._check_alias_free(s, row, tenant_ids.values())
+            s.add(row)
+            s.flush()
+            for tenant_id in tenant_ids.values():
+                s.execute(insert(experiment_tenants).values(experiment_id=row.id, tenant_id=tenant_id))
+            return self._experiment_info(s, row)
+
+    def update_experiment(
+        self,
+        name: str,
+        *,
+        arms: Sequence[Arm | Mapping[str, Any]] | None = None,
+        control_arm: str | None = None,
+        tenants: Sequence[str] | None = None,
+        status: str | None = None,
+    ) -> ExperimentInfo:
+        """Change arms (weights), control arm, tenants or status; None leaves a field as it is.
+        The salt never changes, so users stay put except those a weight change must move."""
+        with self._writing(f"experiment {name!r}") as s:
+            row = self._experiment_row(s, name)
+            if arms is not None or control_arm is not None:
+                new_arms = arms if arms is not None else row.arms
+                control_name = control_arm if control_arm is not None else row.control_arm
+                parsed = self._parse_arms(name, new_arms, control_name)
+                self._view_ids(s, sorted({a.view for a in parsed}))
+                row.arms, row.control_arm = [a.model_dump() for a in parsed], control_name
+            if status is not None:
+                self._check_status(name, status)
+                row.status = status
+            if tenants is not None:
+                if not tenants:
+                    raise InvalidInput(f"experiment {name!r} needs at least one tenant")
+                tenant_ids = [self._tenant_row(s, t).id for t in tenants]
+                s.execute(delete(experiment_tenants).where(experiment_tenants.c.experiment_id == row.id))
+                for tenant_id in tenant_ids:
+                    s.execute(insert(experiment_tenants).values(experiment_id=row.id, tenant_id=tenant_id))
+            else:
+                tenant_ids = list(s.scalars(select(experiment_tenants.c.tenant_id).where(experiment_tenants.c.experiment_id == row.id)))
+            if row.status != exp.STOPPED:
+                self._view_ids(s, sorted({a["view"] for a in row.arms}))  # its views may be gone since it stopped
+                self._check_alias_free(s, row, tenant_ids)
+            row.updated_at = utcnow()
+            s.flush()
+            return self._experiment_info(s, row)
+
+    def get_experiment(self, name: str) -> ExperimentInfo:
+        with self._reading() as s:
+            return self._experiment_info(s, self._experiment_row(s, name))
+
+    def list_experiments(self, *, tenant: str | None = None, status: str | None = None) -> list[ExperimentInfo]:
+        with self._reading() as s:
+            query = select(ExperimentRow).order_by(ExperimentRow.name)
+            if tenant is not None:
+                tenant_id = self._tenant_row(s, tenant).id
+                query = query.join(experiment_tenants, experiment_tenants.c.experiment_id == ExperimentRow.id).where(
+                    experiment_tenants.c.tenant_id == tenant_id
+                )
+            if status is not None:
+                query = query.where(ExperimentRow.status == status)
+            return [self._experiment_info(s, r) for r in s.scalars(query)]
+
+    def delete_experiment(self, name: str) -> None:
+        """Delete an experiment (its request log and feedback rows stay, keyed by name)."""
+        with self._writing(f"experiment {name!r}") as s:
+            s.delete(self._experiment_row(s, name))
+
+    def experiment_for(self, tenant: str, alias: str) -> ExperimentInfo | None:
+        """The running or paused experiment that takes over model name `alias` for `tenant`, if any."""
+        with self._reading() as s:
+            row = s.scalar(
+                select(ExperimentRow)
+                .join(experiment_tenants, experiment_tenants.c.experiment_id == ExperimentRow.id)
+                .join(TenantRow, TenantRow.id == experiment_tenants.c.tenant_id)
+                .where(TenantRow.name == tenant, ExperimentRow.alias == alias, ExperimentRow.status != exp.STOPPED)
+            )
+            return None if row is None or row.alias != alias else self._experiment_info(s, row)
+
+    @staticmethod
+    def choose_arm(experiment: ExperimentInfo, sticky_value: str | None) -> Arm:
+        """The arm for one request (stable hash of salt and sticky value; see `experiments`)."""
+        return exp.choose_arm(experiment, sticky_value)
+
+    def _parse_arms(self, name: str, arms: Sequence[Arm | Mapping[str, Any]], control_arm: str | None) -> list[Arm]:
+        problems, parsed = [], []
+        for index, arm in enumerate(arms):
+            try:
+                parsed.append(arm if isinstance(arm, Arm) else Arm.model_validate(arm))
+            except ValidationError as err:
+                problems += [f"arm {index}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        if not problems:
+            problems = exp.arm_problems(parsed, control_arm)
+        if problems:
+            raise InvalidInput(f"experiment {name!r} has invalid arms:", problems)
+        return parsed
+
+    @staticmethod
+    def _check_status(name: str, status: str) -> None:
+        if status not in exp.STATUSES:
+            raise InvalidInput(f"experiment {name!r}: status {status!r} must be one of {list(exp.STATUSES)}")
+
+    def _check_alias_free(self, s: Session, row: ExperimentRow, tenant_ids: Iterable[int]) -> None:
+        """One unstopped experiment per (tenant, alias): otherwise a request could match two."""
+        clash = s.execute(
+            select(ExperimentRow.name, TenantRow.name)
+            .join(experiment_tenants, experiment_tenants.c.experiment_id == ExperimentRow.id)
+            .join(TenantRow, TenantRow.id == experiment_tenants.c.tenant_id)
+            .where(ExperimentRow.alias == row.alias, ExperimentRow.status != exp.STOPPED,
+                   TenantRow.id.in_(list(tenant_ids)), ExperimentRow.name != row.name)
+        ).first()
+        if clash is not None:
+            raise Conflict(f"experiment {clash[0]!r} already takes over model name {row.alias!r} for tenant "
+                           f"{clash[1]!r}; stop it first")
+
+    def _live_experiments(self, s: Session) -> list[ExperimentRow]:
+        return list(s.scalars(select(ExperimentRow).where(ExperimentRow.status != exp.STOPPED)))
+
+    # ---- feedback, request log, results ---------------------------------------------------------
+
+    def record_feedback(
+        self,
+        tenant: str,
+        response_id: str,
+        rating: float,
+        *,
+        comment: str | None = None,
+        experiment: str | None = None,
+        arm: str | None = None,
+        view: str | None = None,
+    ) -> FeedbackInfo:
+        """Store a rating of one response. Experiment, arm and view not given are taken from the
+        request log when the response is already logged; a response logged for another tenant is
+        reported as not found (a tenant cannot rate, or learn of, another tenant's responses)."""
+        if not isinstance(response_id, str) or not 0 < len(response_id) <= MAX_RESPONSE_ID_CHARS:
+            raise InvalidInput(f"response id must be 1 to {MAX_RESPONSE_ID_CHARS} characters")
+        if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
+            raise InvalidInput(f"rating {rating!r} of response {response_id!r} must be a finite number")
+        if comment is not None and len(comment) > MAX_COMMENT_CHARS:
+            raise InvalidInput(f"comment on response {response_id!r} is {len(comment)} characters; the limit is {MAX_COMMENT_CHARS}")
+        with self._writing(f"feedback on response {response_id!r}") as s:
+            logged = s.scalar(select(RequestLogRow).where(RequestLogRow.response_id == response_id).limit(1))
+            if logged is not None:
+                if logged.tenant != tenant:
+                    raise NotFound(f"response {response_id!r} not found for tenant {tenant!r}")
+                experiment = experiment if experiment is not None else logged.experiment
+                arm = arm if arm is not None else logged.arm
+                view = view if view is not None else logged.view
+            row = FeedbackRow(response_id=response_id, tenant=tenant, experiment=experiment, arm=arm, view=view,
+                              rating=float(rating), comment=comment)
+            s.add(row)
+            s.flush()
+            return self._feedback_info(row)
+
+    def list_feedback(self, *, experiment: str | None = None, tenant: str | None = None, limit: int = 1000) -> list[FeedbackInfo]:
+        """Feedback, newest first, optionally for one experiment and/or tenant."""
+        with self._reading() as s:
+            query = select(FeedbackRow).order_by(FeedbackRow.id.desc()).limit(limit)
+            if experiment is not None:
+                query = query.where(FeedbackRow.experiment == experiment)
+            if tenant is not None:
+                query = query.where(FeedbackRow.tenant == tenant)
+            return [self._feedback_info(r) for r in s.scalars(query)]
+
+    def log_requests(self, rows: Iterable[RequestLogEntry | Mapping[str, Any]]) -> int:
+        """Append a batch of request records in one transaction and one executemany. Blocking: the
+        server calls it from a worker thread with the batch it has buffered. Returns the count."""
+        now = utcnow()
+        values = []
+        for index, row in enumerate(rows):
+            try:
+                entry = row if isinstance(row, RequestLogEntry) else RequestLogEntry(**row)
+            except TypeError as exc:
+                raise InvalidInput(f"request log entry {index}: {exc}; use the fields of RequestLogEntry") from exc
+            record = asdict(entry)
+            record["created_at"] = record["created_at"] or now
+            values.append(record)
+        if not values:
+            return 0
+        with self._writing("request log") as s:
+            s.execute(insert(RequestLogRow.__table__), values)  # a list of params: DBAPI executemany
+        return len(values)
+
+    def experiment_results(self, name: str) -> list[ArmResult]:
+        """Per-arm totals of an experiment from the request log and feedback; the current arms first
+        (in their order), then any arm that only appears in the logs (it was removed later)."""
+        log, fb = RequestLogRow, FeedbackRow
+        with self._reading() as s:
+            row = self._experiment_row(s, name)
+            arms = [Arm.model_validate(a) for a in row.arms]
+            requests = {
+                r.arm: r
+                for r in s.execute(
+                    select(
+                        log.arm,
+                        func.count().label("requests"),
+                        func.sum(case((log.status_code >= 400, 1), else_=0)).label("errors"),
+                        func.avg(log.latency_ms).label("latency"),
+                        func.avg(log.ttft_ms).label("ttft"),
+                        func.coalesce(func.sum(log.prompt_tokens), 0).label("prompt"),
+                        func.coalesce(func.sum(log.completion_tokens), 0).label("completion"),
+                    ).where(log.experiment == name).group_by(log.arm)
+                )
+            }
+            ratings = {
+                r.arm: r
+                for r in s.execute(
+                    select(fb.arm, func.count().label("n"), func.avg(fb.rating).label("mean"))
+                    .where(fb.experiment == name).group_by(fb.arm)
+                )
+            }
+        views = {a.name: a.view for a in arms}
+        order = [a.name for a in arms] + sorted((set(requests) | set(ratings)) - set(views), key=str)
+        results = []
+        for arm in order:
+            req, rat = requests.get(arm), ratings.get(arm)
+            results.append(ArmResult(
+                arm=arm,
+                view=views.get(arm),
+                requests=int(req.requests) if req else 0,
+                errors=int(req.errors or 0) if req else 0,
+                mean_latency_ms=float(req.latency) if req and req.latency is not None else None,
+                mean_ttft_ms=float(req.ttft) if req and req.ttft is not None else None,
+                prompt_tokens=int(req.prompt) if req else 0,
+                completion_tokens=int(req.completion) if req else 0,
+                feedback_count=int(rat.n) if rat else 0,
+                mean_rating=float(rat.mean) if rat and rat.mean is not None else None,
+            ))
+        return results
+
+    # ---- row lookups and conversions ------------------------------------------------------------
+
+    @staticmethod
+    def _bundle_row(s: Session, name: str, *, lock: bool = False) -> BundleRow:
+        """The row of bundle `name`; `lock` takes a row lock (PostgreSQL) for a read-check-write
+        (SQLite ignores it: its write transactions already hold the database lock)."""
+        query = select(BundleRow).where(BundleRow.name == name)
+        row = s.scalar(query.with_for_update() if lock else query)
+        if row is None:
+            raise NotFound(f"bundle {name!r} not found; store it first (see list_bundles)")
+        return row
+
+    @staticmethod
+    def _tenant_row(s: Session, name: str) -> TenantRow:
+        row = s.scalar(select(TenantRow).where(TenantRow.name == name))
+        if row is None:
+            raise NotFound(f"tenant {name!r} not found; see list_tenants")
+        return row
+
+    @staticmethod
+    def _experiment_row(s: Session, name: str) -> ExperimentRow:
+        row = s.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
+        if row is None:
+            raise NotFound(f"experiment {name!r} not found; see list_experiments")
+        return row
+
+    @staticmethod
+    def _view_ids(s: Session, names: Iterable[str]) -> dict[str, int]:
+        """`{name: id}` for views that must all exist; a NotFound names every missing one."""
+        wanted = list(dict.fromkeys(names))
+        if not wanted:
+            return {}
+        found = {n: i for n, i in s.execute(select(ViewRow.name, ViewRow.id).where(ViewRow.name.in_(wanted)))}
+        missing = [n for n in wanted if n not in found]
+        if missing:
+            raise NotFound(f"view(s) {missing} not found; define them first (see list_views)")
+        return {n: found[n] for n in wanted}
+
+    @staticmethod
+    def _view_query():
+        return select(ViewRow, BundleRow.name).outerjoin(BundleRow, ViewRow.bundle_id == BundleRow.id)
+
+    def _composed_of(self, row: ViewRow) -> ComposedView | None:
+        if row.content_hash is None:
+            return None
+        return ComposedView(row.name, row.content_hash, self._abs(row.path))
+
+    def _bundle_info(self, row: BundleRow) -> BundleInfo:
+        return BundleInfo(row.name, row.content_hash, self._abs(row.path), row.base_fingerprint, dict(row.manifest),
+                          row.created_at, row.updated_at)
+
+    def _view_info(self, row: ViewRow, bundle_name: str | None) -> ViewInfo:
+        return ViewInfo(
+            name=row.name,
+            bundle=bundle_name,
+            spec=View(name=row.name, **row.spec),
+            content_hash=row.content_hash,
+            path=None if row.path is None else self._abs(row.path),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+    @staticmethod
+    def _limits(row: TenantRow) -> Limits:
+        return Limits(max_concurrent=row.max_concurrent, tokens_per_minute=row.tokens_per_minute,
+                      max_tokens_cap=row.max_tokens_cap)
+
+    def _tenant_info(self, s: Session, row: TenantRow) -> TenantInfo:
+        s.flush()
+        granted = s.execute(
+            select(ViewRow.id, ViewRow.name).join(grants, grants.c.view_id == ViewRow.id)
+            .where(grants.c.tenant_id == row.id).order_by(ViewRow.name)
+        ).all()
+        default = next((n for i, n in granted if i == row.default_view_id), None)
+        return TenantInfo(row.id, row.name, self._limits(row), default, tuple(n for _, n in granted), row.disabled,
+                          row.created_at)
+
+    @staticmethod
+    def _key_info(s: Session, row: ApiKeyRow) -> KeyInfo:
+        tenant = None if row.tenant_id is None else s.scalar(select(TenantRow.name).where(TenantRow.id == row.tenant_id))
+        return KeyInfo(row.id, tenant, row.role, row.prefix, row.created_at, row.revoked_at)
+
+    @staticmethod
+    def _experiment_info(s: Session, row: ExperimentRow) -> ExperimentInfo:
+        tenants = s.scalars(
+            select(TenantRow.name).join(experiment_tenants, experiment_tenants.c.tenant_id == TenantRow.id)
+            .where(experiment_tenants.c.experiment_id == row.id).order_by(TenantRow.name)
+        ).all()
+        return ExperimentInfo(row.id, row.name, row.alias, tuple(tenants), tuple(Arm.model_validate(a) for a in row.arms),
+                              row.sticky, row.salt, row.status, row.control_arm, row.created_at, row.updated_at)
+
+    @staticmethod
+    def _feedback_info(row: FeedbackRow) -> FeedbackInfo:
+        return FeedbackInfo(row.id, row.response_id, row.tenant, row.experiment, row.arm, row.view, row.rating,
+                            row.comment, row.created_at)
