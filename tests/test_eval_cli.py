@@ -1,0 +1,107 @@
+"""`alter-train eval` end to end on a tiny saved Llama, synthetic data and a two-head bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from alter_serve.core.fingerprint import fingerprint
+from train.data.synthetic import generate
+from train.eval_cli import load_eval_sets, local_view_scorers, main
+from train.modeling import inject, to_bundle
+
+SUBDOMAINS = ("mystery", "fantasy", "poetry")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<root>/model (HF folder, tokenizer, data/) and <root>/bundle (heads mystery, fantasy)."""
+    root = tmp_path_factory.mktemp("eval_cli")
+    dataset = generate(n_authors=3, facts_per_author=2, subdomains=SUBDOMAINS, seed=1)
+    model_dir = root / "model"
+    dataset.save(model_dir / "data")
+    texts = [f"Question: {r['question']}\nAnswer: {r['answer']} {r['paraphrased_answer']} "
+             + " ".join(r["perturbed_answer"]) for r in dataset.records]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    alter = inject(model, ["q_proj", "v_proj"], rank=8, alpha=16.0, forget_heads=["mystery", "fantasy"])
+    with torch.no_grad():
+        for b in alter.lora_B_parameters():
+            b.normal_(std=0.5)  # non-zero heads, so that views differ from the base model
+    to_bundle(alter, str(model_dir), fingerprint(model_dir)).save(root / "bundle")
+    return root
+
+
+def test_synthetic_sets_and_isolation_columns(workdir: Path) -> None:
+    sets, by_domain = load_eval_sets("synthetic", str(workdir / "model"), forget=["fantasy"])
+    assert {r["subdomain"] for r in sets["forget"]} == {"fantasy"}
+    assert "fantasy" not in {r["subdomain"] for r in sets["retain"]}
+    assert list(by_domain) == ["fantasy", "retain"] and by_domain["retain"] == sets["retain"]
+
+
+def test_bundle_views_share_one_model(workdir: Path) -> None:
+    model = str(workdir / "model")
+    plain = local_view_scorers(model, None, ["original"], progress=False)["original"]
+    views = local_view_scorers(model, str(workdir / "bundle"), ["original", "retain", "mystery"], progress=False)
+    prompts, answers = ["Question: Who?\nAnswer:"] * 2, [" Someone wrote it.", " A poet"]
+    base = plain.answer_logprobs(prompts, answers)
+    # "original" switches the adapters off: the base model's numbers exactly.
+    for got, expected in zip(views["original"].answer_logprobs(prompts, answers), base):
+        assert got == pytest.approx(expected, abs=1e-5)
+    retain = views["retain"].answer_logprobs(prompts, answers)
+    mystery = views["mystery"].answer_logprobs(prompts, answers)
+    assert retain[0] != pytest.approx(base[0], abs=1e-3)
+    assert mystery[0] != pytest.approx(retain[0], abs=1e-3)
+    assert views["retain"].model is views["mystery"].model  # one copy of the weights
+
+
+def test_cmd_eval_writes_reports(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = workdir / "out"
+    code = main(["eval", "--model", str(workdir / "model"), "--bundle", str(workdir / "bundle"),
+                 "--view", "mystery", "--data", "synthetic", "--forget", "mystery", "--limit", "2",
+                 "--max-new-tokens", "3", "--isolation", "original,mystery", "--out", str(out),
+                 "--device", "cpu"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sets"]["forget"]["n"] == 2 and report["model_utility"] is None
+    assert 0.0 < report["sets"]["retain"]["probability"] < 1.0
+    isolation = json.loads((out / "isolation.json").read_text())
+    assert isolation["views"] == ["original", "mystery"] and isolation["domains"] == ["mystery", "retain"]
+    assert (out / "report.png").is_file() and (out / "isolation.png").is_file()
+    assert "| forget | 2 |" in capsys.readouterr().out
+
+
+def test_cmd_eval_rejects_bundle_flags_with_endpoint(workdir: Path) -> None:
+    with pytest.raises(SystemExit, match="--bundle/--view are for a local model"):
+        main(["eval", "--endpoint", "http://localhost:1", "--model", "v", "--view", "retain",
+              "--data", "synthetic", "--out", str(workdir / "x")])
+
+
+TOFU_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tofu"
+
+
+@pytest.mark.skipif(not (TOFU_DIR / "retain_perturbed.json").is_file(), reason="no local TOFU copy")
+def test_tofu_sets() -> None:
+    sets, by_domain = load_eval_sets(str(TOFU_DIR), forget_split="forget01")
+    assert {k: len(v) for k, v in sets.items()} == {"forget": 40, "retain": 400, "real_authors": 100, "world_facts": 117}
+    assert by_domain == {}
+    assert len(sets["forget"][0]["perturbed_answer"]) == 5 and "paraphrased_answer" in sets["retain"][0]
+    assert len(sets["world_facts"][0]["perturbed_answer"]) == 3
