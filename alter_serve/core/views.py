@@ -1,0 +1,150 @@
+"""Views: fixed head weights that collapse an ALTER bundle into one standard rank-r LoRA.
+
+Because every head shares the same A, a view V = {w_r, w_d for d in V} is exactly
+
+    B_V = w_r · B_r + Σ_{d ∈ V} w_d · B_d          ΔW_V = s · B_V · A     (s = alpha / r)
+
+`compose` writes that as a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors,
+lora_A = A, lora_B = B_V) that vLLM loads natively. The folder is content-addressed: its hash
+covers the config and every tensor, and the vLLM LoRA name is `view@hash[:12]`, so a changed head
+always yields a new LoRA name and an old cache entry can never serve new weights.
+
+"original" is the empty view: the base model, no LoRA at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors.torch import save_file
+
+from .bundle import HEAD_NAME_PATTERN, AlterBundle, is_valid_head_name
+
+ORIGINAL_VIEW = "original"
+PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class View(BaseModel):
+    """A named choice of head weights. `forget` maps forget-head name → weight."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern="^" + HEAD_NAME_PATTERN + "$")  # Rust regex (pydantic): no \Z; $ = end of text
+    retain: float = Field(default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
+    forget: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("forget")
+    @classmethod
+    def _heads_named_and_bounded(cls, forget: dict[str, float]) -> dict[str, float]:
+        for head, weight in forget.items():
+            if not is_valid_head_name(head):
+                raise ValueError(f"forget head name {head!r} must match {HEAD_NAME_PATTERN}")
+            if not (-4.0 <= weight <= 4.0):
+                raise ValueError(f"weight {weight} for head {head!r} must be finite and within [-4, 4]")
+        return forget
+
+    @property
+    def is_original(self) -> bool:
+        return self.name == ORIGINAL_VIEW
+
+    def spec_dict(self) -> dict:
+        return {"retain": self.retain, "forget": dict(sorted(self.forget.items()))}
+
+
+def check_view_fits(bundle: AlterBundle, view: View) -> None:
+    """Raise ValueError unless every head the view names exists in the bundle."""
+    unknown = sorted(set(view.forget) - set(bundle.forget_heads))
+    if unknown:
+        raise ValueError(f"view {view.name!r} names forget heads {unknown} that the bundle lacks; it has {bundle.forget_heads}")
+
+
+def compose_b(bundle: AlterBundle, view: View) -> dict[str, torch.Tensor]:
+    """B_V per module: w_r·B_r + Σ_d w_d·B_d, accumulated in fp32."""
+    check_view_fits(bundle, view)
+    composed = {}
+    for module in bundle.modules:
+        b = view.retain * bundle.retain[module].float()
+        for head, weight in view.forget.items():
+            b = b + weight * bundle.forget[head][module].float()
+        composed[module] = b
+    return composed
+
+
+def peft_tensors(bundle: AlterBundle, view: View, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The PEFT state dict of the view: `base_model.model.<module>.lora_{A,B}.weight`."""
+    tensors = {}
+    for module, b in compose_b(bundle, view).items():
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = bundle.lora_a[module].to(dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(dtype).contiguous()
+    return tensors
+
+
+def peft_config(bundle: AlterBundle) -> dict:
+    m = bundle.manifest
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": m.rank,
+        "lora_alpha": m.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "target_modules": sorted(m.target_modules),
+        "base_model_name_or_path": m.base_model.name_or_path,
+    }
+
+
+def content_hash(config: dict, tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, tensor in sorted(tensors.items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ComposedView:
+    """A view materialised as a PEFT LoRA folder. `lora_name` is what vLLM is given."""
+
+    name: str
+    content_hash: str
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return self.content_hash[:12]
+
+    @property
+    def lora_name(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def compose(bundle: AlterBundle, view: View, store_root: str | Path) -> ComposedView:
+    """Write the view's LoRA folder under `store_root/<hash>/` (atomically; reused if present)."""
+    if view.is_original:
+        raise ValueError("the 'original' view is the base model itself and has no LoRA to compose")
+    config = peft_config(bundle)
+    tensors = peft_tensors(bundle, view)
+    digest = content_hash(config, tensors)
+    root = Path(store_root)
+    final = root / digest
+    if not (final / ADAPTER_WEIGHTS).is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".compose-", dir=root))
+        try:
+            save_file(tensors, str(staging / ADAPTER_WEIGHTS))
+            (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            os.replace(staging, final) if not final.exists() else None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return ComposedView(view.name, digest, final)
