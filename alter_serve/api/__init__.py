@@ -1,0 +1,1 @@
+"""FastAPI app: OpenAI-compatible routes, admin routes, errors, authentication."""

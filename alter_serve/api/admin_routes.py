@@ -1,0 +1,305 @@
+"""Admin API (admin keys only): bundles, head hot-swap, views, tenants, keys, experiments.
+
+Every change is made in the registry first (atomically), then each view whose weights changed is
+published to the engine before the call returns, so requests accepted afterwards use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE, BundleError
+from ..core.views import View
+from ..registry import Conflict, InvalidInput, Limits, NotFound, Principal, RegistryError
+from .auth import admin_principal
+from .errors import conflict, invalid, not_found, too_large
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(admin_principal)])
+Admin = Annotated[Principal, Depends(admin_principal)]
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+async def _registry_call(fn, *args, **kwargs):
+    """Run a registry operation in a worker thread; map its errors onto OpenAI-format HTTP errors."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except NotFound as exc:
+        raise not_found(exc.message) from None
+    except Conflict as exc:
+        raise conflict(exc.message) from None
+    except BundleError as exc:
+        raise invalid(str(exc), "bundle", "invalid_bundle") from None
+    except (InvalidInput, RegistryError) as exc:
+        raise invalid(exc.message) from None
+
+
+def _service(request: Request):
+    return request.app.state.service
+
+
+# ---- bundles ------------------------------------------------------------------------------------
+class BundleFromPath(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=63)
+    path: str = Field(min_length=1, max_length=4096)
+    replace: bool = False
+
+
+def _allowed_path(request: Request, raw: str) -> Path:
+    path = Path(raw).expanduser().resolve()
+    roots = [Path(r).expanduser().resolve() for r in _service(request).config.bundle_dirs]
+    if not any(path == root or root in path.parents for root in roots):
+        raise invalid(f"Bundles may only be registered from the configured bundle_dirs {[str(r) for r in roots]}; "
+                      "upload the files instead.", "path")
+    return path
+
+
+@router.post("/bundles")
+async def register_bundle(request: Request, body: BundleFromPath) -> dict:
+    service = _service(request)
+    update = await _registry_call(service.registry.store_bundle, body.name, _allowed_path(request, body.path),
+                                  replace=body.replace)
+    return {"bundle": _jsonable(update.bundle), "views": await service.apply(update.views)}
+
+
+async def _save_upload(upload: UploadFile, dest: Path, limit: int) -> None:
+    written = 0
+    with dest.open("wb") as out:
+        while chunk := await upload.read(1 << 20):
+            written += len(chunk)
+            if written > limit:
+                raise too_large(limit)
+            out.write(chunk)
+
+
+@router.post("/bundles/upload")
+async def upload_bundle(
+    request: Request,
+    name: Annotated[str, Form(min_length=1, max_length=63)],
+    manifest: Annotated[UploadFile, File(description="manifest.json")],
+    weights: Annotated[UploadFile, File(description="weights.safetensors")],
+    replace: Annotated[bool, Form()] = False,
+) -> dict:
+    service = _service(request)
+    staging = Path(tempfile.mkdtemp(prefix="upload-", dir=service.config.data_dir))
+    try:
+        await _save_upload(manifest, staging / MANIFEST_FILE, 1 << 20)
+        await _save_upload(weights, staging / WEIGHTS_FILE, service.config.max_upload_bytes)
+        update = await _registry_call(service.registry.store_bundle, name, staging, replace=replace)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"bundle": _jsonable(update.bundle), "views": await service.apply(update.views)}
+
+
+@router.put("/bundles/{name}/heads/{head}")
+async def replace_head(request: Request, name: str, head: str,
+                       weights: Annotated[UploadFile, File(description="safetensors: one [out, rank] tensor per module")]) -> dict:
+    """The hot-swap: new B matrices for one head; every view that uses it gets a new version."""
+    service = _service(request)
+    staging = Path(tempfile.mkdtemp(prefix="head-", dir=service.config.data_dir))
+    try:
+        path = staging / "head.safetensors"
+        await _save_upload(weights, path, service.config.max_upload_bytes)
+        update = await _registry_call(service.registry.replace_head, name, head, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"bundle": _jsonable(update.bundle), "previous_hash": update.previous_hash,
+            "views": await service.apply(update.views)}
+
+
+@router.get("/bundles")
+async def list_bundles(request: Request) -> dict:
+    return {"data": _jsonable(await _registry_call(_service(request).registry.list_bundles))}
+
+
+@router.delete("/bundles/{name}")
+async def delete_bundle(request: Request, name: str) -> dict:
+    await _registry_call(_service(request).registry.remove_bundle, name)
+    return {"deleted": name}
+
+
+# ---- views --------------------------------------------------------------------------------------
+class ViewBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bundle: str = Field(min_length=1, max_length=63)
+    retain: float = 1.0
+    forget: dict[str, float] = Field(default_factory=dict)
+
+
+@router.put("/views/{name}")
+async def define_view(request: Request, name: str, body: ViewBody) -> dict:
+    service = _service(request)
+    try:
+        view = View(name=name, retain=body.retain, forget=body.forget)
+    except ValueError as exc:
+        raise invalid(str(exc), "view") from None
+    change = await _registry_call(service.registry.define_view, view, body.bundle, replace=True)
+    labels = await service.apply([change])
+    return {"view": _jsonable(change.view), "version": labels[0]}
+
+
+@router.get("/views")
+async def list_views(request: Request) -> dict:
+    service = _service(request)
+    views = await _registry_call(service.registry.list_views)
+    return {"data": [{**_jsonable(v), "loaded": service.adapters.current(v.name) is not None} for v in views]}
+
+
+@router.delete("/views/{name}")
+async def delete_view(request: Request, name: str) -> dict:
+    service = _service(request)
+    await _registry_call(service.registry.remove_view, name)
+    await service.forget_view(name)
+    return {"deleted": name}
+
+
+# ---- tenants and keys -----------------------------------------------------------------------------
+class TenantBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=63)
+    views: list[str] = Field(default_factory=list, max_length=1000)
+    default_view: str | None = None
+    limits: Limits = Field(default_factory=Limits)
+
+
+class TenantPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grant: list[str] = Field(default_factory=list)
+    revoke: list[str] = Field(default_factory=list)
+    default_view: str | None = None
+    limits: Limits | None = None
+    disabled: bool | None = None
+
+
+@router.post("/tenants")
+async def create_tenant(request: Request, body: TenantBody) -> dict:
+    tenant = await _registry_call(_service(request).registry.create_tenant, body.name, limits=body.limits,
+                                  views=body.views, default_view=body.default_view)
+    return _jsonable(tenant)
+
+
+@router.get("/tenants")
+async def list_tenants(request: Request) -> dict:
+    return {"data": _jsonable(await _registry_call(_service(request).registry.list_tenants))}
+
+
+@router.patch("/tenants/{name}")
+async def update_tenant(request: Request, name: str, body: TenantPatch) -> dict:
+    registry = _service(request).registry
+    for view in body.grant:
+        await _registry_call(registry.grant_view, name, view)
+    for view in body.revoke:
+        await _registry_call(registry.revoke_view, name, view)
+    if body.default_view is not None:
+        await _registry_call(registry.set_default_view, name, body.default_view)
+    if body.limits is not None:
+        await _registry_call(registry.set_limits, name, body.limits)
+    if body.disabled is not None:
+        await _registry_call(registry.set_disabled, name, body.disabled)
+    return _jsonable(await _registry_call(registry.get_tenant, name))
+
+
+@router.delete("/tenants/{name}")
+async def delete_tenant(request: Request, name: str) -> dict:
+    await _registry_call(_service(request).registry.delete_tenant, name)
+    return {"deleted": name}
+
+
+@router.post("/tenants/{name}/keys")
+async def create_tenant_key(request: Request, name: str) -> dict:
+    key_id, secret = await _registry_call(_service(request).registry.create_key, name, "tenant")
+    return {"id": key_id, "tenant": name, "key": secret, "note": "Store this key now; it is not shown again."}
+
+
+@router.get("/keys")
+async def list_keys(request: Request, tenant: str | None = None) -> dict:
+    return {"data": _jsonable(await _registry_call(_service(request).registry.list_keys, tenant))}
+
+
+@router.delete("/keys/{key_id}")
+async def revoke_key(request: Request, key_id: int) -> dict:
+    return _jsonable(await _registry_call(_service(request).registry.revoke_key, key_id))
+
+
+# ---- experiments ----------------------------------------------------------------------------------
+class ArmBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    view: str
+    weight: float = Field(ge=0, allow_inf_nan=False)
+
+
+class ExperimentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=63)
+    alias: str = Field(min_length=1, max_length=63)
+    tenants: list[str] = Field(min_length=1)
+    arms: list[ArmBody] = Field(min_length=1, max_length=16)
+    sticky: str = "user"
+    control_arm: str | None = None
+    status: str = "running"
+
+
+class ExperimentPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    arms: list[ArmBody] | None = None
+    control_arm: str | None = None
+    tenants: list[str] | None = None
+    status: str | None = None
+
+
+@router.post("/experiments")
+async def create_experiment(request: Request, body: ExperimentBody) -> dict:
+    registry = _service(request).registry
+    info = await _registry_call(registry.create_experiment, body.name, alias=body.alias, tenants=body.tenants,
+                                arms=[a.model_dump() for a in body.arms], sticky=body.sticky,
+                                control_arm=body.control_arm, status=body.status)
+    return _jsonable(info)
+
+
+@router.get("/experiments")
+async def list_experiments(request: Request) -> dict:
+    return {"data": _jsonable(await _registry_call(_service(request).registry.list_experiments))}
+
+
+@router.patch("/experiments/{name}")
+async def update_experiment(request: Request, name: str, body: ExperimentPatch) -> dict:
+    arms = None if body.arms is None else [a.model_dump() for a in body.arms]
+    info = await _registry_call(_service(request).registry.update_experiment, name, arms=arms,
+                                control_arm=body.control_arm, tenants=body.tenants, status=body.status)
+    return _jsonable(info)
+
+
+@router.delete("/experiments/{name}")
+async def delete_experiment(request: Request, name: str) -> dict:
+    await _registry_call(_service(request).registry.delete_experiment, name)
+    return {"deleted": name}
+
+
+@router.get("/experiments/{name}/results")
+async def experiment_results(request: Request, name: str) -> dict:
+    results = await _registry_call(_service(request).registry.experiment_results, name)
+    return {"experiment": name, "arms": _jsonable(results)}

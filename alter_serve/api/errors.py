@@ -1,0 +1,126 @@
+"""Errors in the OpenAI body format: {"error": {"message", "type", "param", "code"}}.
+
+Every failure a client can see goes through here, so no raw traceback ever reaches one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.vllm_engine import EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class OpenAIError(Exception):
+    """An error to return to the client as-is."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, "invalid_request_error", param, code)
+
+
+def model_not_found(name: str) -> OpenAIError:
+    # Same answer for "does not exist" and "not yours": it must not reveal what exists.
+    return OpenAIError(404, f"The model '{name}' does not exist or you do not have access to it.",
+                       "invalid_request_error", "model", "model_not_found")
+
+
+def unauthorized(message: str = "Invalid or missing API key. Send 'Authorization: Bearer <key>'.") -> OpenAIError:
+    return OpenAIError(401, message, "authentication_error", None, "invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(message: str) -> OpenAIError:
+    return OpenAIError(403, message, "permission_error", None, "forbidden")
+
+
+def not_found(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(404, message, "invalid_request_error", param, "not_found")
+
+
+def conflict(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(409, message, "invalid_request_error", param, "conflict")
+
+
+def too_large(limit: int) -> OpenAIError:
+    return OpenAIError(413, f"Request body exceeds the {limit}-byte limit.", "invalid_request_error", None, "request_too_large")
+
+
+def rate_limited(message: str, retry_after_s: int) -> OpenAIError:
+    return OpenAIError(429, message, "rate_limit_error", None, "rate_limit_exceeded",
+                       headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+def unavailable(message: str, retry_after_s: int = 5) -> OpenAIError:
+    return OpenAIError(503, message, "server_error", None, "service_unavailable",
+                       headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+def error_body(exc: OpenAIError) -> dict:
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "We could not parse the JSON body of your request: " + str(first.get("ctx", {}).get("error", first.get("msg"))), None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = f"{first.get('msg', 'invalid value')}" + (f" (parameter '{param}')" if param else "")
+    if len(errors) > 1:
+        others = ", ".join(".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors[1:4])
+        message += f"; also invalid: {others}"
+    return message, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai(_: Request, exc: OpenAIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return invalid(message, param).response()
+
+    @app.exception_handler(EngineUnavailable)
+    async def _engine(_: Request, exc: EngineUnavailable):
+        return unavailable(str(exc), exc.retry_after_s).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return OpenAIError(exc.status_code, str(exc.detail), kind, None, code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return OpenAIError(500, "The server had an error while processing your request.", "server_error",
+                           None, "internal_error").response()

@@ -1,0 +1,117 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/feedback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .. import metrics
+from ..registry import Principal, RequestLogEntry
+from .auth import tenant_principal
+from .errors import OpenAIError, not_found
+from .generation import Outcome, Target, new_response_id, sse_stream
+from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
+
+router = APIRouter()
+Tenant = Annotated[Principal, Depends(tenant_principal)]
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, principal: Tenant) -> dict:
+    service = request.app.state.service
+    views = {v.name: v for v in await asyncio.to_thread(service.registry.list_views)}
+    cards = []
+    for name in sorted(principal.views):
+        view = views.get(name)
+        if view is None:
+            continue
+        loaded = service.adapters.current(name)
+        cards.append({
+            "id": name, "object": "model", "created": int(view.created_at.timestamp()), "owned_by": "alter-serve",
+            "root": str(service.model_dir.name), "parent": None,
+            "lineage": {
+                "base_model": service.model_dir.name,
+                "base_fingerprint": service.registry.base_fingerprint,
+                "bundle": view.bundle,
+                "heads": view.spec.spec_dict() if not view.is_original else {},
+                "version": view.version or "base",
+                "loaded": loaded is not None and service.ready,
+            },
+        })
+    return {"object": "list", "data": cards}
+
+
+def _sticky_lookup(request: Request, user: str | None):
+    def lookup(kind: str) -> str | None:
+        if kind == "user":
+            return user
+        if kind.startswith("header:"):
+            return request.headers.get(kind.split(":", 1)[1])
+        return None  # random
+    return lookup
+
+
+async def _serve(request: Request, principal: Principal, body, endpoint: str, plan_fn, once, stream):
+    service = request.app.state.service
+    routed = await service.route(principal, body.model, _sticky_lookup(request, body.user))
+    plan = plan_fn(body)
+    target: Target = service.target(body.model, routed)
+    kind = "cmpl" if endpoint == "completions" else "chatcmpl"
+    outcome = Outcome(new_response_id(kind))
+    tenant = principal.tenant_name or "admin"
+
+    def finish(status: int, _: BaseException | None = None) -> None:
+        target.lease.release()
+        latency = time.perf_counter() - outcome.started
+        metrics.observe_request(tenant, routed.view, routed.arm or "", endpoint, status, latency, outcome.ttft_s,
+                                outcome.prompt_tokens, outcome.completion_tokens)
+        service.log_request(RequestLogEntry(
+            response_id=outcome.response_id, tenant=tenant, model=body.model, view=routed.view,
+            status_code=status, latency_ms=latency * 1000, view_version=target.lease.version.version,
+            experiment=routed.experiment, arm=routed.arm,
+            ttft_ms=None if outcome.ttft_s is None else outcome.ttft_s * 1000,
+            prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens))
+
+    headers = {**target.headers(), "x-request-id": outcome.response_id}
+    if body.stream:
+        return StreamingResponse(sse_stream(stream(body, plan, target, outcome), finish),
+                                 media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+    try:
+        payload = await once(body, plan, target, outcome)
+    except OpenAIError as exc:
+        finish(exc.status)
+        raise
+    except BaseException:
+        finish(500)
+        raise
+    finish(200)
+    return JSONResponse(payload, headers=headers)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, body: CompletionRequest, principal: Tenant):
+    gen = request.app.state.service.generator
+    return await _serve(request, principal, body, "completions", gen.plan_completion, gen.completion, gen.completion_stream)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest, principal: Tenant):
+    gen = request.app.state.service.generator
+    return await _serve(request, principal, body, "chat", gen.plan_chat, gen.chat, gen.chat_stream)
+
+
+@router.post("/v1/feedback")
+async def feedback(request: Request, body: FeedbackRequest, principal: Tenant) -> dict:
+    service = request.app.state.service
+    if principal.tenant_name is None:
+        raise not_found("Feedback is recorded for tenant responses; admin keys have none.", "response_id")
+    info = await asyncio.to_thread(service.registry.record_feedback, principal.tenant_name, body.response_id,
+                                   body.rating, comment=body.comment)
+    metrics.FEEDBACK.labels(principal.tenant_name, info.experiment or "", info.arm or "").inc()
+    metrics.FEEDBACK_RATING.labels(principal.tenant_name, info.experiment or "", info.arm or "").inc(body.rating)
+    return {"object": "feedback", "id": info.id, "response_id": info.response_id, "experiment": info.experiment,
+            "arm": info.arm, "view": info.view}

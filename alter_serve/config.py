@@ -1,0 +1,59 @@
+"""Server configuration: YAML file, then environment (ALTER_SERVE_*), then CLI flags, each overriding the last.
+
+Nested engine fields use a double underscore in the environment: ALTER_SERVE_ENGINE__MAX_LORAS=8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .engine.config import EngineConfig
+
+
+class ServeConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALTER_SERVE_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    data_dir: Path = Path("var/serve")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite in data_dir")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    admin_key: SecretStr | None = Field(default=None, description="bootstrap admin key (else one is created)")
+    bundle_dirs: list[Path] = Field(default_factory=list, description="folders admins may register bundles from")
+    max_body_bytes: int = Field(default=8 << 20, ge=1024)
+    max_upload_bytes: int = Field(default=2 << 30, ge=1024)
+    request_log_flush_s: float = Field(default=0.5, gt=0)
+    log_level: str = "info"
+
+    @property
+    def registry_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:
+    """Read YAML (if given); the environment overrides it; non-None `overrides` override both."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    # Environment beats the file: pydantic-settings reads the environment; lay the file under it.
+    env_only = ServeConfig().model_dump(exclude_unset=True)
+    merged = _deep_merge(values, env_only)
+    engine_overrides = {k[len("engine_"):]: v for k, v in overrides.items() if k.startswith("engine_") and v is not None}
+    top = {k: v for k, v in overrides.items() if not k.startswith("engine_") and v is not None}
+    merged = _deep_merge(merged, {**top, **({"engine": engine_overrides} if engine_overrides else {})})
+    return ServeConfig.model_validate(merged)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
