@@ -2,6 +2,7 @@
 
     alter-serve serve --model DIR [--config configs/serve.yaml] [--host H] [--port P] [--data-dir D]
     alter-serve demo  --assets var/demo/assets.json      (what `make serve` runs)
+    alter-serve tenants|keys|views|experiments|bundles ...  (the admin API over HTTP; see admin_cli.py)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from .admin_cli import add_admin_commands
 from .config import ServeConfig, load_config
 
 DEMO_TENANT = "demo"
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--assets", default="var/demo/assets.json", help="written by `alter-train demo-assets`")
     _add_server_flags(demo)
     demo.set_defaults(func=cmd_demo)
+    add_admin_commands(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ from .config import ServeConfig
 from .core.fingerprint import fingerprint, module_shapes
 from .engine.adapters import AdapterManager, UnknownView
 from .engine.vllm_engine import VllmEngine
+from .limits import TenantLimiter
 from . import metrics
 from .registry import Principal, Registry, RequestLogEntry, ViewChange, ViewInfo
 
@@ -41,7 +42,8 @@ class AlterService:
                                  base_fingerprint=fingerprint(self.model_dir), base_shapes=module_shapes(self.model_dir))
         self.engine = VllmEngine(config.engine, self.model_dir)
         self.adapters = AdapterManager(self.engine)
-        self.generator = Generator(self.engine, config.engine.max_model_len)
+        self.generator = Generator(self.engine)
+        self.limiter = TenantLimiter()  # per-tenant concurrency / tokens-per-minute / max_tokens limits
         self._log_rows: list[RequestLogEntry] = []
         self._background: list[asyncio.Task] = []
         self.engine.on_restart(metrics.ENGINE_RESTARTS.inc)

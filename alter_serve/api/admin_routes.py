@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE, BundleError
@@ -299,7 +299,44 @@ async def delete_experiment(request: Request, name: str) -> dict:
     return {"deleted": name}
 
 
+@router.get("/experiments/{name}")
+async def get_experiment(request: Request, name: str) -> dict:
+    return _jsonable(await _registry_call(_service(request).registry.get_experiment, name))
+
+
 @router.get("/experiments/{name}/results")
-async def experiment_results(request: Request, name: str) -> dict:
-    results = await _registry_call(_service(request).registry.experiment_results, name)
-    return {"experiment": name, "arms": _jsonable(results)}
+async def experiment_results(request: Request, name: str,
+                             confidence: Annotated[float, Query(ge=0.5, lt=1.0)] = 0.95) -> dict:
+    """Per arm: requests, errors (rate + Wilson interval), latency/TTFT mean-p50-p95, tokens, feedback
+    mean + t interval, the latest offline probe, and Welch / chi-square tests against the control arm."""
+    report = await _registry_call(_service(request).registry.experiment_report, name, confidence=confidence)
+    return _jsonable(report)
+
+
+class ProbeArmBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    arm: str = Field(min_length=1, max_length=63)
+    view: str = Field(min_length=1, max_length=63)
+    view_version: str | None = Field(default=None, max_length=64)
+    metrics: dict[str, float | None] = Field(min_length=1, max_length=64)
+    samples: int = Field(default=0, ge=0)
+
+
+class ProbeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str | None = Field(default=None, max_length=2000)
+    results: list[ProbeArmBody] = Field(min_length=1, max_length=16)
+
+
+@router.post("/experiments/{name}/probes")
+async def record_probe(request: Request, name: str, body: ProbeBody) -> dict:
+    """Store one offline probe run (per-arm evaluation scores from `alter-train probe`)."""
+    stored = await _registry_call(_service(request).registry.record_probe_results, name,
+                                  [r.model_dump() for r in body.results], source=body.source)
+    return {"experiment": name, "data": _jsonable(stored)}
+
+
+@router.get("/experiments/{name}/probes")
+async def list_probes(request: Request, name: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict:
+    return {"experiment": name,
+            "data": _jsonable(await _registry_call(_service(request).registry.list_probe_results, name, limit=limit))}

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import metrics
 from ..service import AlterService
-from . import admin_routes, openai_routes
+from . import admin_routes, dashboard, openai_routes
 from .errors import install_error_handlers, too_large
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,22 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(service: AlterService) -> FastAPI:
+def create_app(service: AlterService, *, start_engine: bool = True) -> FastAPI:
+    """The app for `service`. `start_engine=False` never starts the engine (admin API and dashboard
+    only, e.g. in tests without vLLM): model requests then answer 503 like an engine still starting."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        starting = asyncio.create_task(service.start(), name="engine-start")
-        starting.add_done_callback(_log_start_failure)
+        starting = None
+        if start_engine:
+            starting = asyncio.create_task(service.start(), name="engine-start")
+            starting.add_done_callback(_log_start_failure)
         app.state.starting = starting
         try:
             yield
         finally:
-            starting.cancel()
+            if starting is not None:
+                starting.cancel()
             await service.stop()
 
     app = FastAPI(title="alter-serve", version="0.1.0", lifespan=lifespan,
@@ -72,6 +78,7 @@ def create_app(service: AlterService) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(dashboard.router)
 
     @app.get("/health")
     async def health() -> dict:

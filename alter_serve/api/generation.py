@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind
 
 from ..engine.adapters import Lease
@@ -68,10 +69,13 @@ class Outcome:
 class Generator:
     """Shapes completions and chat completions for one engine and its tokenizer."""
 
-    def __init__(self, engine: VllmEngine, max_model_len: int):
+    def __init__(self, engine: VllmEngine):
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.max_model_len = max_model_len
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
 
     # ---- prompts ----------------------------------------------------------------------------
     def token_text(self, token_id: int) -> str:
@@ -122,12 +126,15 @@ class Generator:
 
     @staticmethod
     def sampling(body, max_tokens: int, logprobs: int | None, stream: bool) -> SamplingParams:
-        return SamplingParams(
-            n=body.n, temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens,
-            stop=body.stop, seed=body.seed, logprobs=logprobs,
-            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-        )
+        try:
+            return SamplingParams(
+                n=body.n, temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens,
+                stop=body.stop, seed=body.seed, logprobs=logprobs,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            )
+        except (ValueError, VLLMClientError) as exc:  # vLLM's own checks, e.g. "n must be 1 when using greedy sampling"
+            raise invalid(str(exc), getattr(exc, "parameter", None)) from None
 
     # ---- logprobs ---------------------------------------------------------------------------
     def _top(self, entry: dict) -> dict[str, float]:

@@ -58,14 +58,20 @@ def _sticky_lookup(request: Request, user: str | None):
 async def _serve(request: Request, principal: Principal, body, endpoint: str, plan_fn, once, stream):
     service = request.app.state.service
     routed = await service.route(principal, body.model, _sticky_lookup(request, body.user))
-    plan = plan_fn(body)
-    target: Target = service.target(body.model, routed)
+    permit = service.limiter.admit(principal, body)  # 400 over the max_tokens cap, 429 over a tenant limit
+    try:
+        plan = plan_fn(body)
+        target: Target = service.target(body.model, routed)
+    except BaseException:
+        permit.release(0)
+        raise
     kind = "cmpl" if endpoint == "completions" else "chatcmpl"
     outcome = Outcome(new_response_id(kind))
     tenant = principal.tenant_name or "admin"
 
     def finish(status: int, _: BaseException | None = None) -> None:
         target.lease.release()
+        permit.release(outcome.completion_tokens)
         latency = time.perf_counter() - outcome.started
         metrics.observe_request(tenant, routed.view, routed.arm or "", endpoint, status, latency, outcome.ttft_s,
                                 outcome.prompt_tokens, outcome.completion_tokens)

@@ -85,14 +85,26 @@ class AdapterManager:
             old = self._current.get(composed.name)
             if old is not None and old.version == composed.version:
                 return old
-            lora = LoRARequest(composed.lora_name, next(self._ids), str(composed.path))
-            await self.engine.add_lora(lora)
-            new = ViewVersion(composed.name, composed.version, lora)
+            new = self._revive(composed.lora_name)
+            if new is None:
+                # vLLM caches adapters by int id and matches them by name: one name, one id, ever loaded once.
+                lora = LoRARequest(composed.lora_name, next(self._ids), str(composed.path))
+                await self.engine.add_lora(lora)
+                new = ViewVersion(composed.name, composed.version, lora)
             self._current[composed.name] = new
             if old is not None:
                 self._retire(old)
             log.info("published %s (lora id %d)", new.label, lora.lora_int_id)
             return new
+
+    def _revive(self, lora_name: str) -> ViewVersion | None:
+        """A still-draining version with this exact content (a swap back before it drained)."""
+        for version in self._retired:
+            if version.lora is not None and version.lora.lora_name == lora_name:
+                self._retired.discard(version)
+                version.retired = False
+                return version
+        return None
 
     async def unpublish(self, view: str) -> None:
         async with self._lock:
@@ -125,6 +137,8 @@ class AdapterManager:
         task.add_done_callback(self._drops.discard)
 
     async def _drop(self, version: ViewVersion) -> None:
+        if not version.retired:  # revived by a swap back before this ran
+            return
         self._retired.discard(version)
         if version.lora is not None:
             try:

@@ -14,7 +14,7 @@ class EngineConfig(BaseModel):
 
     model: str | None = Field(default=None, description="HF model folder; None = the demo model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: int = Field(default=512, ge=16)
+    max_model_len: int | None = Field(default=None, ge=16, description="None = the model's own limit")
     max_loras: int = Field(default=4, ge=1, description="distinct views batched together")
     max_cpu_loras: int = Field(default=64, ge=1, description="views kept loaded (LRU beyond)")
     max_lora_rank: int = 8

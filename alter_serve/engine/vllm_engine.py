@@ -104,6 +104,13 @@ class VllmEngine:
             await asyncio.to_thread(llm.shutdown)
 
     @property
+    def max_model_len(self) -> int:
+        """The context length the running engine enforces (prompt + completion tokens)."""
+        if self._llm is None:
+            raise EngineUnavailable(self.state)
+        return self._llm.model_config.max_model_len
+
+    @property
     def ready(self) -> bool:
         return self.state == "ready" and self._llm is not None and not self._llm.errored
 

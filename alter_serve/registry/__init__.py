@@ -9,6 +9,7 @@ from .errors import Conflict, InvalidInput, NotFound, RegistryError
 from .experiments import Arm, choose_arm
 from .records import (
     ArmResult,
+    ArmSamples,
     BundleInfo,
     BundleUpdate,
     BundleVersion,
@@ -17,6 +18,7 @@ from .records import (
     KeyInfo,
     Limits,
     Principal,
+    ProbeResult,
     RequestLogEntry,
     TenantInfo,
     ViewChange,
@@ -27,6 +29,7 @@ from .store import Registry
 __all__ = [
     "Arm",
     "ArmResult",
+    "ArmSamples",
     "BundleInfo",
     "BundleUpdate",
     "BundleVersion",
@@ -38,6 +41,7 @@ __all__ = [
     "Limits",
     "NotFound",
     "Principal",
+    "ProbeResult",
     "Registry",
     "RegistryError",
     "RequestLogEntry",

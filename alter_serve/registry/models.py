@@ -219,3 +219,22 @@ class RequestLogRow(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class ProbeResultRow(Base):
+    """Offline evaluation scores of one experiment arm's view, measured through the live server by
+    `alter-train probe` (e.g. forget/retain answer probability). Unlike the request log these rows
+    belong to their experiment (foreign key, deleted with it): they describe its arms, are written
+    rarely by an admin, and a later experiment of the same name must not inherit them."""
+
+    __tablename__ = "probe_results"
+    __table_args__ = (Index("ix_probe_results_experiment_arm", "experiment_id", "arm"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
+    arm: Mapped[str] = mapped_column(String(NAME_LEN))
+    view: Mapped[str] = mapped_column(String(NAME_LEN))
+    view_version: Mapped[str | None] = mapped_column(String(HASH_LEN), nullable=True)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    samples: Mapped[int] = mapped_column(Integer, default=0)
+    source: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

@@ -231,3 +231,41 @@ class ArmResult:
     completion_tokens: int
     feedback_count: int
     mean_rating: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """Offline scores of one arm's view, measured through the live server (`alter-train probe`).
+    `metrics` maps a metric name (e.g. "forget_probability") to its value; `view_version` is the
+    view's composed content hash when it was measured (None for "original"); `samples` is the number
+    of evaluation records per set."""
+
+    id: int
+    experiment: str
+    arm: str
+    view: str
+    view_version: str | None
+    metrics: Mapping[str, float | None]
+    samples: int
+    source: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ArmSamples:
+    """The raw observations of one experiment arm, for `stats`: exact totals from the request log
+    and feedback, plus the individual latencies, times to first token and ratings (the newest
+    `Registry.MAX_STAT_SAMPLES` of each) for percentiles, intervals and tests. `view`/`weight` are
+    None for an arm that only appears in the logs (it was removed from the experiment later)."""
+
+    arm: str
+    view: str | None
+    weight: float | None
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    feedback_count: int
+    latency_ms: tuple[float, ...]
+    ttft_ms: tuple[float, ...]
+    ratings: tuple[float, ...]

@@ -24,6 +24,7 @@ Consistency rules kept here:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -48,7 +49,7 @@ from ..core.bundle import (
 )
 from ..core.views import ORIGINAL_VIEW, ComposedView, View, check_view_fits, compose
 from . import experiments as exp
-from . import files, keys
+from . import files, keys, stats
 from .errors import Conflict, InvalidInput, NotFound
 from .experiments import Arm
 from .models import (
@@ -58,6 +59,7 @@ from .models import (
     BundleVersionRow,
     ExperimentRow,
     FeedbackRow,
+    ProbeResultRow,
     RequestLogRow,
     TenantRow,
     ViewRow,
@@ -68,6 +70,7 @@ from .models import (
 from .records import (
     ROLES,
     ArmResult,
+    ArmSamples,
     BundleInfo,
     BundleUpdate,
     BundleVersion,
@@ -76,6 +79,7 @@ from .records import (
     KeyInfo,
     Limits,
     Principal,
+    ProbeResult,
     RequestLogEntry,
     TenantInfo,
     ViewChange,
@@ -86,6 +90,9 @@ _NAME_HELP = f"must match {HEAD_NAME_PATTERN} (lowercase letters, digits, '_' an
 _WRITE_OPTION = "alter_serve_write"
 MAX_COMMENT_CHARS = 10_000
 MAX_RESPONSE_ID_CHARS = 128
+MAX_PROBE_METRICS = 64
+MAX_PROBE_SOURCE_CHARS = 2000
+_METRIC_NAME_RE = re.compile(r"[a-z][a-z0-9_./-]{0,63}\Z")
 
 
 def _check_name(kind: str, name: object) -> str:
@@ -966,6 +973,100 @@ class Registry:
             ))
         return results
 
+    # ---- statistics report and offline probes ---------------------------------------------------
+
+    MAX_STAT_SAMPLES = 100_000  # newest latencies / ratings per arm that percentiles and tests use
+
+    def experiment_samples(self, name: str) -> list[ArmSamples]:
+        """Per-arm raw observations of experiment `name` (see `ArmSamples`), in the order of
+        `experiment_results`: exact totals, plus the newest `MAX_STAT_SAMPLES` latencies, times to
+        first token and ratings of each arm."""
+        totals = self.experiment_results(name)
+        with self._reading() as s:
+            weights = {a.name: a.weight for a in map(Arm.model_validate, self._experiment_row(s, name).arms)}
+            samples = []
+            for total in totals:
+                latency, ttft = self._arm_timings(s, name, total.arm)
+                samples.append(ArmSamples(
+                    arm=total.arm, view=total.view, weight=weights.get(total.arm), requests=total.requests,
+                    errors=total.errors, prompt_tokens=total.prompt_tokens, completion_tokens=total.completion_tokens,
+                    feedback_count=total.feedback_count, latency_ms=latency, ttft_ms=ttft,
+                    ratings=self._arm_ratings(s, name, total.arm)))
+        return samples
+
+    def _arm_timings(self, s: Session, experiment: str, arm: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        rows = s.execute(
+            select(RequestLogRow.latency_ms, RequestLogRow.ttft_ms)
+            .where(RequestLogRow.experiment == experiment, RequestLogRow.arm == arm)
+            .order_by(RequestLogRow.id.desc()).limit(self.MAX_STAT_SAMPLES)
+        ).all()
+        return tuple(r.latency_ms for r in rows), tuple(r.ttft_ms for r in rows if r.ttft_ms is not None)
+
+    def _arm_ratings(self, s: Session, experiment: str, arm: str) -> tuple[float, ...]:
+        return tuple(s.scalars(
+            select(FeedbackRow.rating).where(FeedbackRow.experiment == experiment, FeedbackRow.arm == arm)
+            .order_by(FeedbackRow.id.desc()).limit(self.MAX_STAT_SAMPLES)
+        ))
+
+    def experiment_report(self, name: str, *, confidence: float = stats.DEFAULT_CONFIDENCE) -> stats.ExperimentReport:
+        """Per-arm statistics of experiment `name` — requests, errors (rate with interval), latency
+        and TTFT percentiles, tokens, feedback mean with interval, the latest offline probe — and each
+        arm's significance tests against the control arm. See `registry.stats` for the methods."""
+        experiment = self.get_experiment(name)
+        samples = self.experiment_samples(name)
+        views = {v.name: v.content_hash for v in self.list_views()}
+        try:
+            return stats.experiment_report(experiment, samples, self.list_probe_results(name), views, confidence)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+
+    def record_probe_results(self, experiment: str, results: Sequence[Mapping[str, Any]], *,
+                             source: str | None = None) -> list[ProbeResult]:
+        """Store one probe run: per arm `{"arm", "view", "view_version"?, "metrics", "samples"?}`.
+        Each arm must be a current arm of the experiment and `view` the view it serves now (a probe
+        of a view the arm no longer serves is refused); metrics are finite numbers or None."""
+        if source is not None and len(source) > MAX_PROBE_SOURCE_CHARS:
+            raise InvalidInput(f"probe source is {len(source)} characters; the limit is {MAX_PROBE_SOURCE_CHARS}")
+        if not results:
+            raise InvalidInput(f"probe of experiment {experiment!r} has no results; send one entry per arm")
+        with self._writing(f"probe results of experiment {experiment!r}") as s:
+            row = self._experiment_row(s, experiment)
+            views = {a.name: a.view for a in map(Arm.model_validate, row.arms)}
+            rows = [self._probe_row(row.id, views, index, r, source) for index, r in enumerate(results)]
+            s.add_all(rows)
+            s.flush()
+            return [self._probe_info(experiment, r) for r in rows]
+
+    @staticmethod
+    def _probe_row(experiment_id: int, views: Mapping[str, str], index: int, result: Mapping[str, Any],
+                   source: str | None) -> ProbeResultRow:
+        arm, view = result.get("arm"), result.get("view")
+        if arm not in views:
+            raise InvalidInput(f"probe result {index}: arm {arm!r} is not an arm of the experiment; its arms are {sorted(views)}")
+        if view != views[arm]:
+            raise InvalidInput(f"probe result {index}: arm {arm!r} serves view {views[arm]!r} now, not {view!r}; probe again")
+        samples = result.get("samples", 0)
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise InvalidInput(f"probe result {index}: samples {samples!r} must be a non-negative integer")
+        version = result.get("view_version")
+        if version is not None and (not isinstance(version, str) or len(version) > 64):
+            raise InvalidInput(f"probe result {index}: view_version must be a content hash (at most 64 characters)")
+        return ProbeResultRow(experiment_id=experiment_id, arm=arm, view=view, view_version=version,
+                              metrics=_probe_metrics(index, result.get("metrics")), samples=samples, source=source)
+
+    def list_probe_results(self, experiment: str, *, limit: int = 1000) -> list[ProbeResult]:
+        """Probe results of `experiment`, newest first."""
+        with self._reading() as s:
+            row = self._experiment_row(s, experiment)
+            rows = s.scalars(select(ProbeResultRow).where(ProbeResultRow.experiment_id == row.id)
+                             .order_by(ProbeResultRow.id.desc()).limit(limit))
+            return [self._probe_info(experiment, r) for r in rows]
+
+    @staticmethod
+    def _probe_info(experiment: str, row: ProbeResultRow) -> ProbeResult:
+        return ProbeResult(row.id, experiment, row.arm, row.view, row.view_version, dict(row.metrics), row.samples,
+                           row.source, row.created_at)
+
     # ---- row lookups and conversions ------------------------------------------------------------
 
     @staticmethod
@@ -1061,3 +1162,23 @@ class Registry:
     def _feedback_info(row: FeedbackRow) -> FeedbackInfo:
         return FeedbackInfo(row.id, row.response_id, row.tenant, row.experiment, row.arm, row.view, row.rating,
                             row.comment, row.created_at)
+
+
+def _probe_metrics(index: int, metrics: Any) -> dict[str, float | None]:
+    """Check a probe's `{metric name: finite number or None}` mapping; return it with floats."""
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise InvalidInput(f"probe result {index}: metrics must be a non-empty object of metric name → number")
+    if len(metrics) > MAX_PROBE_METRICS:
+        raise InvalidInput(f"probe result {index}: {len(metrics)} metrics; the limit is {MAX_PROBE_METRICS}")
+    problems, clean = [], {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not _METRIC_NAME_RE.match(key):
+            problems.append(f"metric name {key!r} must match {_METRIC_NAME_RE.pattern}")
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                    or not math.isfinite(value)):
+            problems.append(f"metric {key!r} = {value!r} must be a finite number or null")
+        else:
+            clean[key] = None if value is None else float(value)
+    if problems:
+        raise InvalidInput(f"probe result {index} has invalid metrics:", problems)
+    return clean

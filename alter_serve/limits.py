@@ -1,0 +1,208 @@
+"""Per-tenant request limits, enforced in memory in each server process.
+
+Three limits come from the tenant's `Limits` (read from the registry with every authentication, so
+an admin's change applies to the next request):
+
+- `max_tokens_cap`: a request may not ask for more completion tokens than this. Asking for more is
+  the caller's mistake, not load, so it is a 400 naming `max_tokens`; a request that names no
+  `max_tokens` gets the cap as its limit.
+- `max_concurrent`: requests of the tenant in flight at once. One more answers 429.
+- `tokens_per_minute`: completion tokens over a sliding 60-second window. Admission *reserves* the
+  request's worst case (`max_tokens × sequences`, at most the whole budget) until it finishes and
+  then charges what it really used, so a burst of parallel requests cannot overshoot the budget:
+  at any moment, tokens charged in the last minute + reservations of requests in flight ≤ the limit.
+
+Over a limit the answer is 429 with a `Retry-After` that says when the request would fit: for the
+token window, when enough of the charged tokens age out of it; for concurrency (or a window held by
+in-flight reservations), 1 s, since only a finishing request frees room.
+
+Isolation: each tenant has its own counters, keyed by tenant id, so one tenant's traffic never
+counts against another's. Admin keys (no tenant) are not limited.
+
+Cost: `acquire` and `release` are O(1) amortised (the window keeps one bucket per second, at most
+61 per tenant, and drops the expired ones from its front), never await and never block the event
+loop; a `threading.Lock` makes them safe from worker threads as well. The counters are per process:
+with several replicas each enforces the limits on its own share of the traffic.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .api.errors import invalid, rate_limited
+from .registry import Limits, Principal
+
+WINDOW_S = 60.0
+# Reservation of a request that names no max_tokens and has no cap: the server's largest default
+# completion length (chat requests default to at most 1024 tokens, see api/generation.py).
+DEFAULT_RESERVATION = 1024
+_BUSY_RETRY_S = 1
+
+
+@dataclass
+class _TenantState:
+    """The counters of one tenant: requests in flight, their reservations, the charged window."""
+
+    active: int = 0
+    reserved: int = 0
+    charged: int = 0  # tokens in `buckets`
+    buckets: deque[list[int]] = field(default_factory=deque)  # [second, tokens], oldest first
+
+    def expire(self, now: float) -> None:
+        """Drop the buckets that have left the window [now - 60 s, now]."""
+        oldest_kept = math.floor(now - WINDOW_S)
+        while self.buckets and self.buckets[0][0] < oldest_kept:
+            self.charged -= self.buckets.popleft()[1]
+
+    def charge(self, now: float, tokens: int) -> None:
+        second = math.floor(now)
+        if self.buckets and self.buckets[-1][0] == second:
+            self.buckets[-1][1] += tokens
+        else:
+            self.buckets.append([second, tokens])
+        self.charged += tokens
+
+    def seconds_until_free(self, now: float, needed: int) -> int:
+        """Whole seconds until at least `needed` charged tokens have aged out of the window."""
+        freed = 0
+        for second, tokens in self.buckets:
+            freed += tokens
+            if freed >= needed:
+                # Tokens charged during [second, second + 1) are all out of the window at second + 61.
+                return max(1, math.ceil(second + 1 + WINDOW_S - now))
+        return _BUSY_RETRY_S
+
+
+class Permit:
+    """Admission of one request. `release(tokens_used)` exactly once when it ends (later calls do
+    nothing); it frees the concurrency slot and turns the reservation into the tokens really used."""
+
+    __slots__ = ("_limiter", "_tenant_id", "reservation", "max_tokens", "_released")
+
+    def __init__(self, limiter: TenantLimiter | None, tenant_id: int | None, reservation: int,
+                 max_tokens: int | None):
+        self._limiter, self._tenant_id = limiter, tenant_id
+        self.reservation = reservation
+        self.max_tokens = max_tokens  # the completion-token limit the request runs with (None: server default)
+        self._released = False
+
+    def release(self, tokens_used: int = 0) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self._limiter is not None and self._tenant_id is not None:
+            self._limiter._release(self._tenant_id, self.reservation, max(0, int(tokens_used)))
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+
+class TenantLimiter:
+    """Admits or refuses requests per tenant (see the module docstring). One per server process."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, default_reservation: int = DEFAULT_RESERVATION):
+        self._clock = clock
+        self._default_reservation = default_reservation
+        self._tenants: dict[int, _TenantState] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, principal: Principal, requested_max_tokens: int | None, *, sequences: int = 1) -> Permit:
+        """Admit one request of `principal` asking for `requested_max_tokens` completion tokens per
+        sequence (None: not stated) over `sequences` sequences (n × prompts). Raises the 400 for a
+        request over the tenant's max_tokens cap, or a 429 with Retry-After over another limit."""
+        limits = principal.limits
+        max_tokens = _checked_max_tokens(limits, requested_max_tokens)
+        if principal.tenant_id is None:
+            return Permit(None, None, 0, max_tokens)
+        reservation = self._reservation(limits, max_tokens, sequences)
+        with self._lock:
+            state = self._tenants.setdefault(principal.tenant_id, _TenantState())
+            self._admit(state, limits, reservation, principal.tenant_name)
+            state.active += 1
+            state.reserved += reservation
+        return Permit(self, principal.tenant_id, reservation, max_tokens)
+
+    def admit(self, principal: Principal, body: Any) -> Permit:
+        """`acquire` for a validated OpenAI request body: its token limit (`max_completion_tokens`
+        or `max_tokens`) and its sequence count (`n` × prompts). A body that names no limit gets
+        the tenant's cap written into `max_tokens`, so the engine never generates past the cap."""
+        requested = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
+        prompts = getattr(body, "prompt", None)
+        sequences = int(getattr(body, "n", 1) or 1) * (len(prompts) if isinstance(prompts, list) else 1)
+        permit = self.acquire(principal, requested, sequences=sequences)
+        if requested is None and permit.max_tokens is not None:
+            body.max_tokens = permit.max_tokens
+        return permit
+
+    def usage(self, tenant_id: int) -> dict[str, int]:
+        """The tenant's counters now: requests in flight, tokens reserved, tokens charged in the window."""
+        with self._lock:
+            state = self._tenants.get(tenant_id)
+            if state is None:
+                return {"active": 0, "reserved": 0, "charged": 0}
+            state.expire(self._clock())
+            return {"active": state.active, "reserved": state.reserved, "charged": state.charged}
+
+    # ---- internals --------------------------------------------------------------------------
+    def _reservation(self, limits: Limits, max_tokens: int | None, sequences: int) -> int:
+        if limits.tokens_per_minute is None:
+            return 0
+        per_sequence = max_tokens if max_tokens is not None else self._default_reservation
+        return min(per_sequence * max(1, sequences), limits.tokens_per_minute)
+
+    def _admit(self, state: _TenantState, limits: Limits, reservation: int, tenant: str | None) -> None:
+        """Raise a 429 when one more request of `reservation` tokens breaks a limit (lock held)."""
+        if limits.max_concurrent is not None and state.active >= limits.max_concurrent:
+            _reject(f"Tenant '{tenant}' already has {state.active} requests in flight, its limit. "
+                    "Retry when one has finished.", _BUSY_RETRY_S)
+        budget = limits.tokens_per_minute
+        if budget is None:
+            return
+        now = self._clock()
+        state.expire(now)
+        over = state.charged + state.reserved + reservation - budget
+        if over > 0:
+            _reject(f"Tenant '{tenant}' is over its limit of {budget} tokens per minute "
+                    f"({state.charged} used in the last minute, {state.reserved} reserved by requests in flight, "
+                    f"{reservation} asked for). Lower max_tokens or retry later.",
+                    state.seconds_until_free(now, over))
+
+    def _release(self, tenant_id: int, reservation: int, tokens_used: int) -> None:
+        with self._lock:
+            state = self._tenants.get(tenant_id)
+            if state is None:
+                return
+            state.active -= 1
+            state.reserved -= reservation
+            now = self._clock()
+            state.expire(now)
+            if tokens_used:
+                state.charge(now, tokens_used)
+            if state.active == 0 and not state.buckets:
+                del self._tenants[tenant_id]  # idle tenants cost no memory
+
+
+def _checked_max_tokens(limits: Limits, requested: int | None) -> int | None:
+    """The request's completion-token limit: as asked, or the tenant's cap when none was asked.
+    Over the cap is a 400 naming `max_tokens`."""
+    cap = limits.max_tokens_cap
+    if cap is None or requested is None:
+        return requested if requested is not None else cap
+    if requested > cap:
+        metrics.REJECTED.labels("max_tokens").inc()
+        raise invalid(f"max_tokens is {requested}, but this API key allows at most {cap} completion tokens "
+                      "per request. Lower max_tokens.", "max_tokens", "max_tokens_exceeded")
+    return requested
+
+
+def _reject(message: str, retry_after_s: int) -> None:
+    metrics.REJECTED.labels("rate_limit").inc()
+    raise rate_limited(message, retry_after_s)
