@@ -131,16 +131,21 @@ class TenantLimiter:
         return Permit(self, principal.tenant_id, reservation, max_tokens)
 
     def admit(self, principal: Principal, body: Any) -> Permit:
-        """`acquire` for a validated OpenAI request body: its token limit (`max_completion_tokens`
-        or `max_tokens`) and its sequence count (`n` × prompts). A body that names no limit gets
-        the tenant's cap written into `max_tokens`, so the engine never generates past the cap."""
-        requested = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
+        """`acquire` for a validated OpenAI request body: the token limit the client sent
+        (`max_completion_tokens` or `max_tokens`) and the sequence count (`n` × prompts).
+
+        A body that sends no limit runs with its schema default (completions: 16; chat: none),
+        lowered to the tenant's cap and written into `max_tokens`, so the engine never generates
+        past the cap and a default is never refused as if the client had asked for it."""
         prompts = getattr(body, "prompt", None)
         sequences = int(getattr(body, "n", 1) or 1) * (len(prompts) if isinstance(prompts, list) else 1)
-        permit = self.acquire(principal, requested, sequences=sequences)
-        if requested is None and permit.max_tokens is not None:
-            body.max_tokens = permit.max_tokens
-        return permit
+        requested = _sent_max_tokens(body)
+        if requested is None:
+            requested = getattr(body, "max_tokens", None)  # the schema default, if it has one
+            cap = principal.limits.max_tokens_cap
+            if cap is not None and (requested is None or requested > cap):
+                requested = body.max_tokens = cap
+        return self.acquire(principal, requested, sequences=sequences)
 
     def usage(self, tenant_id: int) -> dict[str, int]:
         """The tenant's counters now: requests in flight, tokens reserved, tokens charged in the window."""
@@ -188,6 +193,17 @@ class TenantLimiter:
                 state.charge(now, tokens_used)
             if state.active == 0 and not state.buckets:
                 del self._tenants[tenant_id]  # idle tenants cost no memory
+
+
+def _sent_max_tokens(body: Any) -> int | None:
+    """The completion-token limit the client put in the body (a pydantic model tells set fields
+    from defaults by `model_fields_set`; any other object counts every attribute as sent)."""
+    sent = getattr(body, "model_fields_set", None)
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = getattr(body, name, None)
+        if value is not None and (sent is None or name in sent):
+            return value
+    return None
 
 
 def _checked_max_tokens(limits: Limits, requested: int | None) -> int | None:

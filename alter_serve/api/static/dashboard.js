@@ -95,7 +95,7 @@ function el(tag, attrs, ...children) {
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v !== null && v !== undefined && v !== false) node.setAttribute(k, v === true ? "" : String(v));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -130,6 +130,13 @@ function table(node, header, rows) {
 
 // ---- charts -----------------------------------------------------------------------------------------
 
+// The 1, 2, 2.5 or 5 × 10^k at or above `raw`: readable axis ticks.
+function niceStep(raw) {
+  const power = Math.pow(10, Math.floor(Math.log10(raw)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (m * power >= raw) return m * power;
+  return 10 * power;
+}
+
 // A grouped bar chart: one group per category (arm), one bar per series; optional [low, high]
 // whiskers per series value (confidence intervals).
 function barChart({ title, categories, series, unit, yMax }) {
@@ -145,13 +152,15 @@ function barChart({ title, categories, series, unit, yMax }) {
     root.append(svg("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "empty" }, "no data yet"));
     return root;
   }
-  const low_ = Math.min(0, ...values);
-  const span = (top_ - low_) || 1;
+  const step = niceStep(((top_ - Math.min(0, ...values)) || 1) / 4);
+  const low_ = Math.floor(Math.min(0, ...values) / step) * step;
+  const high_ = Math.max(low_ + step, Math.ceil(top_ / step) * step);
+  const span = high_ - low_;
   const y = (v) => top + plotH - ((v - low_) / span) * plotH;
-  for (let i = 0; i <= 4; i++) {
-    const v = low_ + (span * i) / 4;
+  const digits = Math.max(0, Math.min(3, -Math.floor(Math.log10(step))));
+  for (let v = low_; v <= high_ + step / 2; v += step) {
     root.append(svg("line", { x1: left, x2: width - right, y1: y(v), y2: y(v), class: "grid" }));
-    root.append(svg("text", { x: left - 4, y: y(v) + 4, "text-anchor": "end" }, fmt(v)));
+    root.append(svg("text", { x: left - 4, y: y(v) + 4, "text-anchor": "end" }, v.toFixed(digits)));
   }
   root.append(svg("line", { x1: left, x2: width - right, y1: y(0), y2: y(0), class: "axis" }));
   const groupW = plotW / Math.max(1, categories.length);

@@ -1,0 +1,217 @@
+"""Per-tenant limits: the max_tokens cap (400), concurrency and tokens per minute (429 + Retry-After),
+isolation between tenants; then the same through the HTTP app (no engine: requests that pass the
+limiter end at 503 'engine starting', which must release their permit)."""
+
+from __future__ import annotations
+
+import math
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from alter_serve import metrics
+from alter_serve.api.errors import OpenAIError
+from alter_serve.api.schemas import ChatCompletionRequest, CompletionRequest
+from alter_serve.limits import DEFAULT_RESERVATION, TenantLimiter
+from alter_serve.registry import Limits, Principal
+
+from .admin_app import AdminApp
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def tenant(tenant_id: int, **limits: int) -> Principal:
+    return Principal(key_id=tenant_id, role="tenant", tenant_id=tenant_id, tenant_name=f"t{tenant_id}",
+                     views=frozenset({"original"}), default_view="original", limits=Limits(**limits))
+
+
+def refused(fn, *args, **kwargs) -> OpenAIError:
+    with pytest.raises(OpenAIError) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+def rejected(reason: str) -> float:
+    return metrics.REJECTED.labels(reason)._value.get()
+
+
+def test_max_tokens_cap_is_a_400_naming_max_tokens():
+    limiter, acme = TenantLimiter(), tenant(1, max_tokens_cap=64)
+    before = rejected("max_tokens")
+    err = refused(limiter.acquire, acme, 65)
+    assert (err.status, err.param, err.code, err.type) == (400, "max_tokens", "max_tokens_exceeded", "invalid_request_error")
+    assert "at most 64" in err.message and "65" in err.message
+    assert rejected("max_tokens") == before + 1
+    assert limiter.acquire(acme, 64).max_tokens == 64
+    assert limiter.acquire(acme, None).max_tokens == 64  # no max_tokens asked: the cap applies
+
+
+def test_admit_reads_the_body_and_writes_the_cap_into_an_unbounded_one():
+    limiter, acme = TenantLimiter(), tenant(1, max_tokens_cap=50, tokens_per_minute=1000)
+    chat = SimpleNamespace(max_tokens=None, max_completion_tokens=None, n=2)
+    permit = limiter.admit(acme, chat)
+    assert chat.max_tokens == 50 and permit.reservation == 100  # cap × n
+    completion = SimpleNamespace(max_tokens=20, prompt=["a", "b", "c"], n=1)
+    assert limiter.admit(acme, completion).reservation == 60  # max_tokens × prompts
+    assert refused(limiter.admit, acme, SimpleNamespace(max_tokens=None, max_completion_tokens=51, n=1)).status == 400
+
+
+def test_admit_applies_the_cap_to_schema_defaults_but_refuses_what_was_sent():
+    limiter = TenantLimiter()
+    capped, free = tenant(1, max_tokens_cap=8, tokens_per_minute=1000), tenant(2, tokens_per_minute=1000)
+    default = CompletionRequest(model="m", prompt="x")  # max_tokens defaults to 16, not sent
+    assert limiter.admit(capped, default).max_tokens == 8 and default.max_tokens == 8
+    sent = CompletionRequest(model="m", prompt="x", max_tokens=16)
+    assert refused(limiter.admit, capped, sent).param == "max_tokens"
+    assert limiter.admit(free, CompletionRequest(model="m", prompt=["a", "b"])).reservation == 32  # 16 × 2 prompts
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert limiter.admit(capped, chat).max_tokens == 8 and chat.token_limit == 8
+    assert limiter.admit(free, chat).reservation == 8  # the body now carries the cap it ran with
+    unbounded = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    roomy = tenant(3, tokens_per_minute=10 * DEFAULT_RESERVATION)
+    assert limiter.admit(roomy, unbounded).reservation == DEFAULT_RESERVATION and unbounded.max_tokens is None
+
+
+def test_concurrency_limit_is_a_429_until_a_request_finishes():
+    limiter, acme = TenantLimiter(), tenant(1, max_concurrent=2)
+    first, second = limiter.acquire(acme, 10), limiter.acquire(acme, 10)
+    before = rejected("rate_limit")
+    err = refused(limiter.acquire, acme, 10)
+    assert (err.status, err.type, err.code, err.headers) == (429, "rate_limit_error", "rate_limit_exceeded", {"Retry-After": "1"})
+    assert "2 requests in flight" in err.message
+    assert rejected("rate_limit") == before + 1
+    first.release(5)
+    first.release(5)  # idempotent: frees one slot only once
+    assert limiter.usage(1)["active"] == 1
+    third = limiter.acquire(acme, 10)
+    assert refused(limiter.acquire, acme, 10).status == 429
+    second.release(0), third.release(0)
+    assert limiter.usage(1) == {"active": 0, "reserved": 0, "charged": 5}  # the first's 5 tokens stay a minute
+
+
+def test_tokens_per_minute_reserves_then_charges_and_retry_after_is_when_tokens_age_out():
+    clock = Clock(1000.0)
+    limiter, acme = TenantLimiter(clock), tenant(1, tokens_per_minute=100)
+    first = limiter.acquire(acme, 60)
+    # 60 reserved + 50 asked > 100: refused; nothing is charged yet, only a finishing request frees room.
+    err = refused(limiter.acquire, acme, 50)
+    assert err.status == 429 and err.headers["Retry-After"] == "1"
+    assert "60 reserved" in err.message and "100 tokens per minute" in err.message
+    clock.now = 1010.2
+    first.release(30)  # used 30 of its 60: charged at second 1010
+    assert limiter.usage(1) == {"active": 0, "reserved": 0, "charged": 30}
+    second = limiter.acquire(acme, 50)  # 30 charged + 50 reserved = 80 ≤ 100
+    err = refused(limiter.acquire, acme, 30)  # 30 + 50 + 30 = 110: 10 over, freed when second 1010 ages out
+    assert err.headers["Retry-After"] == str(1071 - 1010)  # ceil(1010 + 1 + 60 - 1010.2) = 61
+    clock.now = 1070.9
+    assert refused(limiter.acquire, acme, 30).headers["Retry-After"] == "1"  # ceil(0.1)
+    clock.now = 1071.0
+    third = limiter.acquire(acme, 30)  # the 30 tokens of second 1010 have left the window
+    assert limiter.usage(1) == {"active": 2, "reserved": 80, "charged": 0}
+    second.release(50), third.release(0)
+
+
+def test_reservation_is_capped_at_the_budget_and_defaults_without_max_tokens():
+    limiter, acme = TenantLimiter(Clock()), tenant(1, tokens_per_minute=100)
+    big = limiter.acquire(acme, 10_000, sequences=4)
+    assert big.reservation == 100  # a request larger than the budget waits for an empty window, not forever
+    big.release(0)
+    other = tenant(2, tokens_per_minute=DEFAULT_RESERVATION * 10)
+    assert limiter.acquire(other, None).reservation == DEFAULT_RESERVATION
+
+
+def test_one_tenant_at_its_limits_never_slows_another():
+    clock = Clock()
+    limiter = TenantLimiter(clock)
+    noisy = tenant(1, max_concurrent=1, tokens_per_minute=50)
+    quiet = tenant(2, max_concurrent=1, tokens_per_minute=50)
+    held = limiter.acquire(noisy, 50)
+    assert refused(limiter.acquire, noisy, 1).status == 429
+    permit = limiter.acquire(quiet, 50)  # its own counters: free
+    assert limiter.usage(2) == {"active": 1, "reserved": 50, "charged": 0}
+    assert limiter.usage(1) == {"active": 1, "reserved": 50, "charged": 0}
+    permit.release(50), held.release(50)
+
+
+def test_admin_keys_are_not_limited():
+    limiter = TenantLimiter()
+    admin = Principal(key_id=9, role="admin", tenant_id=None, tenant_name=None, views=frozenset(),
+                      default_view=None, limits=Limits())
+    permits = [limiter.acquire(admin, 10_000) for _ in range(100)]
+    assert all(p.reservation == 0 for p in permits)
+
+
+def test_window_memory_is_bounded_and_operations_are_fast():
+    clock = Clock(0.0)
+    limiter, acme = TenantLimiter(clock), tenant(1, tokens_per_minute=10**9, max_concurrent=10**6)
+    started = time.perf_counter()
+    for i in range(20_000):
+        clock.now = i * 0.05  # 1000 seconds of traffic, 20 requests a second
+        limiter.acquire(acme, 10).release(7)
+    elapsed = time.perf_counter() - started
+    state = limiter._tenants[1]
+    assert len(state.buckets) == 61  # one bucket per second of the window, no more
+    in_window = sum(1 for i in range(20_000) if math.floor(i * 0.05) >= math.floor(clock.now - 60))
+    assert in_window == 1220 and state.charged == 7 * in_window
+    assert elapsed < 2.0, f"20 000 acquire/release took {elapsed:.2f} s"
+    clock.now += 120
+    assert limiter.usage(1)["charged"] == 0
+
+
+# ---- through the HTTP app ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    with AdminApp.start(tmp_path_factory.mktemp("limits")) as running:
+        yield running
+
+
+def _tenant_key(app: AdminApp, name: str, **limits: int) -> tuple[int, str]:
+    with app.client() as admin:
+        created = admin.post("/admin/tenants", json={"name": name, "views": ["original"], "limits": limits})
+        assert created.status_code == 200, created.text
+        key = admin.post(f"/admin/tenants/{name}/keys").json()["key"]
+    return created.json()["id"], key
+
+
+def _complete(app: AdminApp, key: str, **extra) -> httpx.Response:
+    body = {"model": "original", "prompt": "Question: hi\nAnswer:", **extra}
+    return httpx.post(app.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def test_http_cap_is_a_400_and_limits_answer_429_with_retry_after(app):
+    noisy_id, noisy = _tenant_key(app, "noisy", max_concurrent=1, tokens_per_minute=1000, max_tokens_cap=32)
+    quiet_id, quiet = _tenant_key(app, "quiet", max_concurrent=1)
+
+    over_cap = _complete(app, noisy, max_tokens=33)
+    assert over_cap.status_code == 400
+    assert over_cap.json()["error"]["param"] == "max_tokens" and "at most 32" in over_cap.json()["error"]["message"]
+
+    # Hold the noisy tenant's only slot, as a request in flight would.
+    limiter = app.service.limiter
+    noisy_principal = app.service.registry.authenticate(noisy)
+    held = limiter.acquire(noisy_principal, 8)
+    limited = _complete(app, noisy, max_tokens=8)
+    assert limited.status_code == 429 and limited.headers["retry-after"] == "1"
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+
+    # The quiet tenant is not slowed: it passes its limiter and reaches the (unstarted) engine: 503.
+    passed = _complete(app, quiet, max_tokens=8)
+    assert passed.status_code == 503 and passed.json()["error"]["code"] == "service_unavailable"
+    assert limiter.usage(quiet_id)["active"] == 0  # the permit was released when the engine refused
+    held.release(0)
+    assert _complete(app, noisy, max_tokens=8).status_code == 503
+    assert limiter.usage(noisy_id) == {"active": 0, "reserved": 0, "charged": 0}
+
+    scraped = httpx.get(app.url + "/metrics").text
+    assert 'alter_rejected_requests_total{reason="rate_limit"}' in scraped
+    assert 'alter_rejected_requests_total{reason="max_tokens"}' in scraped
