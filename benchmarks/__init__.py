@@ -1,0 +1,1 @@
+"""Serving and training benchmarks; each writes benchmarks/results/<name>.json and a Markdown table."""

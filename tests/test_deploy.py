@@ -1,0 +1,427 @@
+"""The GPU deployment files hang together: docker-compose.yml, Dockerfile, configs/serve*.yaml,
+Prometheus and Grafana provisioning, and the dashboard's PromQL against the metrics we export.
+
+The structural checks always run (PyYAML only). Where a Compose client exists, `config -q` is run
+as well: `docker compose` (v2 plugin) first, else Debian's `docker-compose` (v1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from alter_serve import metrics
+from alter_serve.config import load_config
+from alter_serve.engine.config import EngineConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+ENV_EXAMPLE = ROOT / ".env.example"
+GPU_CONFIG = ROOT / "configs" / "serve-gpu.yaml"
+CPU_CONFIG = ROOT / "configs" / "serve.yaml"
+PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
+SERVICE = "alter-serve"
+IMAGE_APP_DIR = "/app"  # Dockerfile WORKDIR: configs/ is copied to /app/configs
+
+# ${VAR}, ${VAR:-default}, ${VAR:?message}: compose interpolation.
+_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def _yaml(path: Path) -> dict:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict), f"{path}: expected a mapping at the top level"
+    return data
+
+
+def _interpolate(value, env: dict[str, str]):
+    """Resolve compose interpolation in a string the way compose does for the cases used here."""
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match) -> str:
+        name, op, arg = match["name"], match["op"], match["arg"]
+        if env.get(name):
+            return env[name]
+        if op in (":-", "-"):
+            return arg
+        if op in (":?", "?"):
+            raise AssertionError(f"${{{name}}} is required ({arg}) and .env.example does not set it")
+        return ""
+
+    return _INTERPOLATION.sub(one, value)
+
+
+def _env_example() -> dict[str, str]:
+    values = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Config files are judged on their own: no ALTER_SERVE_* from the test runner's environment."""
+    for key in list(os.environ):
+        if key.startswith("ALTER_SERVE_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return _yaml(COMPOSE_FILE)
+
+
+@pytest.fixture(scope="module")
+def server(compose: dict) -> dict:
+    assert SERVICE in compose["services"], f"docker-compose.yml has no service {SERVICE!r}"
+    return compose["services"][SERVICE]
+
+
+def _gpu_config():
+    return load_config(GPU_CONFIG)
+
+
+def _volume_mounts(service: dict) -> list[dict]:
+    """Every volume entry as {type, source, target, read_only}, from short or long syntax."""
+    mounts = []
+    for entry in service.get("volumes", []):
+        if isinstance(entry, str):
+            parts = entry.split(":")
+            source, target = parts[0], parts[1]
+            kind = "bind" if source.startswith((".", "/", "$", "~")) else "volume"
+            mounts.append({"type": kind, "source": source, "target": target,
+                           "read_only": len(parts) > 2 and "ro" in parts[2].split(",")})
+        else:
+            mounts.append({"read_only": False, **entry})
+    return mounts
+
+
+def _container_port(service: dict) -> int:
+    """The container side of the (single) published port."""
+    ports = service.get("ports", [])
+    assert len(ports) == 1, f"expected one published port, got {ports}"
+    spec = ports[0] if isinstance(ports[0], str) else str(ports[0]["target"])
+    return int(spec.split("/")[0].rsplit(":", 1)[-1])
+
+
+# ---- compose: the server --------------------------------------------------------------------------
+
+
+def test_compose_has_the_three_services(compose: dict) -> None:
+    assert {SERVICE, "prometheus", "grafana"} <= set(compose["services"])
+
+
+def test_server_is_built_from_the_dockerfile_with_the_gpu_extra(server: dict) -> None:
+    build = server["build"]
+    assert isinstance(build, dict) and (ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
+    extras = _interpolate(build.get("args", {}).get("EXTRAS", ""), {})
+    assert "gpu" in extras.split(","), f"the image must install the gpu extra, EXTRAS={extras!r}"
+    text = DOCKERFILE.read_text()
+    assert re.search(r'^RUN pip install (-e )?"\.\[\$\{EXTRAS\}\]"', text, re.MULTILINE), \
+        "Dockerfile must pip install .[${EXTRAS}]"
+    assert re.search(r"^COPY configs ", text, re.MULTILINE), "configs/ must be in the image"
+
+
+def test_server_reserves_nvidia_gpus(server: dict) -> None:
+    devices = server["deploy"]["resources"]["reservations"]["devices"]
+    gpu = [d for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])]
+    assert gpu, f"no NVIDIA GPU reservation in {devices}"
+    count = _interpolate(gpu[0].get("count", "all"), {})
+    assert count == "all" or int(count) >= 1
+    # The GPU count and vLLM's tensor parallelism move together.
+    tp = _interpolate(str(server["environment"].get("ALTER_SERVE_ENGINE__TENSOR_PARALLEL_SIZE", "")), {})
+    assert tp == str(count), "ALTER_SERVE_ENGINE__TENSOR_PARALLEL_SIZE must follow the reserved GPU count"
+
+
+def test_server_runs_the_gpu_config(server: dict) -> None:
+    command = server["command"]
+    command = command if isinstance(command, list) else command.split()
+    config_path = command[command.index("--config") + 1]
+    assert config_path.startswith(IMAGE_APP_DIR + "/")
+    assert ROOT / config_path[len(IMAGE_APP_DIR) + 1:] == GPU_CONFIG
+
+
+def test_admin_key_comes_from_the_environment(server: dict) -> None:
+    env = server["environment"]
+    assert isinstance(env, dict), "use the mapping form of environment"
+    key = env.get("ALTER_SERVE_ADMIN_KEY")
+    match = _INTERPOLATION.fullmatch(str(key or ""))
+    assert match and match["name"] == "ALTER_SERVE_ADMIN_KEY" and match["op"] == ":?", \
+        "ALTER_SERVE_ADMIN_KEY must be ${ALTER_SERVE_ADMIN_KEY:?...}: required, never a literal"
+    assert "admin_key" not in (yaml.safe_load(GPU_CONFIG.read_text()) or {}), "no admin key in the config file"
+    assert ".env" in ROOT.joinpath(".gitignore").read_text().split(), ".env holds secrets: keep it out of git"
+
+
+def test_every_secret_and_required_variable_is_in_env_example(compose: dict) -> None:
+    example = _env_example()
+    text = COMPOSE_FILE.read_text()
+    required = {m["name"] for m in _INTERPOLATION.finditer(text) if m["op"] in (":?", "?")}
+    assert {"ALTER_SERVE_ADMIN_KEY", "MODEL_DIR", "GRAFANA_ADMIN_PASSWORD"} <= required
+    missing = required - set(example)
+    assert not missing, f".env.example lacks {sorted(missing)}"
+    for service in compose["services"].values():
+        for name, value in (service.get("environment") or {}).items():
+            if re.search(r"(KEY|PASSWORD|SECRET|TOKEN)", name):
+                assert isinstance(value, str) and _INTERPOLATION.fullmatch(value), f"{name} is hard-coded"
+
+
+def test_volumes_hold_the_model_data_dir_and_bundle_dirs(compose: dict, server: dict, clean_env) -> None:
+    config = _gpu_config()
+    mounts = {m["target"]: m for m in _volume_mounts(server)}
+    data = mounts.get(str(config.data_dir))
+    assert data is not None and data["type"] == "volume", f"data_dir {config.data_dir} must be on a named volume"
+    assert data["source"] in (compose.get("volumes") or {}), f"volume {data['source']} is not declared"
+    for bundle_dir in config.bundle_dirs:
+        assert str(bundle_dir) in mounts, f"bundle_dir {bundle_dir} is not mounted"
+    model = mounts.get(config.engine.model)
+    assert model is not None and model["read_only"], "the base model must be mounted read-only at engine.model"
+
+
+def test_healthcheck_probes_ready_on_the_served_port(server: dict, clean_env) -> None:
+    config = _gpu_config()
+    test = server["healthcheck"]["test"]
+    probe = " ".join(test) if isinstance(test, list) else test
+    assert re.search(rf"127\.0\.0\.1:{config.port}/ready\b", probe), probe
+    assert _container_port(server) == config.port
+    assert config.host == "0.0.0.0", "inside a container the server must listen on all interfaces"
+
+
+# ---- server configs -------------------------------------------------------------------------------
+
+
+def test_gpu_config(clean_env) -> None:
+    config = _gpu_config()
+    engine = config.engine
+    assert engine.dtype == "bfloat16"
+    assert engine.gpu_memory_utilization == pytest.approx(0.9)
+    assert engine.max_loras > EngineConfig().max_loras
+    assert engine.max_cpu_loras >= engine.max_loras
+    assert config.data_dir.is_absolute() and config.bundle_dirs
+    assert config.admin_key is None and config.database_url is None
+
+
+def test_cpu_config_is_the_local_default(clean_env) -> None:
+    config = load_config(CPU_CONFIG)
+    assert (config.host, config.port) == ("127.0.0.1", 8000)
+    assert config.engine.dtype in ("float32", "bfloat16")
+    assert config.engine.max_model_len == 512
+    assert config.engine.kv_cache_gib == 1
+
+
+# ---- Prometheus -----------------------------------------------------------------------------------
+
+
+def test_prometheus_scrapes_the_server(compose: dict, server: dict, clean_env) -> None:
+    mounted = {m["target"]: m["source"] for m in _volume_mounts(compose["services"]["prometheus"])}
+    assert (ROOT / mounted["/etc/prometheus/prometheus.yml"]).resolve() == PROMETHEUS
+    config = _yaml(PROMETHEUS)
+    want = f"{SERVICE}:{_gpu_config().port}"
+    jobs = [job for job in config["scrape_configs"]
+            if any(want in static.get("targets", []) for static in job.get("static_configs", []))]
+    assert jobs, f"no scrape job targets {want}"
+    assert jobs[0].get("metrics_path", "/metrics") == "/metrics"
+
+
+# ---- Grafana --------------------------------------------------------------------------------------
+
+
+def _grafana_mounts(compose: dict) -> dict[str, Path]:
+    return {m["target"]: (ROOT / m["source"]).resolve()
+            for m in _volume_mounts(compose["services"]["grafana"]) if m["type"] == "bind"}
+
+
+def _dashboards() -> list[Path]:
+    found = sorted((GRAFANA / "dashboards").glob("*.json"))
+    assert found, "no dashboard JSON in deploy/grafana/dashboards"
+    return found
+
+
+def test_grafana_provisioning(compose: dict) -> None:
+    mounts = _grafana_mounts(compose)
+    assert mounts.get("/etc/grafana/provisioning") == (GRAFANA / "provisioning").resolve()
+    sources = [s for f in sorted((GRAFANA / "provisioning" / "datasources").glob("*.yml"))
+               for s in _yaml(f)["datasources"]]
+    prometheus = [s for s in sources if s["type"] == "prometheus"]
+    assert prometheus and prometheus[0]["url"] == "http://prometheus:9090"
+    providers = [p for f in sorted((GRAFANA / "provisioning" / "dashboards").glob("*.yml")) for p in _yaml(f)["providers"]]
+    assert providers, "no dashboard provider"
+    for provider in providers:
+        folder = provider["options"]["path"]
+        assert mounts.get(folder) == (GRAFANA / "dashboards").resolve(), f"provider path {folder} is not the mounted dashboards"
+    _dashboards()
+
+
+def _exported_alter_metrics() -> set[str]:
+    """Sample names /metrics exposes for our collectors (counters get _total, histograms _bucket...)."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+                "gauge": ("",), "summary": ("", "_count", "_sum", "_created")}
+    names = set()
+    for collector in vars(metrics).values():
+        if isinstance(collector, MetricWrapperBase):
+            for family in collector.describe():
+                names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+    assert names, "found no collectors in alter_serve.metrics"
+    return names
+
+
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or",
+             "unless", "inf", "nan"}
+
+
+def promql_metric_names(expr: str) -> list[str]:
+    """The metric names a PromQL expression selects (not functions, labels, keywords or variables)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals (label values, regexes)
+    text = re.sub(r"\{[^{}]*\}", " ", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # range selectors
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)  # label lists
+    text = re.sub(r"\$\{?\w+\}?", " ", text)  # Grafana variables
+    names = []
+    for match in re.finditer(r"(?<![\w:.])[A-Za-z_:][\w:]*", text):
+        if text[match.end():].lstrip().startswith("("):
+            continue  # a function or an aggregation operator
+        if match.group(0).lower() not in _KEYWORDS:
+            names.append(match.group(0))
+    return names
+
+
+def test_promql_parser_finds_metric_names() -> None:
+    expr = ('histogram_quantile(0.95, sum by (le, view) (rate(alter_request_latency_seconds_bucket'
+            '{tenant=~"$tenant", view!="x"}[$__rate_interval]))) / on(instance) vllm:num_requests_running > 1e-9')
+    assert promql_metric_names(expr) == ["alter_request_latency_seconds_bucket", "vllm:num_requests_running"]
+
+
+def _queries(dashboard: dict) -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target and every templating query of a dashboard."""
+    found = []
+
+    def walk(panels: list[dict]) -> None:
+        for panel in panels:
+            walk(panel.get("panels", []))
+            if panel.get("type") == "row":
+                continue
+            targets = panel.get("targets") or []
+            assert targets, f"panel {panel.get('title')!r} has no query"
+            for target in targets:
+                found.append((f"panel {panel['title']!r} {target.get('refId')}", target["expr"]))
+
+    walk(dashboard["panels"])
+    for variable in dashboard.get("templating", {}).get("list", []):
+        query = variable.get("query")
+        query = query.get("query") if isinstance(query, dict) else query
+        if variable.get("type") == "query" and query:
+            inner = re.fullmatch(r"\s*label_values\((.*),\s*\w+\)\s*", query)
+            found.append((f"variable {variable['name']!r}", inner[1] if inner else query))
+    return found
+
+
+@pytest.mark.parametrize("path", _dashboards(), ids=lambda p: p.name)
+def test_dashboard_queries_use_exported_metrics(path: Path) -> None:
+    dashboard = json.loads(path.read_text())
+    exported = _exported_alter_metrics()
+    problems = []
+    for where, expr in _queries(dashboard):
+        names = promql_metric_names(expr)
+        if not names:
+            problems.append(f"{where}: no metric in {expr!r}")
+        for name in names:
+            if not (name in exported or name.startswith("vllm:")):
+                problems.append(f"{where}: {name!r} is neither exported by alter_serve/metrics.py nor a vllm: metric")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", _dashboards(), ids=lambda p: p.name)
+def test_dashboard_uses_the_provisioned_datasource_and_panels_do_not_overlap(path: Path) -> None:
+    uids = {s["uid"] for f in (GRAFANA / "provisioning" / "datasources").glob("*.yml") for s in _yaml(f)["datasources"]}
+    dashboard = json.loads(path.read_text())
+    ids, cells = set(), {}
+    for panel in dashboard["panels"]:
+        assert panel["id"] not in ids, f"duplicate panel id {panel['id']}"
+        ids.add(panel["id"])
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] in uids, f"{panel['title']!r}: unknown datasource {target['datasource']}"
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, f"{panel['title']!r} is wider than the grid"
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
+
+
+def _vllm_metric_names() -> set[str] | None:
+    """Every 'vllm:...' string in the installed vLLM's sources (its metric names), or None without vLLM."""
+    spec = find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    names = set()
+    for root in spec.submodule_search_locations:
+        for source in Path(root).rglob("*.py"):
+            names.update(re.findall(r"""["'](vllm:[a-z0-9_]+)["']""", source.read_text(errors="ignore")))
+    return names
+
+
+@pytest.mark.parametrize("path", _dashboards(), ids=lambda p: p.name)
+def test_dashboard_vllm_metrics_exist_in_installed_vllm(path: Path) -> None:
+    known = _vllm_metric_names()
+    if known is None:
+        pytest.skip("vLLM is not installed")
+    used = {n for _, expr in _queries(json.loads(path.read_text())) for n in promql_metric_names(expr)
+            if n.startswith("vllm:")}
+    unknown = {n for n in used if re.sub(r"_(total|bucket|count|sum|created)$", "", n) not in known and n not in known}
+    assert not unknown, f"the installed vLLM defines no {sorted(unknown)}"
+
+
+# ---- docker compose config (in addition, where a client exists) -----------------------------------
+
+
+def _compose_command() -> list[str] | None:
+    candidates = [["docker", "compose"]] if shutil.which("docker") else []
+    candidates += [["docker-compose"]] if shutil.which("docker-compose") else []
+    for command in candidates:
+        try:
+            if subprocess.run([*command, "version"], capture_output=True, timeout=30).returncode == 0:
+                return command
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None
+
+
+def _run_compose(command: list[str], env_file: Path) -> subprocess.CompletedProcess:
+    # The runner's own variables must not stand in for the env file's.
+    env = {k: v for k, v in os.environ.items() if k not in _env_example() and not k.startswith("COMPOSE_")}
+    return subprocess.run([*command, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config", "-q"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_docker_compose_config_validates() -> None:
+    command = _compose_command()
+    if command is None:
+        pytest.skip("no docker compose / docker-compose client")
+    result = _run_compose(command, ENV_EXAMPLE)
+    assert result.returncode == 0, f"{' '.join(command)} config -q failed:\n{result.stderr}"
+
+
+def test_docker_compose_refuses_to_run_without_the_admin_key(tmp_path: Path) -> None:
+    command = _compose_command()
+    if command is None:
+        pytest.skip("no docker compose / docker-compose client")
+    env_file = tmp_path / "no-admin-key.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in _env_example().items() if k != "ALTER_SERVE_ADMIN_KEY"))
+    result = _run_compose(command, env_file)
+    assert result.returncode != 0 and "ALTER_SERVE_ADMIN_KEY" in result.stderr
