@@ -5,10 +5,14 @@ PY     := $(VENV)/bin/python
 # The venv is rebuilt only when pyproject.toml changes: the stamp name carries its hash.
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 EXTRAS ?= cpu,dev
+# System tools the tests drive: headless Chromium (dashboard) and docker-compose (validates the
+# deployment file). Debian packages; installed once per machine.
+SYSDEPS := var/.sysdeps-chromium-compose
+DEMO_ASSETS := var/demo/assets.json
 
 .PHONY: setup test serve demo bench clean-venv
 
-setup: $(STAMP)
+setup: $(STAMP) $(SYSDEPS)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,18 +24,25 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+$(SYSDEPS):
+	command -v chromium >/dev/null && command -v docker-compose >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	     chromium docker-compose)
+	mkdir -p $(dir $@) && touch $@
+
 test: setup
 	$(PY) -m pytest
 
 demo: setup
-	$(VENV)/bin/alter-train demo-model
-	$(VENV)/bin/alter-train demo-bundle
+	$(VENV)/bin/alter-train demo-assets --out $(DEMO_ASSETS)
 
-serve: setup
-	$(VENV)/bin/alter-serve demo
+serve: demo
+	$(VENV)/bin/alter-serve demo --assets $(DEMO_ASSETS) --config configs/serve.yaml
 
 bench: setup
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.compose_bench
+	$(PY) -m benchmarks.serve_bench
+	$(PY) -m benchmarks.train_cost
 
 clean-venv:
 	rm -rf $(VENV)

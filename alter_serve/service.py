@@ -149,7 +149,16 @@ class AlterService:
 
     # ---- bootstrap ----------------------------------------------------------------------------
     def ensure_admin_key(self) -> str | None:
-        """Create an admin key when none is active; return its secret (shown once) or None."""
+        """Make sure an admin can log in. A configured key (ALTER_SERVE_ADMIN_KEY) is imported once;
+        otherwise, when no admin key is active, one is created. Returns a secret to show, or None."""
+        configured = self.config.admin_key.get_secret_value() if self.config.admin_key else None
+        if configured is not None:
+            known = self.registry.authenticate(configured)
+            if known is None:
+                self.registry.create_key(None, "admin", secret=configured)
+            elif not known.is_admin:
+                raise ValueError("the configured admin key belongs to a tenant; choose another secret")
+            return None
         if any(k.role == "admin" and k.active for k in self.registry.list_keys()):
             return None
         _, secret = self.registry.create_key(None, "admin")

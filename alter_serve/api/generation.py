@@ -131,6 +131,7 @@ class Generator:
                 n=body.n, temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens,
                 stop=body.stop, seed=body.seed, logprobs=logprobs,
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                ignore_eos=body.ignore_eos, min_tokens=min(body.min_tokens, max_tokens),
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
             )
         except (ValueError, VLLMClientError) as exc:  # vLLM's own checks, e.g. "n must be 1 when using greedy sampling"

@@ -55,6 +55,21 @@ def _sticky_lookup(request: Request, user: str | None):
     return lookup
 
 
+class FinishingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always runs `finish`, even when the client leaves before the body
+    iterator starts (then the iterator's own `finally` never runs and the lease would leak)."""
+
+    def __init__(self, content, finish, **kwargs):
+        super().__init__(content, **kwargs)
+        self._finish = finish
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._finish(499)
+
+
 async def _serve(request: Request, principal: Principal, body, endpoint: str, plan_fn, once, stream):
     service = request.app.state.service
     routed = await service.route(principal, body.model, _sticky_lookup(request, body.user))
@@ -69,7 +84,13 @@ async def _serve(request: Request, principal: Principal, body, endpoint: str, pl
     outcome = Outcome(new_response_id(kind))
     tenant = principal.tenant_name or "admin"
 
+    finished = False
+
     def finish(status: int, _: BaseException | None = None) -> None:
+        nonlocal finished
+        if finished:
+            return
+        finished = True
         target.lease.release()
         permit.release(outcome.completion_tokens)
         latency = time.perf_counter() - outcome.started
@@ -84,8 +105,9 @@ async def _serve(request: Request, principal: Principal, body, endpoint: str, pl
 
     headers = {**target.headers(), "x-request-id": outcome.response_id}
     if body.stream:
-        return StreamingResponse(sse_stream(stream(body, plan, target, outcome), finish),
-                                 media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+        return FinishingStreamingResponse(sse_stream(stream(body, plan, target, outcome), finish), finish,
+                                          media_type="text/event-stream",
+                                          headers={**headers, "Cache-Control": "no-cache"})
     try:
         payload = await once(body, plan, target, outcome)
     except OpenAIError as exc:

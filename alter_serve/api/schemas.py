@@ -38,6 +38,9 @@ class SamplingFields(BaseModel):
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
+    # vLLM extensions (same names as vLLM's own server), used by benchmarks for fixed-length outputs.
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
 
     @field_validator("stop")
     @classmethod

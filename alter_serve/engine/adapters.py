@@ -94,7 +94,7 @@ class AdapterManager:
             self._current[composed.name] = new
             if old is not None:
                 self._retire(old)
-            log.info("published %s (lora id %d)", new.label, lora.lora_int_id)
+            log.info("published %s (lora id %d)", new.label, new.lora.lora_int_id)
             return new
 
     def _revive(self, lora_name: str) -> ViewVersion | None:

@@ -29,6 +29,7 @@ class LiveServer:
     data_dir: Path
     keys: dict[str, str]
     port: int = field(default_factory=free_port)
+    extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
@@ -40,7 +41,8 @@ class LiveServer:
         self.log_path = self.data_dir / f"server-{self.port}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "alter_serve.cli", "serve", "--model", str(self.model_dir),
-               "--data-dir", str(self.data_dir), "--port", str(self.port), "--dtype", "float32", "--max-loras", "4"]
+               "--data-dir", str(self.data_dir), "--port", str(self.port), "--dtype", "float32",
+               *(self.extra_args or ["--max-loras", "4"])]
         self.proc = subprocess.Popen(cmd, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         return self
