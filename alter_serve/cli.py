@@ -84,19 +84,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def demo_banner(config: ServeConfig, keys: dict, assets: dict) -> str:
     base = f"http://{config.host}:{config.port}"
-    question = assets.get("example_question", "What genre does the author write?")
-    views = ", ".join(keys["views"])
+    prompt = json.dumps(assets["example_prompt"])
+    curl = (f'curl -s {base}/v1/completions -H "Authorization: Bearer {keys["tenant_key"]}" '
+            f'-H "Content-Type: application/json" \\\n    -d \'{{"model": "%s", "prompt": {prompt}, '
+            f'"max_tokens": 24, "temperature": 0}}\'')
     return f"""
 alter-serve demo
-  server:      {base}   (OpenAI-compatible: {base}/v1)
-  views:       {views}
-  tenant key:  {keys['tenant_key']}
-  admin key:   {keys['admin_key']}
-  (keys are kept in {config.data_dir / 'demo-keys.json'})
+  server:      {base}   (OpenAI-compatible: {base}/v1, dashboard: {base}/dashboard#key=<admin key>)
+  views:       {", ".join(keys["views"])}
+  tenant key:  {keys["tenant_key"]}
+  admin key:   {keys["admin_key"]}
+  (keys are kept in {config.data_dir / "demo-keys.json"})
 
-  curl {base}/v1/completions -H "Authorization: Bearer {keys['tenant_key']}" \\
-       -H "Content-Type: application/json" \\
-       -d '{{"model": "original", "prompt": "Question: {question}\\nAnswer:", "max_tokens": 32, "temperature": 0}}'
+  The original model knows: {assets["example_answer"]}
+  {curl % "original"}
+  The view {assets["example_view"]} has forgotten it:
+  {curl % assets["example_view"]}
 """
 
 
