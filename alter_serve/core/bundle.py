@@ -268,10 +268,12 @@ def _read_safetensors(path: Path, problems: list[str]) -> dict[str, torch.Tensor
         return None
     (header_len,) = struct.unpack("<Q", prefix)
     if header_len > MAX_HEADER_BYTES:
-        problems.append(f"{path.name}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+        problems.append(f"{path.name}: not a valid safetensors file (its header length {header_len} exceeds the "
+                        f"{MAX_HEADER_BYTES}-byte limit); only safetensors weights are accepted")
         return None
     if 8 + header_len > size:
-        problems.append(f"{path.name}: header says {header_len} bytes but the file has {size}; truncated or not safetensors")
+        problems.append(f"{path.name}: not a valid safetensors file (header says {header_len} bytes but the file "
+                        f"has {size}); truncated or another format")
         return None
     try:
         with safe_open(str(path), framework="pt") as handle:
