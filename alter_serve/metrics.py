@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Summary, generate_latest
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _REQUEST_LABELS = ("tenant", "view", "arm", "endpoint")
@@ -26,8 +26,8 @@ ADAPTER_OP_SECONDS = Histogram("alter_adapter_operation_seconds", "Adapter opera
                                buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 LOADED_VIEWS = Gauge("alter_loaded_views", "View versions loaded in the engine (current + draining).", ("state",))
 REJECTED = Counter("alter_rejected_requests", "Requests refused before reaching the engine.", ("reason",))
-FEEDBACK = Counter("alter_feedback", "Feedback ratings received.", ("tenant", "experiment", "arm"))
-FEEDBACK_RATING = Counter("alter_feedback_rating_sum", "Sum of feedback ratings.", ("tenant", "experiment", "arm"))
+# A Summary, not a Counter: ratings may be negative; it exports _count and _sum (mean = sum / count).
+FEEDBACK = Summary("alter_feedback_rating", "Feedback ratings received.", ("tenant", "experiment", "arm"))
 ENGINE_READY = Gauge("alter_engine_ready", "1 when the vLLM engine accepts requests.")
 ENGINE_RESTARTS = Counter("alter_engine_restarts", "vLLM engine restarts after a crash.")
 

@@ -6,7 +6,6 @@ published to the engine before the call returns, so requests accepted afterwards
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import shutil
 import tempfile
@@ -16,11 +15,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE, BundleError
+from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE
 from ..core.views import View
-from ..registry import Conflict, InvalidInput, Limits, NotFound, Principal, RegistryError
+from ..registry import Limits, Principal
 from .auth import admin_principal
-from .errors import conflict, invalid, not_found, too_large
+from .errors import invalid, registry_call, too_large
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(admin_principal)])
 Admin = Annotated[Principal, Depends(admin_principal)]
@@ -40,20 +39,6 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return value
-
-
-async def _registry_call(fn, *args, **kwargs):
-    """Run a registry operation in a worker thread; map its errors onto OpenAI-format HTTP errors."""
-    try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    except NotFound as exc:
-        raise not_found(exc.message) from None
-    except Conflict as exc:
-        raise conflict(exc.message) from None
-    except BundleError as exc:
-        raise invalid(str(exc), "bundle", "invalid_bundle") from None
-    except (InvalidInput, RegistryError) as exc:
-        raise invalid(exc.message) from None
 
 
 def _service(request: Request):
@@ -80,7 +65,7 @@ def _allowed_path(request: Request, raw: str) -> Path:
 @router.post("/bundles")
 async def register_bundle(request: Request, body: BundleFromPath) -> dict:
     service = _service(request)
-    update = await _registry_call(service.registry.store_bundle, body.name, _allowed_path(request, body.path),
+    update = await registry_call(service.registry.store_bundle, body.name, _allowed_path(request, body.path),
                                   replace=body.replace)
     return {"bundle": _jsonable(update.bundle), "views": await service.apply(update.views)}
 
@@ -108,7 +93,7 @@ async def upload_bundle(
     try:
         await _save_upload(manifest, staging / MANIFEST_FILE, 1 << 20)
         await _save_upload(weights, staging / WEIGHTS_FILE, service.config.max_upload_bytes)
-        update = await _registry_call(service.registry.store_bundle, name, staging, replace=replace)
+        update = await registry_call(service.registry.store_bundle, name, staging, replace=replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"bundle": _jsonable(update.bundle), "views": await service.apply(update.views)}
@@ -123,7 +108,7 @@ async def replace_head(request: Request, name: str, head: str,
     try:
         path = staging / "head.safetensors"
         await _save_upload(weights, path, service.config.max_upload_bytes)
-        update = await _registry_call(service.registry.replace_head, name, head, path)
+        update = await registry_call(service.registry.replace_head, name, head, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"bundle": _jsonable(update.bundle), "previous_hash": update.previous_hash,
@@ -132,12 +117,12 @@ async def replace_head(request: Request, name: str, head: str,
 
 @router.get("/bundles")
 async def list_bundles(request: Request) -> dict:
-    return {"data": _jsonable(await _registry_call(_service(request).registry.list_bundles))}
+    return {"data": _jsonable(await registry_call(_service(request).registry.list_bundles))}
 
 
 @router.delete("/bundles/{name}")
 async def delete_bundle(request: Request, name: str) -> dict:
-    await _registry_call(_service(request).registry.remove_bundle, name)
+    await registry_call(_service(request).registry.remove_bundle, name)
     return {"deleted": name}
 
 
@@ -156,7 +141,7 @@ async def define_view(request: Request, name: str, body: ViewBody) -> dict:
         view = View(name=name, retain=body.retain, forget=body.forget)
     except ValueError as exc:
         raise invalid(str(exc), "view") from None
-    change = await _registry_call(service.registry.define_view, view, body.bundle, replace=True)
+    change = await registry_call(service.registry.define_view, view, body.bundle, replace=True)
     labels = await service.apply([change])
     return {"view": _jsonable(change.view), "version": labels[0]}
 
@@ -164,14 +149,14 @@ async def define_view(request: Request, name: str, body: ViewBody) -> dict:
 @router.get("/views")
 async def list_views(request: Request) -> dict:
     service = _service(request)
-    views = await _registry_call(service.registry.list_views)
+    views = await registry_call(service.registry.list_views)
     return {"data": [{**_jsonable(v), "loaded": service.adapters.current(v.name) is not None} for v in views]}
 
 
 @router.delete("/views/{name}")
 async def delete_view(request: Request, name: str) -> dict:
     service = _service(request)
-    await _registry_call(service.registry.remove_view, name)
+    await registry_call(service.registry.remove_view, name)
     await service.forget_view(name)
     return {"deleted": name}
 
@@ -196,52 +181,52 @@ class TenantPatch(BaseModel):
 
 @router.post("/tenants")
 async def create_tenant(request: Request, body: TenantBody) -> dict:
-    tenant = await _registry_call(_service(request).registry.create_tenant, body.name, limits=body.limits,
+    tenant = await registry_call(_service(request).registry.create_tenant, body.name, limits=body.limits,
                                   views=body.views, default_view=body.default_view)
     return _jsonable(tenant)
 
 
 @router.get("/tenants")
 async def list_tenants(request: Request) -> dict:
-    return {"data": _jsonable(await _registry_call(_service(request).registry.list_tenants))}
+    return {"data": _jsonable(await registry_call(_service(request).registry.list_tenants))}
 
 
 @router.patch("/tenants/{name}")
 async def update_tenant(request: Request, name: str, body: TenantPatch) -> dict:
     registry = _service(request).registry
     for view in body.grant:
-        await _registry_call(registry.grant_view, name, view)
+        await registry_call(registry.grant_view, name, view)
     for view in body.revoke:
-        await _registry_call(registry.revoke_view, name, view)
+        await registry_call(registry.revoke_view, name, view)
     if body.default_view is not None:
-        await _registry_call(registry.set_default_view, name, body.default_view)
+        await registry_call(registry.set_default_view, name, body.default_view)
     if body.limits is not None:
-        await _registry_call(registry.set_limits, name, body.limits)
+        await registry_call(registry.set_limits, name, body.limits)
     if body.disabled is not None:
-        await _registry_call(registry.set_disabled, name, body.disabled)
-    return _jsonable(await _registry_call(registry.get_tenant, name))
+        await registry_call(registry.set_disabled, name, body.disabled)
+    return _jsonable(await registry_call(registry.get_tenant, name))
 
 
 @router.delete("/tenants/{name}")
 async def delete_tenant(request: Request, name: str) -> dict:
-    await _registry_call(_service(request).registry.delete_tenant, name)
+    await registry_call(_service(request).registry.delete_tenant, name)
     return {"deleted": name}
 
 
 @router.post("/tenants/{name}/keys")
 async def create_tenant_key(request: Request, name: str) -> dict:
-    key_id, secret = await _registry_call(_service(request).registry.create_key, name, "tenant")
+    key_id, secret = await registry_call(_service(request).registry.create_key, name, "tenant")
     return {"id": key_id, "tenant": name, "key": secret, "note": "Store this key now; it is not shown again."}
 
 
 @router.get("/keys")
 async def list_keys(request: Request, tenant: str | None = None) -> dict:
-    return {"data": _jsonable(await _registry_call(_service(request).registry.list_keys, tenant))}
+    return {"data": _jsonable(await registry_call(_service(request).registry.list_keys, tenant))}
 
 
 @router.delete("/keys/{key_id}")
 async def revoke_key(request: Request, key_id: int) -> dict:
-    return _jsonable(await _registry_call(_service(request).registry.revoke_key, key_id))
+    return _jsonable(await registry_call(_service(request).registry.revoke_key, key_id))
 
 
 # ---- experiments ----------------------------------------------------------------------------------
@@ -274,7 +259,7 @@ class ExperimentPatch(BaseModel):
 @router.post("/experiments")
 async def create_experiment(request: Request, body: ExperimentBody) -> dict:
     registry = _service(request).registry
-    info = await _registry_call(registry.create_experiment, body.name, alias=body.alias, tenants=body.tenants,
+    info = await registry_call(registry.create_experiment, body.name, alias=body.alias, tenants=body.tenants,
                                 arms=[a.model_dump() for a in body.arms], sticky=body.sticky,
                                 control_arm=body.control_arm, status=body.status)
     return _jsonable(info)
@@ -282,26 +267,26 @@ async def create_experiment(request: Request, body: ExperimentBody) -> dict:
 
 @router.get("/experiments")
 async def list_experiments(request: Request) -> dict:
-    return {"data": _jsonable(await _registry_call(_service(request).registry.list_experiments))}
+    return {"data": _jsonable(await registry_call(_service(request).registry.list_experiments))}
 
 
 @router.patch("/experiments/{name}")
 async def update_experiment(request: Request, name: str, body: ExperimentPatch) -> dict:
     arms = None if body.arms is None else [a.model_dump() for a in body.arms]
-    info = await _registry_call(_service(request).registry.update_experiment, name, arms=arms,
+    info = await registry_call(_service(request).registry.update_experiment, name, arms=arms,
                                 control_arm=body.control_arm, tenants=body.tenants, status=body.status)
     return _jsonable(info)
 
 
 @router.delete("/experiments/{name}")
 async def delete_experiment(request: Request, name: str) -> dict:
-    await _registry_call(_service(request).registry.delete_experiment, name)
+    await registry_call(_service(request).registry.delete_experiment, name)
     return {"deleted": name}
 
 
 @router.get("/experiments/{name}")
 async def get_experiment(request: Request, name: str) -> dict:
-    return _jsonable(await _registry_call(_service(request).registry.get_experiment, name))
+    return _jsonable(await registry_call(_service(request).registry.get_experiment, name))
 
 
 @router.get("/experiments/{name}/results")
@@ -309,7 +294,7 @@ async def experiment_results(request: Request, name: str,
                              confidence: Annotated[float, Query(ge=0.5, lt=1.0)] = 0.95) -> dict:
     """Per arm: requests, errors (rate + Wilson interval), latency/TTFT mean-p50-p95, tokens, feedback
     mean + t interval, the latest offline probe, and Welch / chi-square tests against the control arm."""
-    report = await _registry_call(_service(request).registry.experiment_report, name, confidence=confidence)
+    report = await registry_call(_service(request).registry.experiment_report, name, confidence=confidence)
     return _jsonable(report)
 
 
@@ -331,7 +316,7 @@ class ProbeBody(BaseModel):
 @router.post("/experiments/{name}/probes")
 async def record_probe(request: Request, name: str, body: ProbeBody) -> dict:
     """Store one offline probe run (per-arm evaluation scores from `alter-train probe`)."""
-    stored = await _registry_call(_service(request).registry.record_probe_results, name,
+    stored = await registry_call(_service(request).registry.record_probe_results, name,
                                   [r.model_dump() for r in body.results], source=body.source)
     return {"experiment": name, "data": _jsonable(stored)}
 
@@ -339,4 +324,4 @@ async def record_probe(request: Request, name: str, body: ProbeBody) -> dict:
 @router.get("/experiments/{name}/probes")
 async def list_probes(request: Request, name: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict:
     return {"experiment": name,
-            "data": _jsonable(await _registry_call(_service(request).registry.list_probe_results, name, limit=limit))}
+            "data": _jsonable(await registry_call(_service(request).registry.list_probe_results, name, limit=limit))}

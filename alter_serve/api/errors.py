@@ -5,6 +5,7 @@ Every failure a client can see goes through here, so no raw traceback ever reach
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI, Request
@@ -12,7 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..core.bundle import BundleError
 from ..engine.vllm_engine import EngineUnavailable
+from ..registry import Conflict, InvalidInput, NotFound, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,20 @@ def rate_limited(message: str, retry_after_s: int) -> OpenAIError:
 def unavailable(message: str, retry_after_s: int = 5) -> OpenAIError:
     return OpenAIError(503, message, "server_error", None, "service_unavailable",
                        headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+async def registry_call(fn, *args, **kwargs):
+    """Run a registry operation in a worker thread; map its errors onto OpenAI-format HTTP errors."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except NotFound as exc:
+        raise not_found(exc.message) from None
+    except Conflict as exc:
+        raise conflict(exc.message) from None
+    except BundleError as exc:
+        raise invalid(str(exc), "bundle", "invalid_bundle") from None
+    except (InvalidInput, RegistryError) as exc:
+        raise invalid(exc.message) from None
 
 
 def error_body(exc: OpenAIError) -> dict:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .. import metrics
 from ..registry import Principal, RequestLogEntry
 from .auth import tenant_principal
-from .errors import OpenAIError, not_found
+from .errors import OpenAIError, not_found, registry_call
 from .generation import Outcome, Target, new_response_id, sse_stream
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 
@@ -137,9 +137,8 @@ async def feedback(request: Request, body: FeedbackRequest, principal: Tenant) -
     service = request.app.state.service
     if principal.tenant_name is None:
         raise not_found("Feedback is recorded for tenant responses; admin keys have none.", "response_id")
-    info = await asyncio.to_thread(service.registry.record_feedback, principal.tenant_name, body.response_id,
-                                   body.rating, comment=body.comment)
-    metrics.FEEDBACK.labels(principal.tenant_name, info.experiment or "", info.arm or "").inc()
-    metrics.FEEDBACK_RATING.labels(principal.tenant_name, info.experiment or "", info.arm or "").inc(body.rating)
+    info = await registry_call(service.registry.record_feedback, principal.tenant_name, body.response_id,
+                               body.rating, comment=body.comment)
+    metrics.FEEDBACK.labels(principal.tenant_name, info.experiment or "", info.arm or "").observe(body.rating)
     return {"object": "feedback", "id": info.id, "response_id": info.response_id, "experiment": info.experiment,
             "arm": info.arm, "view": info.view}
