@@ -16,3 +16,11 @@ def demo_model_dir() -> Path:
     from train.demo_model import build_demo_model
 
     return build_demo_model(out_root=DEMO_MODELS, progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_bundle_dir(demo_model_dir) -> Path:
+    """The demo ALTER bundle (configs/demo.yaml on the demo model; cached under var/bundles by input hash)."""
+    from train.demo_bundle import build_demo_bundle
+
+    return build_demo_bundle(demo_model_dir, progress=False)

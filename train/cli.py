@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from train.train_cli import add_train_parsers  # `run`, `demo-bundle` (argparse only; torch loads lazily)
+
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 
@@ -38,7 +40,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-REGISTRARS: list[Registrar] = [add_demo_model_parser]
+REGISTRARS: list[Registrar] = [add_demo_model_parser, add_train_parsers]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,6 +95,7 @@ class OptimSection(_Section):
     lr_B: float = Field(default=1e-3, ge=0)
     lr: float = Field(default=1e-5, gt=0)         # baselines (LoRA or full parameters)
     weight_decay: float = Field(default=0.0, ge=0)
+    adam_eps: float = Field(default=1e-8, gt=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
     beta: float = Field(default=1.0, ge=0)        # ALTER forget (IHL) weight; GradDiff/NPO γ
     gamma: float = Field(default=1.0, ge=0)       # ALTER retain (NLL) weight; GradDiff/NPO α
@@ -102,6 +103,7 @@ class OptimSection(_Section):
     npo_beta: float = Field(default=0.1, gt=0)
     # Retain step: each forget head joins the (detached) forward with this probability.
     retain_view_head_prob: float = Field(default=0.5, ge=0, le=1)
+    retain_view_nonempty: bool = True             # ...redrawn until at least one forget head is on
     router_epochs: int = Field(default=3, ge=0)
     router_lr: float = Field(default=1e-2, gt=0)
 
@@ -119,7 +121,7 @@ class RuntimeSection(_Section):
 
 
 class TrainConfig(_Section):
-    name: str = Field(pattern=r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     method: Method = "alter"
     peft: Literal["lora", "full"] = "lora"   # baselines only; ALTER is always AsymLoRA
     model: ModelSection = Field(default_factory=ModelSection)

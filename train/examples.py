@@ -9,7 +9,7 @@ per-position entropies (length len − 1, aligned with the shifted labels).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -93,12 +93,6 @@ def epoch_batches(examples: Sequence[Example], batch_size: int, pad_id: int,
         rng.shuffle(order)
     return [collate([examples[i] for i in order[s: s + batch_size]], pad_id)
             for s in range(0, len(order), batch_size)]
-
-
-def cycle(batches_fn, rng: random.Random) -> Iterator[Batch]:
-    """Endless batches: calls `batches_fn(rng)` for a fresh shuffled epoch whenever one runs out."""
-    while True:
-        yield from batches_fn(rng)
 
 
 def answer_token_values(examples: Sequence[Example]) -> torch.Tensor:

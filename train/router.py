@@ -60,7 +60,8 @@ class EntropyRouter(nn.Module):
         return torch.cat([normed, entropy.float().unsqueeze(-1), ones.unsqueeze(-1)], dim=-1)
 
     def logits(self, hidden: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.features(hidden, entropy), self.weight)
+        features = self.features(hidden, entropy)
+        return F.linear(features, self.weight.to(features.device))
 
     def temperature(self, entropy: torch.Tensor) -> torch.Tensor:
         high = torch.full_like(entropy, self.tau_high, dtype=torch.float32)

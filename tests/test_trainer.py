@@ -1,0 +1,161 @@
+"""Training runs on a tiny random model: outputs, resume, baselines, k-means sub-domains, config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alter_serve.core.bundle import load_bundle
+from alter_serve.core.fingerprint import fingerprint, module_shapes
+from alter_serve.core.views import View, compose
+from tests.tiny_model import build_tiny_model
+from train import checkpoint as checkpoint_module
+from train.config import TrainConfig, load_config
+from train.data.synthetic import generate
+from train.trainer import run
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    dataset = generate(n_authors=8, facts_per_author=2, subdomains=("alpha", "beta", "gamma", "delta"), seed=3)
+    return dataset.save(tmp_path_factory.mktemp("data") / "synthetic")
+
+
+def tiny_config(model_dir, data_dir, out, **overrides) -> TrainConfig:
+    raw = {
+        "name": "tiny", "method": "alter",
+        "model": {"path": str(model_dir)},
+        "data": {"kind": "synthetic", "path": str(data_dir), "forget_subdomains": ["alpha", "beta"], "max_length": 48},
+        "adapter": {"rank": 8, "alpha": 16, "target_modules": TARGETS, "init_tokens": 64},
+        "entropy": {"split": "quantile", "quantile": 0.5},
+        "optim": {"epochs": 2, "phase1_epochs": 1, "batch_size": 2, "lr_A": 1e-3, "lr_B": 1e-2, "lr": 1e-3,
+                  "router_epochs": 2},
+        "runtime": {"output_dir": str(out), "progress": False, "cache_dir": str(out / "cache"), "device": "cpu"},
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    return TrainConfig.model_validate(raw)
+
+
+def test_alter_run_writes_bundle_report_and_plots(model_dir, data_dir, tmp_path) -> None:
+    result = run(tiny_config(model_dir, data_dir, tmp_path / "run"))
+    for name in ("report.json", "loss_curve.png", "entropy_hist.png", "checkpoint/state.pt"):
+        assert (result.run_dir / name).is_file(), name
+    bundle = load_bundle(result.bundle_dir, module_shapes(model_dir), fingerprint(model_dir))
+    assert bundle.forget_heads == ["alpha", "beta"]
+    assert bundle.manifest.base_model.fingerprint == fingerprint(model_dir)
+    assert bundle.manifest.training["method"] == "alter" and "router.weight" not in bundle.manifest.training
+    assert set(bundle.router) == {"weight"} and bundle.manifest.router.kind == "entropy_softmax"
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["trainable_parameters"]["total"] == sum(t.numel() for t in bundle.to_tensors().values()
+                                                          if t.dim() == 2 and t.shape[0] != 3)
+    assert report["phases"]["phase1"]["tokens"] > 0 and report["phases"]["phase2"]["steps"] == 2 * 2
+    assert report["phases"]["phase2"]["tokens_per_s"] > 0 and report["peak_memory_bytes"] > 0
+    assert 0.45 < report["entropy"]["high_fraction"] < 0.55  # the quantile split at 0.5
+    assert set(report["summary"]["per_view"]) == {"alpha", "beta"}
+    assert {"view:forget-all", "view:forget-alpha", "view:retain-only", "routed", "base"} <= set(report["eval"])
+    assert len(report["losses"]["phase2/nll_retain"]) == 4 and len(report["losses"]["phase2/ihl_alpha"]) == 4
+
+
+def test_resume_continues_after_the_last_finished_epoch(model_dir, data_dir, tmp_path, monkeypatch) -> None:
+    config = tiny_config(model_dir, data_dir, tmp_path / "run", optim={"epochs": 3, "router_epochs": 0})
+    real_save = checkpoint_module.save_state
+    saves = []
+
+    def crash_after_first_phase2_epoch(run_dir, state):
+        real_save(run_dir, state)
+        saves.append(dict(state.done))
+        if state.done.get("phase2") == 1:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr("train.trainer.save_state", crash_after_first_phase2_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    monkeypatch.setattr("train.trainer.save_state", real_save)
+    result = run(config, resume=True)
+    state = checkpoint_module.load_state(result.run_dir, checkpoint_module.config_digest(config.model_dump(mode="json")))
+    assert state.done == {"phase1": 1, "phase2": 3}
+    # Phase I did not run again and Phase II ran exactly 2 more epochs of 2 steps.
+    assert len(result.report["losses"]["phase2/nll_retain"]) == 3 * 2
+    assert result.report["phases"]["phase2"]["steps"] == 3 * 2
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(model_dir, data_dir, tmp_path) -> None:
+    run(tiny_config(model_dir, data_dir, tmp_path / "run", optim={"epochs": 1, "router_epochs": 0}))
+    with pytest.raises(ValueError, match="different configuration"):
+        run(tiny_config(model_dir, data_dir, tmp_path / "run", optim={"epochs": 2, "router_epochs": 0}), resume=True)
+
+
+@pytest.mark.parametrize("method", ["grad_ascent", "grad_diff", "npo"])
+def test_lora_baselines_export_a_bundle_whose_view_is_the_lora(model_dir, data_dir, tmp_path, method) -> None:
+    from peft import PeftModel
+
+    result = run(tiny_config(model_dir, data_dir, tmp_path / "run", method=method, optim={"epochs": 1}))
+    report = result.report
+    assert report["peft"] == "lora" and report["phases"]["baseline"]["steps"] == 4
+    assert len(report["losses"][f"baseline/{method}"]) == 4
+    bundle = load_bundle(result.bundle_dir, module_shapes(model_dir), fingerprint(model_dir))
+    composed = compose(bundle, View(name="baseline", forget={"forget": 1.0}), tmp_path / "views")
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    peft_model = PeftModel.from_pretrained(base, composed.path).eval()
+    ids = torch.tensor([[5, 17, 33, 80, 120, 9]])
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids).logits
+        merged = peft_model.merge_and_unload()(input_ids=ids).logits
+    assert torch.allclose(logits, merged, atol=1e-5)
+    assert report["summary"]["scored_as"] == "model"
+
+
+def test_full_parameter_npo_runs_and_exports_no_bundle(model_dir, data_dir, tmp_path) -> None:
+    result = run(tiny_config(model_dir, data_dir, tmp_path / "run", method="npo", peft="full", optim={"epochs": 1}))
+    assert result.bundle_dir is None and "bundle" not in result.report
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    assert result.report["trainable_parameters"]["total"] == n_params
+
+
+def test_ablation_without_entropy_and_kmeans_subdomains(model_dir, data_dir, tmp_path) -> None:
+    records = json.loads((data_dir / "full.json").read_text().splitlines()[0])
+    forget = [r for r in records if r["subdomain"] in ("alpha", "beta")]
+    retain = [r for r in records if r["subdomain"] not in ("alpha", "beta")]
+    (tmp_path / "forget.json").write_text(json.dumps(forget))
+    (tmp_path / "retain.json").write_text("\n".join(json.dumps(r) for r in retain))  # JSON lines work too
+    config = tiny_config(model_dir, data_dir, tmp_path / "run", method="alter_no_entropy",
+                         data={"kind": "json", "forget_file": str(tmp_path / "forget.json"),
+                               "retain_file": str(tmp_path / "retain.json"), "subdomain_field": None,
+                               "num_subdomains": 2, "forget_subdomains": []},
+                         optim={"epochs": 1, "router_epochs": 0})
+    result = run(config)
+    bundle = load_bundle(result.bundle_dir)
+    assert bundle.forget_heads == ["cluster-0", "cluster-1"]
+    assert sum(result.report["data"]["heads"].values()) == len(forget)
+    # Without entropy guidance Phase I trains on every answer token.
+    labelled = result.report["entropy"]["tokens"]
+    assert labelled > 0 and result.report["phases"]["phase1"]["tokens"] > 0
+
+
+def test_config_errors_name_every_field(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmethod: magic\ndata: {kind: synthetic}\nadapter: {rank: 7}\n")
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "method" in message and "forget_subdomains" in message and "rank 7" in message
+
+
+def test_shipped_configs_parse() -> None:
+    demo = load_config("configs/demo.yaml")
+    paper = load_config("configs/alter-paper.yaml")
+    assert demo.data.forget_subdomains == ["mystery", "fantasy"]
+    assert (paper.adapter.rank, paper.optim.lr_B, paper.optim.lr_A, paper.optim.lam) == (8, 1e-3, 1e-5, 0.01)
+    assert (paper.optim.batch_size, paper.optim.epochs, paper.optim.beta, paper.optim.gamma) == (4, 3, 1.0, 1.0)
+    assert (paper.entropy.q, paper.entropy.threshold) == (1.5, 1.2)

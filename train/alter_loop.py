@@ -1,0 +1,136 @@
+"""ALTER's two training phases, one optimizer step at a time.
+
+Phase I — the shared A learns the high-entropy tokens. B is frozen (data-initialised, see
+`train.head_init`); the loss is the NLL of the tokens whose base-model entropy S_q exceeds the
+threshold, on forget and retain data alike:
+
+    L_I = NLL(y_t : S_q(t) > τ_S)                    (only A has requires_grad)
+
+Phase II — the heads, A frozen. One optimizer step sums, for every forget head d, a step on a
+batch of d's own data, and one step on a retain batch:
+
+    L_d = β · IHL(y_t : S_q(t) ≤ τ_S, sub-domain d)  + λ · L_⊥(B_d | others)   → only B_d
+    L_r = γ · NLL(retain)                              + λ · L_⊥(B_r | others)   → only B_r
+
+Isolation is exact: each forward names the one head that may receive gradients; the other heads
+that are switched on are detached (`AlterModel.set_grad_heads`), A has requires_grad off, and
+the orthogonality term L_⊥ treats the other heads as constants.
+
+Views during training. Tenants get static views B_r + Σ_{d∈V} B_d on *all* tokens, so every
+training forward is such a view: the forget step for d runs the view {r, d} plus each other
+forget head with probability p (detached), and the retain step runs {r} plus each forget head
+with probability p (detached), redrawn until at least one forget head is on (`retain_nonempty`:
+B_r alone is never served — the "original" view is the base model without any LoRA — so retain
+steps are spent on the views tenants get). B_r thereby learns to keep retain data intact under
+the forget heads a tenant switches on, without any forget head ever seeing retain gradients.
+
+Why the forget step keeps B_r in its forward: B_d then has to break sub-domain d *despite* B_r's
+repair of whatever B_r learned to repair on retain data. Damage that B_r undoes (generic damage,
+e.g. to answer templates shared with retain data) stops paying off for B_d, so B_d is pushed
+towards damage specific to its sub-domain — the same pressure GradDiff gets from one shared
+parameter, obtained here without any retain gradient reaching B_d. (Dropping B_r from the forget
+forward removes that pressure: B_r's repair then generalises to the forget data and undoes much
+of the forgetting in the served view.) The cost: heads trained this way are tuned per view, and
+a view that combines several forget heads can hurt retain data more than each single-head view
+(the report measures every single-head view and the all-heads view).
+
+`use_entropy=False` is the ablation "AsymLoRA without entropy guidance": every answer token is
+both "high" (Phase I) and "low" (Phase II).
+
+Every step runs forward *and* backward inside the `mixing` block, so that activation
+recomputation under gradient checkpointing sees the same head weights as the forward did.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+from .entropy import high_entropy_mask, low_entropy_mask
+from .examples import Batch
+from .modeling import AlterModel
+from .objectives import IGNORE_INDEX, inverted_hinge_loss, nll_loss, orthogonality_loss
+
+
+@dataclass
+class AlterStepConfig:
+    threshold: float
+    use_entropy: bool = True
+    beta: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.01
+    head_prob: float = 0.5
+    retain_nonempty: bool = True  # the retain step never runs B_r alone (no tenant is served B_r alone)
+
+
+def token_masks(batch: Batch, threshold: float, use_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) boolean masks [B, T−1] over the labelled (shifted) tokens."""
+    valid = batch.labels[:, 1:] != IGNORE_INDEX
+    if not use_entropy:
+        return valid, valid
+    if batch.entropy is None:
+        raise ValueError("entropy-guided training needs per-token entropies on the batch")
+    return high_entropy_mask(batch.entropy, valid, threshold), low_entropy_mask(batch.entropy, valid, threshold)
+
+
+def random_view(forget_heads: list[str], rng: random.Random, prob: float, include: str | None = None,
+                nonempty: bool = False) -> dict[str, float]:
+    """Forget-head weights of a random view: `include` always on, every other head with prob `prob`.
+
+    `nonempty` redraws until at least one forget head is on (the views tenants are served).
+    """
+    while True:
+        view = {h: 1.0 for h in forget_heads if h == include or rng.random() < prob}
+        if view or not nonempty or not forget_heads or prob <= 0:
+            return view
+
+
+class AlterSteps:
+    """The per-step losses of Phase I and Phase II for one AlterModel."""
+
+    def __init__(self, alter: AlterModel, config: AlterStepConfig, rng: random.Random,
+                 autocast: Callable[[], AbstractContextManager]):
+        self.alter, self.config, self.rng, self.autocast = alter, config, rng, autocast
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        with self.autocast():
+            return self.alter(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    def phase1(self, batch: Batch) -> float | None:
+        """Backward of L_I on one batch; None (no work) when it has no high-entropy token."""
+        high, _ = token_masks(batch, self.config.threshold, self.config.use_entropy)
+        if not bool(high.any()):
+            return None
+        with self.alter.mixing("view", forget=random_view(self.alter.forget_heads, self.rng, self.config.head_prob)):
+            loss = nll_loss(self._logits(batch), batch.labels, high)
+            loss.backward()
+        return loss.item()
+
+    def forget(self, batch: Batch, head: str) -> dict[str, float]:
+        """Backward of L_d on a batch of sub-domain `head`; gradients reach B_head only."""
+        _, low = token_masks(batch, self.config.threshold, self.config.use_entropy)
+        view = random_view(self.alter.forget_heads, self.rng, self.config.head_prob, include=head)
+        with self.alter.mixing("view", forget=view, grad_heads=[head]):
+            ihl = inverted_hinge_loss(self._logits(batch), batch.labels, low)
+            structure = self._orthogonality(head)
+            (self.config.beta * ihl + self.config.lam * structure).backward()
+        return {"ihl": ihl.item(), "orth": structure.item()}
+
+    def retain(self, batch: Batch) -> dict[str, float]:
+        """Backward of L_r on a retain batch; gradients reach B_r only."""
+        view = random_view(self.alter.forget_heads, self.rng, self.config.head_prob,
+                           nonempty=self.config.retain_nonempty)
+        with self.alter.mixing("view", forget=view, grad_heads=[self.alter.heads[0]]):
+            nll = nll_loss(self._logits(batch), batch.labels)
+            structure = self._orthogonality(self.alter.heads[0])
+            (self.config.gamma * nll + self.config.lam * structure).backward()
+        return {"nll": nll.item(), "orth": structure.item()}
+
+    def _orthogonality(self, head: str) -> torch.Tensor:
+        index = self.alter.head_index(head)
+        others = [i for i in range(len(self.alter.heads)) if i != index]
+        return orthogonality_loss(self.alter.lora_B_parameters(), index, others)

@@ -1,0 +1,96 @@
+"""Baseline unlearning steps (open-unlearning definitions) on PEFT LoRA or on all parameters.
+
+    GradAscent:  L = −NLL(forget)
+    GradDiff:    L = γ · (−NLL(forget)) + α · NLL(retain)
+    NPO:         L = γ · L_NPO(forget; π_ref, β_NPO) + α · NLL(retain)
+
+γ and α are `optim.beta` and `optim.gamma` (the same forget/retain weights ALTER uses). The NPO
+reference π_ref is the frozen base: the LoRA model with its adapter disabled, or, for
+full-parameter training, a frozen copy made before the first step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
+
+import torch
+from torch import nn
+
+from .examples import Batch
+from .objectives import grad_ascent_loss, grad_diff_loss, npo_loss
+
+BASELINES = ("grad_ascent", "grad_diff", "npo")
+
+
+def make_lora_model(model: nn.Module, rank: int, alpha: float, target_modules: list[str]) -> nn.Module:
+    """A PEFT LoRA of the same rank, alpha and target modules as the ALTER adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def make_full_model(model: nn.Module) -> nn.Module:
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return model
+
+
+class Reference:
+    """Logits of the frozen reference model, for NPO."""
+
+    def __init__(self, model: nn.Module, peft: str, needed: bool):
+        self.model, self.peft = model, peft
+        self.frozen: nn.Module | None = None
+        if needed and peft == "full":
+            self.frozen = copy.deepcopy(model).eval()
+            for parameter in self.frozen.parameters():
+                parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        if self.frozen is not None:
+            return self.frozen(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        with _adapter_disabled(self.model):
+            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+@contextmanager
+def _adapter_disabled(model: nn.Module):
+    with model.disable_adapter():
+        yield
+
+
+class BaselineSteps:
+    """One backward of a baseline loss on a (forget, retain) batch pair."""
+
+    def __init__(self, model: nn.Module, method: str, reference: Reference,
+                 autocast: Callable[[], AbstractContextManager],
+                 gamma: float = 1.0, alpha: float = 1.0, npo_beta: float = 0.1):
+        if method not in BASELINES:
+            raise ValueError(f"unknown baseline {method!r}; choose one of {BASELINES}")
+        self.model, self.method, self.reference, self.autocast = model, method, reference, autocast
+        self.gamma, self.alpha, self.npo_beta = gamma, alpha, npo_beta
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    def step(self, forget: Batch, retain: Batch) -> dict[str, float]:
+        with self.autocast():
+            f_logits = self._logits(forget)
+            if self.method == "grad_ascent":
+                loss = grad_ascent_loss(f_logits, forget.labels)
+            elif self.method == "grad_diff":
+                loss = grad_diff_loss(f_logits, forget.labels, self._logits(retain), retain.labels,
+                                      self.gamma, self.alpha)
+            else:
+                loss = npo_loss(f_logits, self.reference.logits(forget), forget.labels,
+                                self._logits(retain), retain.labels, self.npo_beta, self.gamma, self.alpha)
+        loss.backward()
+        return {"loss": loss.item()}
+
+    def uses_retain(self) -> bool:
+        return self.method != "grad_ascent"

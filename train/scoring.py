@@ -1,0 +1,44 @@
+"""Answer probability of a local model, the number the training report and the e2e test use.
+
+Per example, p̄ = exp(−L̄) with L̄ the mean NLL of the answer tokens (answer continuation + EOS)
+given the prompt — TOFU's "probability" (`train.metrics.answer_probability` on the same
+log-probabilities). `forward` maps a batch to logits, so the same code scores the base model,
+a static view, the routed model or a baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .examples import Batch, Example, epoch_batches
+from .objectives import token_nll
+
+Forward = Callable[[Batch], torch.Tensor]
+
+
+@torch.no_grad()
+def answer_probabilities(forward: Forward, examples: Sequence[Example], pad_id: int,
+                         batch_size: int = 16, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[N] per-example exp(−mean answer-token NLL), in input order."""
+    values = []
+    for batch in epoch_batches(examples, batch_size, pad_id):
+        batch = batch.to(device)
+        nll, valid = token_nll(forward(batch), batch.labels)
+        mean_nll = (nll * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        values.append(torch.exp(-mean_nll).cpu())
+    return torch.cat(values) if values else torch.zeros(0)
+
+
+def mean_answer_probability(forward: Forward, examples: Sequence[Example], pad_id: int,
+                            batch_size: int = 16, device: torch.device | str = "cpu") -> float:
+    """Mean over examples of p̄ (TOFU averages the per-example probabilities)."""
+    return float(answer_probabilities(forward, examples, pad_id, batch_size, device).mean())
+
+
+def model_forward(model: torch.nn.Module) -> Forward:
+    """`forward` for any HF causal LM (or an AlterModel in its current mode)."""
+    def forward(batch: Batch) -> torch.Tensor:
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return forward

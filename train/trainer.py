@@ -1,0 +1,485 @@
+"""Training runs: ALTER (Phase I + Phase II + router) and the baselines, with checkpoints and reports.
+
+`run(config)` writes, under the run folder (`runtime.output_dir`, default `runs/<name>`):
+
+    bundle/              the ALTER bundle (AlterBundle.save; manifest.base_model.fingerprint is the
+                         fingerprint of the base model folder). LoRA baselines are exported as a
+                         bundle too: shared A = lora_A, retain head 0, one forget head "forget" = lora_B,
+                         so the view {forget: 1} is exactly the baseline's LoRA.
+    report.json          losses, wall time, tokens/s, peak memory, trainable parameters, entropy split,
+                         answer probabilities before/after (per view, routed, per sub-domain)
+    loss_curve.png       loss per optimizer step, one panel per phase
+    entropy_hist.png     base-model token entropies with the threshold (ALTER)
+    checkpoint/state.pt  the state after the last finished epoch (`run(..., resume=True)` continues)
+
+The phases, losses and the isolation rules are documented in `train.alter_loop`; the head
+initialisation in `train.head_init`; the router in `train.router`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from alter_serve.core.bundle import RETAIN_HEAD, AlterBundle, BaseModelRef, EntropySpec, Heads, Manifest
+from alter_serve.core.fingerprint import fingerprint
+
+from .alter_loop import AlterStepConfig, AlterSteps
+from .baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
+from .checkpoint import TrainState, config_digest, load_state, save_state
+from .config import TrainConfig
+from .entropy import EntropySplit, cached_example_entropies, plot_entropy_histogram
+from .examples import Batch, Example, answer_token_values, encode_records, epoch_batches, with_entropies
+from .head_init import init_heads
+from .modeling import AlterModel, inject, to_bundle
+from .report import LOSS_PLOT_FILE, REPORT_FILE, plot_losses, write_json
+from .router import EntropyRouter, routed_forward, train_router
+from .runtime import (
+    PhaseMeter,
+    autocast,
+    count_trainable,
+    peak_memory_bytes,
+    reset_peak_memory,
+    resolve_device,
+    seed_everything,
+    torch_threads,
+    weight_dtype,
+)
+from .scoring import mean_answer_probability, model_forward
+from .subdomains import mean_hidden_states
+from .unlearning_data import load_unlearning_data
+
+BUNDLE_DIR = "bundle"
+ENTROPY_PLOT_FILE = "entropy_hist.png"
+BASELINE_HEAD = "forget"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    report: dict[str, Any]
+    bundle_dir: Path | None
+
+
+def run(config: TrainConfig, resume: bool = False) -> RunResult:
+    """Train as `config` says; see the module docstring for what is written where."""
+    with torch_threads(config.runtime.threads):
+        return Trainer(config, resume).execute()
+
+
+def resolve_model_dir(path: str) -> Path:
+    if path == "demo":
+        from .demo_model import build_demo_model
+
+        return build_demo_model()
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {path!r} is not a Hugging Face model folder (no config.json)")
+    return folder
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        self.rng = seed_everything(config.runtime.seed)
+        self.device = resolve_device(config.runtime.device)
+        self.run_dir = config.output_path()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model_dir = resolve_model_dir(config.model.path)
+        self.fingerprint = fingerprint(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        dtype = torch.float32 if config.peft == "full" and not config.is_alter else weight_dtype(config.model.dtype, self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+        self.data = load_unlearning_data(config.data, self.model_dir, config.runtime.seed, self._embed)
+        self.retain_examples = encode_records(self.tokenizer, self.data.retain, 0, config.data.max_length)
+        self.forget_examples = {head: encode_records(self.tokenizer, records, i + 1, config.data.max_length)
+                                for i, (head, records) in enumerate(self.data.forget.items())}
+        digest = config_digest(config.model_dump(mode="json"))
+        self.state = (load_state(self.run_dir, digest) if resume else None) or TrainState(digest)
+        if resume and self.state.done:
+            self.state.restore_rng(self.rng)
+        self.autocast = lambda: autocast(self.device, config.runtime.bf16)
+
+    # ---- top level -------------------------------------------------------------------------
+    def execute(self) -> RunResult:
+        started = time.perf_counter()
+        reset_peak_memory(self.device)
+        before = self.evaluate(model_forward(self.model))
+        if self.config.is_alter:
+            report, bundle = self.train_alter()
+        else:
+            report, bundle = self.train_baseline()
+        report["eval"] = {"base": before, **report.pop("eval")}
+        report["summary"] = _summary(report["eval"], self.config.is_alter)
+        report.update(self._header(time.perf_counter() - started))
+        if bundle is not None:
+            bundle.manifest.training["metrics"] = report["summary"]
+            bundle_dir = bundle.save(self.run_dir / BUNDLE_DIR)
+            report["bundle"] = {"path": str(bundle_dir), "content_hash": bundle.content_hash()}
+        write_json(self.run_dir / REPORT_FILE, report)
+        plot_losses(self.state.history, self.run_dir / LOSS_PLOT_FILE, f"{self.config.name} ({self.config.method})")
+        return RunResult(self.run_dir, report, self.run_dir / BUNDLE_DIR if bundle is not None else None)
+
+    def _header(self, wall_s: float) -> dict[str, Any]:
+        meters = self.state.meters
+        tokens = sum(m.get("tokens", 0) for m in meters.values())
+        train_s = sum(m.get("wall_s", 0.0) for m in meters.values())
+        return {
+            "name": self.config.name, "method": self.config.method,
+            "peft": "asym_lora" if self.config.is_alter else self.config.peft,
+            "base_model": {"path": str(self.model_dir), "fingerprint": self.fingerprint},
+            "data": {"digest": self.data.digest, "heads": {h: len(r) for h, r in self.data.forget.items()},
+                     "retain": len(self.data.retain)},
+            "device": str(self.device), "threads": torch.get_num_threads(),
+            "wall_time_s": round(wall_s, 3), "train_time_s": round(train_s, 3),
+            "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "phases": meters, "losses": self.state.history,
+            "config": self.config.model_dump(mode="json"),
+        }
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def evaluate(self, forward) -> dict[str, Any]:
+        """Mean answer probability on the retain set, each forget sub-domain, and all forget data."""
+        score = lambda examples: mean_answer_probability(  # noqa: E731
+            forward, examples, self.pad_id, self.config.runtime.eval_batch_size, self.device)
+        forget = {head: score(examples) for head, examples in self.forget_examples.items()}
+        all_forget = [e for examples in self.forget_examples.values() for e in examples]
+        return {"retain": score(self.retain_examples), "forget": forget, "forget_all": score(all_forget)}
+
+    def _evaluate_alter(self, alter: AlterModel, router: EntropyRouter | None) -> dict[str, Any]:
+        heads = alter.forget_heads
+        views = {"retain-only": {}, "forget-all": {h: 1.0 for h in heads}}
+        views.update({f"forget-{h}": {h: 1.0} for h in heads})
+        results = {}
+        alter.eval()
+        for name, forget in views.items():
+            with alter.mixing("view", forget=forget):
+                results[f"view:{name}"] = self.evaluate(model_forward(alter))
+        if router is not None:
+            def routed(batch: Batch) -> torch.Tensor:
+                return routed_forward(alter, router, batch.input_ids, batch.attention_mask).logits
+            results["routed"] = self.evaluate(routed)
+        return results
+
+    # ---- data helpers ----------------------------------------------------------------------
+    def _embed(self, records) -> torch.Tensor:
+        examples = encode_records(self.tokenizer, records, 0, self.config.data.max_length)
+        return mean_hidden_states(self.model, examples, self.pad_id, self.config.runtime.eval_batch_size, self.device)
+
+    def _batches(self, examples: list[Example], shuffle: bool = True) -> list[Batch]:
+        rng = self.rng if shuffle else None
+        return [b.to(self.device) for b in epoch_batches(examples, self.config.optim.batch_size, self.pad_id, rng)]
+
+    def _cycle(self, examples: list[Example]) -> Iterator[Batch]:
+        while True:
+            yield from self._batches(examples)
+
+    def _all_forget(self) -> list[Example]:
+        return [e for examples in self.forget_examples.values() for e in examples]
+
+    # ---- entropies -------------------------------------------------------------------------
+    def _attach_entropies(self) -> float:
+        """Compute (or load) base-model entropies for every example; return the split threshold."""
+        cfg = self.config.entropy
+        every = [*self.retain_examples, *self._all_forget()]
+        values = cached_example_entropies(
+            self.model, [e.input_ids for e in every], self.fingerprint, Path(self.config.runtime.cache_dir) / "entropy",
+            cfg.q, self.config.runtime.eval_batch_size, self.pad_id, self.device)
+        every = with_entropies(every, values)
+        self.retain_examples = every[: len(self.retain_examples)]
+        offset = len(self.retain_examples)
+        for head, examples in self.forget_examples.items():
+            self.forget_examples[head] = every[offset: offset + len(examples)]
+            offset += len(examples)
+        answer_entropies = answer_token_values(every)
+        threshold = EntropySplit(cfg.q, cfg.threshold, cfg.split, cfg.quantile).resolve_threshold(answer_entropies)
+        self.entropy_stats = {
+            "q": cfg.q, "split": cfg.split, "threshold": threshold, "tokens": int(answer_entropies.numel()),
+            "high_fraction": float((answer_entropies > threshold).float().mean()) if answer_entropies.numel() else 0.0,
+            "mean": float(answer_entropies.mean()) if answer_entropies.numel() else 0.0,
+        }
+        if cfg.histogram:
+            plot_entropy_histogram(answer_entropies, threshold, self.run_dir / ENTROPY_PLOT_FILE, cfg.q,
+                                   f"{self.config.name}: answer-token entropy")
+        return threshold
+
+    # ---- ALTER ---------------------------------------------------------------------------------
+    def train_alter(self) -> tuple[dict[str, Any], AlterBundle]:
+        cfg = self.config
+        use_entropy = cfg.method == "alter"
+        threshold = self._attach_entropies()
+        alter = inject(self.model, cfg.adapter.target_modules, cfg.adapter.rank, cfg.adapter.alpha, self.data.heads)
+        self._init_or_restore_heads(alter)
+        if cfg.runtime.gradient_checkpointing:
+            alter.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        steps = AlterSteps(alter, AlterStepConfig(threshold, use_entropy, cfg.optim.beta, cfg.optim.gamma,
+                                                  cfg.optim.lam, cfg.optim.retain_view_head_prob,
+                                                  cfg.optim.retain_view_nonempty),
+                           self.rng, self.autocast)
+        self._phase1(alter, steps)
+        self._phase2(alter, steps)
+        router = self._train_router(alter)
+        report = {"entropy": self.entropy_stats,
+                  "trainable_parameters": {"total": count_trainable_adapter(alter),
+                                           "phase1_A": sum(p.numel() for p in alter.lora_A_parameters()),
+                                           "phase2_B": sum(p.numel() for p in alter.lora_B_parameters())},
+                  "eval": self._evaluate_alter(alter, router)}
+        bundle = to_bundle(alter, str(self.model_dir), self.fingerprint,
+                           entropy=EntropySpec(q=cfg.entropy.q, threshold=threshold),
+                           router=router.to_tensors() if router else None,
+                           router_spec=router.spec() if router else None,
+                           training={"method": cfg.method, "config": cfg.model_dump(mode="json"),
+                                     "data_digest": self.data.digest, "entropy": self.entropy_stats})
+        return report, bundle
+
+    def _init_or_restore_heads(self, alter: AlterModel) -> None:
+        if self.state.weights:
+            alter.load_adapter_state({k: v for k, v in self.state.weights.items() if not k.startswith("router.")})
+            return
+        def batches(examples: list[Example]):
+            for b in epoch_batches(examples, self.config.runtime.eval_batch_size, self.pad_id):
+                b = b.to(self.device)
+                yield b.input_ids, b.attention_mask, b.labels != -100
+        data = {RETAIN_HEAD: batches(self.retain_examples)}
+        data.update({head: batches(ex) for head, ex in self.forget_examples.items()})
+        init_heads(alter, data, self.config.adapter.init_scale, self.config.adapter.init_tokens)
+
+    def _phase1(self, alter: AlterModel, steps: AlterSteps) -> None:
+        epochs = self.config.optim.phase1_epochs
+        examples = [*self._all_forget(), *self.retain_examples]
+        _set_trainable(alter.lora_A_parameters(), True)
+        _set_trainable(alter.lora_B_parameters(), False)
+        optimizer = self._optimizer("phase1", alter.lora_A_parameters(), self.config.optim.lr_A)
+        meter = self._meter("phase1")
+        per_epoch = math.ceil(len(examples) / self.config.optim.batch_size)
+        bar = self._bar("Phase I (shared A, high-entropy tokens)", epochs * per_epoch, "phase1", per_epoch)
+        alter.train()
+        for epoch in range(self.state.epochs_done("phase1"), epochs):
+            with meter:
+                for batch in self._batches(examples):
+                    loss = steps.phase1(batch)
+                    if loss is not None:
+                        self._optimizer_step(optimizer, alter.lora_A_parameters())
+                        self._log("phase1/nll_high_entropy", loss)
+                        meter.tokens += batch.num_tokens
+                    meter.steps += 1
+                    bar.update(1)
+            self._end_epoch("phase1", epoch, alter, optimizer, meter)
+        bar.close()
+        _set_trainable(alter.lora_A_parameters(), False)
+
+    def _phase2(self, alter: AlterModel, steps: AlterSteps) -> None:
+        cfg = self.config.optim
+        _set_trainable(alter.lora_B_parameters(), True)
+        optimizer = self._optimizer("phase2", alter.lora_B_parameters(), cfg.lr_B)
+        meter = self._meter("phase2")
+        per_epoch = math.ceil(max(len(ex) for ex in self.forget_examples.values()) / cfg.batch_size)
+        forget_iters = {head: self._cycle(ex) for head, ex in self.forget_examples.items()}
+        retain_iter = self._cycle(self.retain_examples)
+        bar = self._bar("Phase II (heads: IHL forget / NLL retain)", cfg.epochs * per_epoch, "phase2", per_epoch)
+        alter.train()
+        for epoch in range(self.state.epochs_done("phase2"), cfg.epochs):
+            with meter:
+                for _ in range(per_epoch):
+                    for head, iterator in forget_iters.items():
+                        batch = next(iterator)
+                        parts = steps.forget(batch, head)
+                        self._log(f"phase2/ihl_{head}", parts["ihl"])
+                        meter.tokens += batch.num_tokens
+                    batch = next(retain_iter)
+                    parts = steps.retain(batch)
+                    self._log("phase2/nll_retain", parts["nll"])
+                    self._log("phase2/orth_retain", parts["orth"])
+                    meter.tokens += batch.num_tokens
+                    self._optimizer_step(optimizer, alter.lora_B_parameters())
+                    meter.steps += 1
+                    bar.update(1)
+                    bar.set_postfix(retain=f"{parts['nll']:.3f}")
+            self._end_epoch("phase2", epoch, alter, optimizer, meter)
+        bar.close()
+        _set_trainable(alter.lora_B_parameters(), False)
+
+    def _train_router(self, alter: AlterModel) -> EntropyRouter | None:
+        cfg = self.config
+        if cfg.optim.router_epochs == 0:
+            return None
+        router = EntropyRouter(alter.config.hidden_size, len(alter.forget_heads), cfg.entropy.q,
+                               self.entropy_stats["threshold"]).to(self.device)
+        if "router.weight" in self.state.weights:
+            router.weight.data.copy_(self.state.weights["router.weight"])
+            return router
+        labelled = [*self.retain_examples, *self._all_forget()]  # Example.head: 0 retain, d forget head
+        batches = [(b.input_ids, b.attention_mask, b.head)
+                   for b in self._batches(labelled, shuffle=False)]
+        meter = self._meter("router")
+        with meter:
+            history = train_router(alter, router, batches, cfg.optim.router_epochs, cfg.optim.router_lr)
+            meter.steps = len(batches) * cfg.optim.router_epochs
+        self.state.history["router/cross_entropy"] = history
+        self.state.weights = {**alter.adapter_state(), "router.weight": router.weight.detach()}
+        self.state.meters["router"] = meter.summary()
+        self.state.done["router"] = cfg.optim.router_epochs
+        save_state(self.run_dir, self.state)
+        return router
+
+    # ---- baselines -----------------------------------------------------------------------------
+    def train_baseline(self) -> tuple[dict[str, Any], AlterBundle | None]:
+        cfg = self.config
+        if cfg.peft == "lora":
+            model = make_lora_model(self.model, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.target_modules)
+        else:
+            model = make_full_model(self.model)
+        reference = Reference(model, cfg.peft, needed=cfg.method == "npo")
+        if cfg.runtime.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if self.state.weights:
+            _load_named(model, self.state.weights)
+        steps = BaselineSteps(model, cfg.method, reference, self.autocast, cfg.optim.beta, cfg.optim.gamma, cfg.optim.npo_beta)
+        optimizer = self._optimizer("baseline", trainable, cfg.optim.lr)
+        forget = self._all_forget()
+        per_epoch = math.ceil(len(forget) / cfg.optim.batch_size)
+        retain_iter = self._cycle(self.retain_examples)
+        meter = self._meter("baseline")
+        bar = self._bar(f"{cfg.method} ({cfg.peft})", cfg.optim.epochs * per_epoch, "baseline", per_epoch)
+        model.train()
+        for epoch in range(self.state.epochs_done("baseline"), cfg.optim.epochs):
+            with meter:
+                for batch in self._batches(forget):
+                    retain = next(retain_iter)
+                    self._log(f"baseline/{cfg.method}", steps.step(batch, retain)["loss"])
+                    self._optimizer_step(optimizer, trainable)
+                    meter.tokens += batch.num_tokens + (retain.num_tokens if steps.uses_retain() else 0)
+                    meter.steps += 1
+                    bar.update(1)
+            self._end_epoch("baseline", epoch, model, optimizer, meter)
+        bar.close()
+        model.eval()
+        report = {"trainable_parameters": {"total": count_trainable(model)},
+                  "eval": {"model": self.evaluate(model_forward(model))}}
+        bundle = self._lora_bundle(model) if cfg.peft == "lora" else None
+        return report, bundle
+
+    def _lora_bundle(self, peft_model) -> AlterBundle:
+        """A LoRA baseline as a bundle: A = lora_A, retain head 0, forget head "forget" = lora_B."""
+        cfg = self.config
+        lora_a, lora_b = {}, {}
+        for name, param in peft_model.named_parameters():
+            for kind, store in (("lora_A", lora_a), ("lora_B", lora_b)):
+                marker = f".{kind}.default.weight"
+                if name.endswith(marker):
+                    module = name[len("base_model.model."): -len(marker)]
+                    store[module] = param.detach().float().cpu().contiguous()
+        manifest = Manifest(
+            base_model=BaseModelRef(name_or_path=str(self.model_dir), fingerprint=self.fingerprint),
+            rank=cfg.adapter.rank, alpha=cfg.adapter.alpha, target_modules=sorted(cfg.adapter.target_modules),
+            heads=Heads(forget=[BASELINE_HEAD]),
+            training={"method": f"lora_{cfg.method}", "config": cfg.model_dump(mode="json"), "data_digest": self.data.digest})
+        retain = {m: torch.zeros_like(b) for m, b in lora_b.items()}
+        return AlterBundle(manifest, lora_a, retain, {BASELINE_HEAD: lora_b})
+
+    # ---- shared loop plumbing --------------------------------------------------------------------
+    def _optimizer(self, phase: str, params, lr: float) -> torch.optim.Optimizer:
+        optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=self.config.optim.weight_decay,
+                                      eps=self.config.optim.adam_eps)
+        if phase in self.state.optimizer:
+            optimizer.load_state_dict(self.state.optimizer[phase])
+        return optimizer
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, params) -> None:
+        if self.config.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(params), self.config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _meter(self, phase: str) -> PhaseMeter:
+        meter = PhaseMeter(phase, self.device)
+        saved = self.state.meters.get(phase)
+        if saved:
+            meter.tokens, meter.steps, meter.wall_s = saved["tokens"], saved["steps"], saved["wall_s"]
+        return meter
+
+    def _bar(self, desc: str, total: int, phase: str, per_epoch: int) -> tqdm:
+        done = min(total, self.state.epochs_done(phase) * per_epoch)
+        return tqdm(total=total, initial=done, desc=desc, unit="step", disable=not self.config.runtime.progress)
+
+    def _log(self, series: str, value: float) -> None:
+        self.state.history.setdefault(series, []).append(value)
+
+    def _end_epoch(self, phase: str, epoch: int, model, optimizer, meter: PhaseMeter) -> None:
+        self.state.done[phase] = epoch + 1
+        if isinstance(model, AlterModel):
+            self.state.weights = model.adapter_state()
+        else:
+            self.state.weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        self.state.optimizer[phase] = optimizer.state_dict()
+        self.state.meters[phase] = meter.summary()
+        self.state.capture_rng(self.rng)
+        save_state(self.run_dir, self.state)
+
+
+def count_trainable_adapter(alter: AlterModel) -> int:
+    return sum(p.numel() for p in [*alter.lora_A_parameters(), *alter.lora_B_parameters()])
+
+
+def _set_trainable(params, flag: bool) -> None:
+    for p in params:
+        p.requires_grad_(flag)
+
+
+def _load_named(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
+def _ratio(after: float, before: float) -> float:
+    return after / max(before, 1e-12)
+
+
+def _change(base: dict[str, Any], after: dict[str, Any], forget_before: float, forget_after: float) -> dict[str, float]:
+    return {
+        "forget_probability_before": forget_before, "forget_probability_after": forget_after,
+        "forget_drop_factor": _ratio(forget_before, forget_after),
+        "retain_probability_before": base["retain"], "retain_probability_after": after["retain"],
+        "retain_ratio": _ratio(after["retain"], base["retain"]),
+    }
+
+
+def _summary(evals: dict[str, Any], is_alter: bool) -> dict[str, Any]:
+    """Headline numbers against the base model.
+
+    ALTER is scored as served, in static views: view "forget-<d>" (B_r + B_d) on sub-domain d's
+    forget data and on the retain data, for every head; the headline is the worst head (smallest
+    forget drop, smallest retain ratio). The all-heads view and the routed model are reported too.
+    A baseline is scored as the trained model on all forget data and the retain data.
+    """
+    base = evals["base"]
+    if not is_alter:
+        model = evals["model"]
+        return {"scored_as": "model", **_change(base, model, base["forget_all"], model["forget_all"])}
+    per_view = {head: _change(base, evals[f"view:forget-{head}"], base["forget"][head],
+                              evals[f"view:forget-{head}"]["forget"][head]) for head in base["forget"]}
+    all_view = evals["view:forget-all"]
+    summary = {
+        "scored_as": "static views as served: view forget-<d> on sub-domain d and on the retain set (worst head)",
+        "forget_drop_factor": min(v["forget_drop_factor"] for v in per_view.values()),
+        "retain_ratio": min(v["retain_ratio"] for v in per_view.values()),
+        "per_view": per_view,
+        "all_heads_view": _change(base, all_view, base["forget_all"], all_view["forget_all"]),
+    }
+    if "routed" in evals:
+        summary["routed"] = _change(base, evals["routed"], base["forget_all"], evals["routed"]["forget_all"])
+    return summary
