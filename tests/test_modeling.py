@@ -210,3 +210,10 @@ def test_from_bundle_refuses_a_bundle_for_another_architecture(alter) -> None:
                                          head_dim=64))
     with pytest.raises(ValueError, match="modules without adapters"):
         from_bundle(other, bundle)
+
+
+def test_retain_head_name_matches_the_bundle_format() -> None:
+    from alter_serve.core.bundle import RETAIN_HEAD
+    from train.modeling import RETAIN_HEAD as LAYER_RETAIN_HEAD
+
+    assert LAYER_RETAIN_HEAD == RETAIN_HEAD

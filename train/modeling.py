@@ -29,22 +29,19 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alter_serve.core.bundle import (
-    RETAIN_HEAD,
-    AlterBundle,
-    BaseModelRef,
-    EntropySpec,
-    Heads,
-    Manifest,
-    RouterSpec,
-)
+if TYPE_CHECKING:
+    from alter_serve.core.bundle import AlterBundle, EntropySpec, RouterSpec
 
+# The bundle format's retain-head name (alter_serve.core.bundle.RETAIN_HEAD, checked by a test).
+# The bundle module is imported only by to_bundle/from_bundle, so the layers need nothing but torch
+# (the GPU benchmark runs them where only torch, transformers and peft are installed).
+RETAIN_HEAD = "retain"
 MODES = ("off", "view", "routed")
 
 
@@ -293,6 +290,8 @@ def to_bundle(
     dtype: torch.dtype = torch.float32,
 ) -> AlterBundle:
     """The trained adapters as an `AlterBundle` (module names as in `model.named_modules()`)."""
+    from alter_serve.core.bundle import AlterBundle, BaseModelRef, EntropySpec, Heads, Manifest, RouterSpec
+
     manifest = Manifest(
         base_model=BaseModelRef(name_or_path=base_model, fingerprint=base_fingerprint),
         rank=alter.rank,

@@ -1,0 +1,243 @@
+"""GPU training-cost benchmark: ALTER vs LoRA-NPO vs full-parameter NPO on a ~1.39B Llama.
+
+    python -m benchmarks.gpu_train_bench                # H100/H200: 1.39B model, batch 8 x 1024, bf16
+    python -m benchmarks.gpu_train_bench --tiny         # the same code on CPU with a tiny model (tests)
+
+Model: random-init LlamaForCausalLM, hidden 2048, 28 layers, 16 query / 8 key-value heads
+(head_dim 128), MLP 5632, vocabulary 32000, tied embeddings: 1.39 B parameters. Random weights are
+enough: the cost of a training step does not depend on what the weights are. Data are random token
+ids with the first 64 positions of each sequence as the (unlabelled) prompt.
+
+Methods, each one optimizer step as the trainer runs it (train.alter_loop / train.baseline_loop):
+
+    alter     AsymLoRA rank 8 on q/k/v/o/gate/up/down, 2 forget heads, Phase II step: one forget
+              step per head (IHL, B_d only) + one retain step (NLL, B_r only); frozen bf16 base
+    lora_npo  PEFT LoRA rank 8, same targets; NPO on a forget batch (reference = adapter disabled)
+              + NLL on a retain batch; frozen bf16 base
+    full_npo  all parameters (fp32 master weights, AdamW), bf16 autocast; NPO + retain NLL; the
+              reference is a frozen bf16 copy
+
+Every step processes B x T tokens per batch; "tokens" counts the batches a step trains on (ALTER:
+2 forget + 1 retain batch; NPO: 1 forget + 1 retain batch; NPO's reference pass is extra work, not
+counted). Output: one JSON line per timed step and one summary line per method with the median step
+time, tokens/s and peak memory (CUDA: torch.cuda.max_memory_allocated since the method started).
+Nothing but torch, transformers and peft is needed (no vLLM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ("alter", "lora_npo", "full_npo")
+PROMPT_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    batch: int
+    seq: int
+
+
+FULL = Shape(hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=5632, vocab=32000, batch=8, seq=1024)
+TINY = Shape(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, vocab=256, batch=2, seq=96)
+
+
+def make_model(shape: Shape, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads,
+                         max_position_embeddings=max(2048, shape.seq), tie_word_embeddings=True)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model
+
+
+def random_batch(shape: Shape, device: torch.device, generator: torch.Generator, head: int = 0):
+    from train.examples import Batch
+
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=generator).to(device)
+    labels = ids.clone()
+    labels[:, : min(PROMPT_TOKENS, shape.seq // 2)] = -100
+    entropy = torch.rand(shape.batch, shape.seq - 1, generator=generator).to(device) * 2.0
+    heads = torch.full((shape.batch,), head, dtype=torch.long, device=device)
+    return Batch(ids, torch.ones_like(ids), labels, heads, entropy)
+
+
+# ---- one optimizer step per method -------------------------------------------------------------
+
+
+def alter_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckpt: bool, heads: int):
+    from train.alter_loop import AlterStepConfig, AlterSteps
+    from train.modeling import inject
+
+    model = make_model(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    names = [f"d{i}" for i in range(heads)]
+    alter = inject(model, TARGETS, 8, 16.0, names)
+    with torch.no_grad():
+        for layer in alter.layers.values():
+            layer.lora_B.normal_(0, 0.01)  # non-zero heads, as after the data-driven initialisation
+    for p in alter.lora_A_parameters():
+        p.requires_grad_(False)  # Phase II: A is frozen
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    steps = AlterSteps(alter, AlterStepConfig(threshold=1.2), random.Random(0), autocast)
+    params = alter.lora_B_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> int:
+        tokens = 0
+        for i, name in enumerate(names):
+            batch = random_batch(shape, device, generator, head=i + 1)
+            steps.forget(batch, name)
+            tokens += batch.num_tokens
+        batch = random_batch(shape, device, generator)
+        steps.retain(batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens + batch.num_tokens
+
+    trainable = sum(p.numel() for p in params)
+    return step, trainable, (alter, optimizer)
+
+
+def npo_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckpt: bool, full: bool):
+    from train.baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
+
+    on_cuda = device.type == "cuda"
+    model = make_model(shape, device, torch.float32 if full or not on_cuda else torch.bfloat16)
+    model = make_full_model(model) if full else make_lora_model(model, 8, 16.0, TARGETS)
+    reference = Reference(model, "full" if full else "lora", needed=True)
+    if full and on_cuda:
+        reference.frozen.to(torch.bfloat16)  # the reference only runs forward passes
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    steps = BaselineSteps(model, "npo", reference, autocast, npo_beta=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5 if full else 1e-4)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> int:
+        forget, retain = random_batch(shape, device, generator), random_batch(shape, device, generator)
+        steps.step(forget, retain)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return forget.num_tokens + retain.num_tokens
+
+    return step, sum(p.numel() for p in params), (model, reference, optimizer)
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def bench_method(method: str, shape: Shape, device: torch.device, steps: int, warmup: int,
+                 grad_ckpt: bool, heads: int, emit: Callable[[dict], None]) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    if method == "alter":
+        step, trainable, keep = alter_step_fn(shape, device, autocast, grad_ckpt, heads)
+    else:
+        step, trainable, keep = npo_step_fn(shape, device, autocast, grad_ckpt, full=method == "full_npo")
+    setup_s = time.perf_counter() - started
+    times, tokens = [], 0
+    for index in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        tokens = step()
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        if index >= warmup:
+            times.append(elapsed)
+            emit({"method": method, "step": index - warmup, "step_s": round(elapsed, 4),
+                  "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1)})
+    median = statistics.median(times)
+    summary = {"method": method, "summary": True, "median_step_s": round(median, 4),
+               "tokens_per_step": tokens, "tokens_per_s": round(tokens / median, 1),
+               "peak_memory_gib": round(_peak_bytes(device) / 2**30, 3), "trainable_parameters": trainable,
+               "setup_s": round(setup_s, 2), "steps": steps, "warmup": warmup, "gradient_checkpointing": grad_ckpt}
+    emit(summary)
+    del step, keep
+    gc.collect()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (for tests)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per method (default 10; tiny 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny 1)")
+    parser.add_argument("--heads", type=int, default=2, help="ALTER forget heads")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing for every method")
+    parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    args = parser.parse_args(argv)
+    shape = TINY if args.tiny else FULL
+    shape = Shape(**{**shape.__dict__, **{k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v}})
+    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    steps = args.steps if args.steps is not None else (2 if args.tiny else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {METHODS}")
+
+    def emit(record: dict) -> None:
+        print(json.dumps(record), flush=True)
+
+    n_params = sum(p.numel() for p in make_model(shape, torch.device("meta"), torch.bfloat16).parameters())
+    emit({"benchmark": "gpu_train_bench", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+          "torch": torch.__version__, "shape": shape.__dict__, "parameters": n_params, "methods": methods})
+    summaries = []
+    for method in methods:
+        try:
+            summaries.append(bench_method(method, shape, device, steps, warmup, args.grad_ckpt, args.heads, emit))
+        except torch.cuda.OutOfMemoryError as exc:  # report and go on with the next method
+            emit({"method": method, "summary": True, "error": f"out of memory: {exc}"})
+            gc.collect()
+            torch.cuda.empty_cache()
+    return summaries
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
