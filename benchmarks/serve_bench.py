@@ -67,7 +67,7 @@ class StockVllm:
     def __init__(self, model_dir: Path, lora_dir: Path, log: Path, max_loras: int):
         self.port = free_port()
         self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                    "--dtype", "float32", "--enable-lora", "--max-lora-rank", "8", "--max-loras", str(max_loras),
+                    "--dtype", "float32", "--enable-lora", "--max-lora-rank", "32", "--max-loras", str(max_loras),
                     "--max-num-seqs", "64", "--enforce-eager", "--gpu-memory-utilization", "0.2",
                     "--lora-modules", f"v0={lora_dir}", "--port", str(self.port)]
         self.log = log

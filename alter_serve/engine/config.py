@@ -17,7 +17,7 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(default=None, ge=16, description="None = the model's own limit")
     max_loras: int = Field(default=4, ge=1, description="distinct views batched together")
     max_cpu_loras: int = Field(default=64, ge=1, description="views kept loaded (LRU beyond)")
-    max_lora_rank: int = 8
+    max_lora_rank: int = 32  # the demo bundle is rank 32; vLLM pads every LoRA to this rank
     max_num_seqs: int = Field(default=64, ge=1)
     kv_cache_gib: float | None = Field(default=1.0, gt=0, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(default=0.2, gt=0, le=1)

@@ -89,7 +89,10 @@ class VllmEngine:
         self.state = "starting"
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args())
         for lora in list(self._loras.values()):
-            await self._llm.add_lora(lora)
+            try:
+                await self._llm.add_lora(lora)
+            except Exception:  # one bad adapter must not keep every other view offline
+                log.exception("could not load %s into the engine; requests for it will fail", lora.lora_name)
         self.state = "ready"
         if self._watchdog is None:
             self._watchdog = asyncio.create_task(self._watch(), name="vllm-watchdog")

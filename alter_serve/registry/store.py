@@ -151,11 +151,13 @@ class Registry:
         *,
         base_fingerprint: str | None = None,
         base_shapes: Mapping[str, tuple[int, int]] | None = None,
+        max_rank: int | None = None,
     ):
         self.url = url
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.base_fingerprint = base_fingerprint
         self.base_shapes = dict(base_shapes) if base_shapes is not None else None
+        self.max_rank = max_rank  # the serving engine's max_lora_rank: a larger bundle could never load
         self.engine = _make_engine(url)
         self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(
@@ -201,9 +203,13 @@ class Registry:
 
     def _validated(self, source: str | Path) -> AlterBundle:
         try:
-            return load_bundle(source, self.base_shapes, self.base_fingerprint)
+            bundle = load_bundle(source, self.base_shapes, self.base_fingerprint)
         except BundleError as exc:
             raise InvalidInput(f"bundle at {source} is invalid; fix it and upload it again:", exc.problems) from exc
+        if self.max_rank is not None and bundle.manifest.rank > self.max_rank:
+            raise InvalidInput(f"bundle at {source} has rank {bundle.manifest.rank} but the server's engine serves "
+                               f"LoRAs up to rank {self.max_rank}; restart it with a larger engine.max_lora_rank")
+        return bundle
 
     def store_bundle(self, name: str, src_dir: str | Path, *, replace: bool = False) -> BundleUpdate:
         """Validate the bundle folder `src_dir` against the base model, store it content-addressed
