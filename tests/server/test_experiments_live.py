@@ -1,0 +1,73 @@
+"""A/B tests of a forgetting view against the original, on the live server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from alter_serve.core.bundle import load_bundle
+
+from .bundle_factory import random_head_file
+from .test_hot_swap import swap_head
+
+pytestmark = pytest.mark.vllm
+PROMPT = "Question: What genre does the author write?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def experiment(live_server):
+    with live_server.http("admin") as admin:
+        created = admin.post("/admin/experiments", json={
+            "name": "ab-swap", "alias": "assistant", "tenants": ["demo"], "sticky": "user",
+            "arms": [{"name": "control", "view": "original", "weight": 1}, {"name": "forget", "view": "swap", "weight": 1}],
+        })
+        assert created.status_code == 200, created.text
+    return "ab-swap"
+
+
+def _ask(http, user: str):
+    response = http.post("/v1/completions", json={"model": "assistant", "prompt": PROMPT, "max_tokens": 6,
+                                                  "temperature": 0, "user": user})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_arms_are_sticky_and_labelled(live_server, experiment):
+    arms = {}
+    with live_server.http() as http:
+        for user in [f"user-{i}" for i in range(24)]:
+            first, again = _ask(http, user), _ask(http, user)
+            arm = first.headers["x-alter-arm"]
+            assert again.headers["x-alter-arm"] == arm and first.headers["x-alter-experiment"] == experiment
+            assert first.json()["system_fingerprint"].endswith(f";exp={experiment};arm={arm}")
+            expected_view = "original@" if arm == "control" else "swap@"
+            assert first.headers["x-alter-view"].startswith(expected_view)
+            arms[user] = arm
+    assert set(arms.values()) == {"control", "forget"}  # 24 users, two equal arms
+
+
+def test_results_feedback_pause_and_hot_swap_mid_experiment(live_server, experiment, tmp_path):
+    with live_server.http() as http:
+        response = _ask(http, "rater")
+        rated = http.post("/v1/feedback", json={"response_id": response.json()["id"], "rating": 4.0})
+        assert rated.status_code == 200 and rated.json()["arm"] == response.headers["x-alter-arm"]
+        forget_user = next(u for u in (f"u{i}" for i in range(100)) if _ask(http, u).headers["x-alter-arm"] == "forget")
+        before = _ask(http, forget_user).headers["x-alter-view"]
+
+        bundle = load_bundle(live_server.data_dir / "rnd-src")
+        new_label = swap_head(live_server, random_head_file(bundle, tmp_path / "h.safetensors", seed=77))
+        after = _ask(http, forget_user)
+        assert after.headers["x-alter-arm"] == "forget" and after.headers["x-alter-view"] == new_label != before
+
+        with live_server.http("admin") as admin:
+            assert admin.patch(f"/admin/experiments/{experiment}", json={"status": "paused"}).status_code == 200
+            assert _ask(http, forget_user).headers["x-alter-arm"] == "control"  # paused: everyone on control
+            assert admin.patch(f"/admin/experiments/{experiment}", json={"status": "running"}).status_code == 200
+            assert _ask(http, forget_user).headers["x-alter-arm"] == "forget"
+            time.sleep(1.5)  # the request log is written in batches every 0.5 s
+            results = admin.get(f"/admin/experiments/{experiment}/results").json()
+    arms = {a["arm"]: a for a in results["arms"]}
+    assert set(arms) == {"control", "forget"}
+    assert all(a["requests"] > 0 for a in arms.values())
+    assert sum(a["feedback"]["n"] for a in arms.values()) == 1
