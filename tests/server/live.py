@@ -43,7 +43,7 @@ class LiveServer:
         cmd = [sys.executable, "-m", "alter_serve.cli", "serve", "--model", str(self.model_dir),
                "--data-dir", str(self.data_dir), "--port", str(self.port), "--dtype", "float32",
                *(self.extra_args or ["--max-loras", "4"])]
-        self.proc = subprocess.Popen(cmd, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, env=env,
+        self.proc = subprocess.Popen(cmd, stdout=self.log_path.open("a"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         return self
 

@@ -24,6 +24,7 @@ def _operations(live_server):
 
 
 def test_no_server_errors_and_no_tracebacks(live_server):
+    restarts_before = httpx.get(f"{live_server.base_url}/ready", timeout=30).json()["restarts"]
     headers = {"Authorization": f"Bearer {live_server.keys['tenant']}"}
     failures: list[str] = []
     operations = _operations(live_server)
@@ -43,3 +44,5 @@ def test_no_server_errors_and_no_tracebacks(live_server):
 
         fuzz()
     assert not failures, "\n".join(failures)
+    ready = httpx.get(f"{live_server.base_url}/ready", timeout=30).json()
+    assert ready["restarts"] == restarts_before, "a fuzzed request killed the engine:\n" + live_server.log_tail(80)
