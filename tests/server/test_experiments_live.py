@@ -71,3 +71,27 @@ def test_results_feedback_pause_and_hot_swap_mid_experiment(live_server, experim
     assert set(arms) == {"control", "forget"}
     assert all(a["requests"] > 0 for a in arms.values())
     assert sum(a["feedback"]["n"] for a in arms.values()) == 1
+
+
+def test_offline_probe_scores_each_arm_through_the_live_server(live_server, demo_model_dir, demo_bundle_dir):
+    from train.cli import main as alter_train
+
+    heads = load_bundle(demo_bundle_dir).forget_heads
+    with live_server.http("admin") as admin:
+        created = admin.post("/admin/experiments", json={
+            "name": "probe-ab", "alias": "probe-alias", "tenants": ["demo"],
+            "arms": [{"name": "control", "view": "original", "weight": 1},
+                     {"name": "forget", "view": f"forget-{heads[0]}", "weight": 1}],
+        })
+        assert created.status_code == 200, created.text
+    status = alter_train(["probe", "--endpoint", live_server.base_url, "--admin-key", live_server.keys["admin"],
+                          "--experiment", "probe-ab", "--tenant-key", live_server.keys["tenant"],
+                          "--data", "synthetic", "--model-dir", str(demo_model_dir), "--forget", heads[0],
+                          "--limit", "4", "--max-new-tokens", "8"])
+    assert status == 0
+    with live_server.http("admin") as admin:
+        arms = {a["arm"]: a for a in admin.get("/admin/experiments/probe-ab/results").json()["arms"]}
+    assert arms["control"]["probe"] is not None and arms["forget"]["probe"] is not None
+    control, forget = arms["control"]["probe"]["metrics"], arms["forget"]["probe"]["metrics"]
+    assert forget["forget_probability"] < 0.5 * control["forget_probability"]  # the forgetting arm forgot
+    assert forget["retain_probability"] > 0.8 * control["retain_probability"]  # and kept the rest
