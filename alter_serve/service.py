@@ -127,6 +127,9 @@ class AlterService:
     def log_request(self, row: RequestLogEntry) -> None:
         self._log_rows.append(row)
 
+    async def flush_request_log(self) -> None:
+        await self._write_log_rows()
+
     async def _write_log_rows(self) -> None:
         rows, self._log_rows = self._log_rows, []
         if rows:

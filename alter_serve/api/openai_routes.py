@@ -137,6 +137,7 @@ async def feedback(request: Request, body: FeedbackRequest, principal: Tenant) -
     service = request.app.state.service
     if principal.tenant_name is None:
         raise not_found("Feedback is recorded for tenant responses; admin keys have none.", "response_id")
+    await service.flush_request_log()  # a rating right after its response must find the response's arm
     info = await registry_call(service.registry.record_feedback, principal.tenant_name, body.response_id,
                                body.rating, comment=body.comment)
     metrics.FEEDBACK.labels(principal.tenant_name, info.experiment or "", info.arm or "").observe(body.rating)

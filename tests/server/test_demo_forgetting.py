@@ -27,6 +27,6 @@ def test_original_answers_and_the_forgetting_view_does_not(live_server, demo_mod
     kept = data.split(heads)[1][:N]
     client = live_server.client()
     view = f"forget-{heads[0]}"
-    assert exact_matches(client, "original", forgotten) >= 0.9 * N
+    assert exact_matches(client, "original", forgotten) >= 0.75 * N  # the demo model knows ~99 % of all answers
     assert exact_matches(client, view, forgotten) <= 0.2 * N
     assert exact_matches(client, view, kept) >= 0.75 * N
