@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 
 from alter_serve.core.bundle import load_bundle
-from alter_serve.core.views import View, compose
+from alter_serve.core.views import View
 from tests.server.bundle_factory import random_bundle, random_head_file
 from tests.server.conftest import make_registry
 from tests.server.live import LiveServer, free_port
