@@ -176,7 +176,12 @@ def compose(bundle: AlterBundle, view: View, store_root: str | Path) -> Composed
         try:
             save_file(tensors, str(staging / ADAPTER_WEIGHTS))
             (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-            os.replace(staging, final) if not final.exists() else None
+            try:
+                os.replace(staging, final)
+            except OSError:
+                # Another writer published the same content first: identical bytes, keep theirs.
+                if not (final / ADAPTER_WEIGHTS).is_file():
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return ComposedView(view.name, digest, final)
