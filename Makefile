@@ -5,9 +5,10 @@ PY     := $(VENV)/bin/python
 # The venv is rebuilt only when pyproject.toml changes: the stamp name carries its hash.
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 EXTRAS ?= cpu,dev
-# System tools the tests drive: headless Chromium (dashboard) and docker-compose (validates the
-# deployment file). Debian packages; installed once per machine.
-SYSDEPS := var/.sysdeps-chromium-compose
+# System tools the tests drive: headless Chromium (dashboard), docker-compose (validates the
+# deployment file) and PostgreSQL (the registry tests also run against a throwaway PG cluster).
+# Debian packages; installed once per machine (a new stamp name when the list grows).
+SYSDEPS := var/.sysdeps-v2
 DEMO_ASSETS := var/demo/assets.json
 
 .PHONY: setup test serve demo bench clean-venv
@@ -25,9 +26,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 $(SYSDEPS):
-	command -v chromium >/dev/null && command -v docker-compose >/dev/null || \
+	command -v chromium >/dev/null && command -v docker-compose >/dev/null && \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	     chromium docker-compose)
+	     chromium docker-compose postgresql)
 	mkdir -p $(dir $@) && touch $@
 
 test: setup

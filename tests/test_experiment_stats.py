@@ -108,8 +108,8 @@ def test_report_tests_every_arm_against_the_control_and_refuses_a_bad_confidence
 
 
 @pytest.fixture
-def reg(tmp_path):
-    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "data")
+def reg(registry_url, tmp_path):
+    registry = Registry(registry_url, tmp_path / "data")  # SQLite and PostgreSQL (conftest.py)
     registry.create_all()
     yield registry
     registry.close()

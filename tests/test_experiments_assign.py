@@ -79,8 +79,8 @@ def test_same_user_keeps_the_same_arm():
     assert set(first) == {"a", "b", "c"}
 
 
-def test_stickiness_survives_a_registry_restart(tmp_path):
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
+def test_stickiness_survives_a_registry_restart(registry_url, tmp_path):
+    url = registry_url  # SQLite and PostgreSQL (conftest.py)
     registry = Registry(url, tmp_path / "data")
     registry.create_all()
     registry.create_tenant("acme", views=["original"])

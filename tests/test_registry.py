@@ -1,9 +1,12 @@
-"""The persistent registry on a tmp_path SQLite file, with tiny hand-made ALTER bundles (rank 8)."""
+"""The persistent registry, with tiny hand-made ALTER bundles (rank 8). Every test that takes `reg`
+runs twice: on a tmp_path SQLite file and on a fresh database of the session's PostgreSQL cluster
+(`registry_url` in conftest.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from sqlalchemy import event
+from sqlalchemy import event, inspect, text
 
 from alter_serve.core.bundle import AlterBundle, BaseModelRef, Heads, Manifest
 from alter_serve.core.views import View
@@ -71,13 +74,32 @@ def store_listing(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
 
 
-@pytest.fixture
-def reg(tmp_path):
-    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "data",
-                        base_fingerprint=FINGERPRINT, base_shapes=BASE_SHAPES)
+def open_registry(url: str, tmp_path: Path) -> Registry:
+    registry = Registry(url, tmp_path / "data", base_fingerprint=FINGERPRINT, base_shapes=BASE_SHAPES)
     registry.create_all()
+    return registry
+
+
+@pytest.fixture
+def reg(registry_url, tmp_path):
+    registry = open_registry(registry_url, tmp_path)
     yield registry
     registry.close()
+
+
+@pytest.fixture
+def sqlite_reg(tmp_path):
+    """For the SQLite-only behaviour (WAL, BEGIN IMMEDIATE)."""
+    registry = open_registry(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path)
+    yield registry
+    registry.close()
+
+
+def dump_database(registry: Registry) -> str:
+    """Every row of every table, as text (to show a secret is stored nowhere)."""
+    with registry.engine.connect() as conn:
+        tables = inspect(conn).get_table_names()
+        return "\n".join(repr(row) for table in tables for row in conn.execute(text(f'SELECT * FROM "{table}"')))
 
 
 @pytest.fixture
@@ -92,18 +114,31 @@ def alpha(reg, tmp_path):
 # ---- setup ----------------------------------------------------------------------------------------
 
 
-def test_create_all_makes_original_and_uses_wal(reg, tmp_path):
+def test_create_all_makes_original(reg, tmp_path):
     reg.create_all()  # idempotent
     views = reg.list_views()
     assert [v.name for v in views] == ["original"]
     original = views[0]
     assert original.is_original and original.bundle is None and original.composed is None
-    with sqlite3.connect(tmp_path / "registry.db") as raw:
-        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert reg.views_revision() == 0
     assert (tmp_path / "data" / "bundles").is_dir() and (tmp_path / "data" / "views").is_dir()
 
 
-def test_writes_take_the_lock_up_front(reg):
+def test_sqlite_uses_wal(sqlite_reg, tmp_path):
+    with sqlite3.connect(tmp_path / "registry.db") as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_replicas_starting_together_create_the_tables_once(registry_url, tmp_path):
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        replicas = list(pool.map(lambda _: open_registry(registry_url, tmp_path), range(4)))
+    assert [v.name for v in replicas[0].list_views()] == ["original"]
+    for replica in replicas:
+        replica.close()
+
+
+def test_writes_take_the_lock_up_front(sqlite_reg):
+    reg = sqlite_reg
     begins = []
     event.listen(reg.engine, "before_cursor_execute",
                  lambda conn, cur, stmt, *a: begins.append(stmt) if stmt.startswith("BEGIN") else None)
@@ -120,10 +155,12 @@ def test_key_secret_is_never_stored(reg, tmp_path):
                       limits=Limits(max_concurrent=4, tokens_per_minute=1000, max_tokens_cap=256))
     key_id, secret = reg.create_key("acme")
     assert secret.startswith("as-") and len(secret) == 3 + 43
-    with sqlite3.connect(tmp_path / "registry.db") as raw:
-        row = raw.execute("SELECT prefix, key_hash, role, revoked_at FROM api_keys WHERE id = ?", (key_id,)).fetchone()
-        dump = "\n".join(raw.iterdump())
-    assert row == (secret[:8], hashlib.sha256(secret.encode()).hexdigest(), "tenant", None)
+    with reg.engine.connect() as conn:
+        row = conn.execute(text("SELECT prefix, key_hash, role, revoked_at FROM api_keys WHERE id = :id"),
+                           {"id": key_id}).one()
+    dump = dump_database(reg)
+    assert tuple(row) == (secret[:8], hashlib.sha256(secret.encode()).hexdigest(), "tenant", None)
+    assert secret[:8] in dump
     assert secret not in dump and secret[3:] not in dump
     listed = reg.list_keys("acme")
     assert [(k.id, k.tenant, k.role, k.prefix, k.active) for k in listed] == [(key_id, "acme", "tenant", secret[:8], True)]
@@ -138,11 +175,11 @@ def test_key_secret_is_never_stored(reg, tmp_path):
         assert reg.authenticate(wrong) is None, wrong
 
 
-def test_revoked_key_is_refused_immediately_on_every_replica(reg, tmp_path):
+def test_revoked_key_is_refused_immediately_on_every_replica(reg, registry_url, tmp_path):
     reg.create_tenant("acme", views=["original"])
     key_id, secret = reg.create_key("acme")
     other_id, other = reg.create_key("acme")
-    replica = Registry(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "data")
+    replica = Registry(registry_url, tmp_path / "data")
     assert reg.authenticate(secret) is not None and replica.authenticate(secret) is not None
     revoked = reg.revoke_key(key_id)
     assert not revoked.active and revoked.revoked_at is not None
@@ -370,6 +407,50 @@ def test_remove_view_refuses_views_in_use(alpha):
     assert store_listing(reg.data_dir / "views") == []
     with pytest.raises(NotFound, match=r"view\(s\) \['no-cyber'\] not found"):
         reg.update_experiment("cyber-test", status="running")  # it cannot run without its view
+
+
+def test_views_revision_moves_with_every_view_change_and_nothing_else(alpha, tmp_path):
+    reg = alpha
+    start = reg.views_revision()
+    assert start == 2  # the fixture defined two views
+    reg.create_tenant("acme", views=["no-bio"])
+    reg.create_key("acme")
+    reg.store_bundle("beta", write_bundle(make_bundle(5), tmp_path / "src-beta"))
+    assert reg.views_revision() == start  # tenants, keys, an unused bundle: no view serves anything new
+    reg.replace_head("alpha", "bio", head_file(tmp_path / "bio.safetensors", seed=3))
+    assert reg.views_revision() == start + 1  # no-bio recomposed
+    reg.replace_head("alpha", "bio", head_file(tmp_path / "bio.safetensors", seed=3))
+    assert reg.views_revision() == start + 1  # the same weights again: nothing changed
+    reg.define_view(View(name="beta-bio", forget={"bio": 1.0}), "beta")
+    reg.remove_view("no-cyber")
+    assert reg.views_revision() == start + 3
+    with pytest.raises(Conflict):
+        reg.remove_view("no-bio")  # granted: refused, and the revision stays
+    assert reg.views_revision() == start + 3
+
+
+def test_ensure_composed_recomposes_a_missing_folder(alpha):
+    reg = alpha
+    view = reg.get_view("no-bio")
+    assert reg.ensure_composed("original") is None
+    assert reg.ensure_composed("no-bio") == view.composed
+    shutil.rmtree(view.path)  # e.g. a replica whose view store never got the folder another one composed
+    rebuilt = reg.ensure_composed("no-bio")
+    assert rebuilt == view.composed and (view.path / "adapter_model.safetensors").is_file()
+    shutil.rmtree(view.path)
+    shutil.rmtree(reg.get_bundle("alpha").path)
+    with pytest.raises(NotFound, match="every replica must share data_dir"):
+        reg.ensure_composed("no-bio")
+    with pytest.raises(NotFound, match="view 'gone' not found"):
+        reg.ensure_composed("gone")
+
+
+def test_concurrent_identical_grants_are_idempotent(alpha):
+    reg = alpha
+    reg.create_tenant("acme")
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        granted = list(pool.map(lambda _: reg.grant_view("acme", "no-bio"), range(12)))
+    assert all(g.views == ("no-bio",) for g in granted)
 
 
 # ---- head replacement and recomposition -----------------------------------------------------------

@@ -74,6 +74,17 @@ class Base(DeclarativeBase):
     )
 
 
+class RegistryStateRow(Base):
+    """One row (id 1). `views_revision` goes up in every transaction that changes what a view serves
+    (a view defined, redefined, recomposed or removed), so a replica learns with one tiny query
+    whether it must reload its views (`Registry.views_revision`). A counter rather than
+    max(updated_at): replicas' clocks may disagree, and a deletion leaves no timestamp behind."""
+
+    __tablename__ = "registry_state"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    views_revision: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class BundleRow(Base):
     """A named bundle and the version its name points at now."""
 

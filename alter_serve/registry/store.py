@@ -19,6 +19,11 @@ Consistency rules kept here:
   was composed against, and raises `Conflict` ("retry") otherwise.
 - SQLite: WAL (readers never block the writer), foreign keys on, and writes open with
   `BEGIN IMMEDIATE` so two writers queue on the busy timeout instead of failing mid-transaction.
+- PostgreSQL (several replicas): read-check-write paths lock the rows they re-check (`FOR UPDATE`),
+  idempotent inserts are `ON CONFLICT DO NOTHING`, and `create_all` holds an advisory lock so
+  replicas starting together do not race to create the tables.
+- Every transaction that changes what a view serves bumps `registry_state.views_revision`; replicas
+  poll that one number (`views_revision`) to learn that they must reload their views.
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import case, create_engine, delete, event, func, insert, select
+from sqlalchemy import Table, case, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import StaticPool
 
 from ..core.bundle import (
@@ -47,7 +54,7 @@ from ..core.bundle import (
     load_bundle,
     validate_contents,
 )
-from ..core.views import ORIGINAL_VIEW, ComposedView, View, check_view_fits, compose
+from ..core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW, ComposedView, View, check_view_fits, compose
 from . import experiments as exp
 from . import files, keys, stats
 from .errors import Conflict, InvalidInput, NotFound
@@ -60,6 +67,7 @@ from .models import (
     ExperimentRow,
     FeedbackRow,
     ProbeResultRow,
+    RegistryStateRow,
     RequestLogRow,
     TenantRow,
     ViewRow,
@@ -93,6 +101,7 @@ MAX_RESPONSE_ID_CHARS = 128
 MAX_PROBE_METRICS = 64
 MAX_PROBE_SOURCE_CHARS = 2000
 _METRIC_NAME_RE = re.compile(r"[a-z][a-z0-9_./-]{0,63}\Z")
+_CREATE_LOCK_ID = 0x616C7465  # PostgreSQL advisory lock key held while creating tables ("alte")
 
 
 def _check_name(kind: str, name: object) -> str:
@@ -168,13 +177,21 @@ class Registry:
 
     def create_all(self) -> None:
         """Create missing tables and folders, and the built-in view "original" (the base model)."""
-        Base.metadata.create_all(self.engine)
+        # Replicas starting together: one creates the tables, the others wait and then find them.
+        # SQLite: a write transaction from the start (a deferred one that inspects, then creates,
+        # fails at once with "database is locked"); PostgreSQL: an advisory lock (its CREATE TABLE
+        # is not race-free: a duplicate type or table error).
+        with self.engine.execution_options(**{_WRITE_OPTION: True}).begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(_CREATE_LOCK_ID)))
+            Base.metadata.create_all(conn)
         (self.data_dir / files.BUNDLES_DIR).mkdir(parents=True, exist_ok=True)
         (self.data_dir / files.VIEWS_DIR).mkdir(parents=True, exist_ok=True)
         try:
             with self._writing("the built-in view 'original'") as s:
                 if s.scalar(select(ViewRow.id).where(ViewRow.name == ORIGINAL_VIEW)) is None:
                     s.add(ViewRow(name=ORIGINAL_VIEW, bundle_id=None, spec={}))
+                _insert_ignore(s, RegistryStateRow.__table__, {"id": 1, "views_revision": 0})
         except Conflict:
             pass  # another replica created it at the same moment
 
@@ -195,6 +212,25 @@ class Registry:
                 yield session
         except IntegrityError as exc:
             raise Conflict(f"{subject}: clashes with a concurrent change ({exc.orig}); reload and retry") from exc
+        except StaleDataError as exc:  # PostgreSQL: a row read here was deleted by another replica since
+            raise Conflict(f"{subject}: changed concurrently ({exc}); reload and retry") from exc
+
+    # ---- change marker for replicas -------------------------------------------------------------
+
+    def views_revision(self) -> int:
+        """A number that goes up whenever a view is defined, redefined, recomposed or removed (on any
+        replica). Replicas poll it, one indexed single-row read, and reload their views on a change."""
+        with self._reading() as s:
+            return s.scalar(select(RegistryStateRow.views_revision).where(RegistryStateRow.id == 1)) or 0
+
+    @staticmethod
+    def _bump_views_revision(s: Session) -> None:
+        # Taken last in its transaction (after any bundle/view row locks), so the row lock it holds
+        # until commit never waits on anything: no lock-order cycle with other writers.
+        bumped = s.execute(update(RegistryStateRow).where(RegistryStateRow.id == 1)
+                           .values(views_revision=RegistryStateRow.views_revision + 1)).rowcount
+        if not bumped:  # a database from before the table existed, not yet through create_all
+            _insert_ignore(s, RegistryStateRow.__table__, {"id": 1, "views_revision": 1})
 
     def _abs(self, relative: str) -> Path:
         return self.data_dir / relative
@@ -426,6 +462,8 @@ class Registry:
             previous = self._composed_of(row)
             row.content_hash, row.path, row.updated_at = new.content_hash, f"{files.VIEWS_DIR}/{new.content_hash}", now
             changes.append(ViewChange(self._view_info(row, bundle_row.name), previous))
+        if changes:
+            self._bump_views_revision(s)
         return changes
 
     def recompose_views_for_bundle(self, bundle_name: str) -> list[ViewChange]:
@@ -500,6 +538,7 @@ class Registry:
                 row.content_hash, row.path = composed.content_hash, f"{files.VIEWS_DIR}/{composed.content_hash}"
                 row.updated_at = now
                 s.flush()
+                self._bump_views_revision(s)
                 info = self._view_info(row, bundle_name)
         except BaseException:
             if created:
@@ -513,6 +552,30 @@ class Registry:
             if row is None:
                 raise NotFound(f"view {name!r} not found; see list_views")
             return self._view_info(*row)
+
+    def ensure_composed(self, name: str) -> ComposedView | None:
+        """The composed LoRA folder of view `name` as the registry records it now, composed into this
+        data directory first when the folder is missing there. A replica whose view store lacks a
+        folder another replica composed (storage not shared, or pruned) recomposes it from the
+        bundle: composition is deterministic, so it gets the same content hash. None for "original".
+        """
+        with self._reading() as s:
+            found = s.execute(self._view_query().where(ViewRow.name == name)).first()
+            if found is None:
+                raise NotFound(f"view {name!r} not found; see list_views")
+            row, bundle_name = found
+            composed = self._composed_of(row)
+            spec = View(name=row.name, **row.spec)
+            bundle_path = None if row.bundle_id is None else self._abs(self._bundle_row(s, bundle_name).path)
+        if composed is None or (composed.path / ADAPTER_WEIGHTS).is_file():
+            return composed
+        if bundle_path is None or not bundle_path.is_dir():
+            raise NotFound(f"view {name!r}: neither its composed folder {composed.path} nor its bundle folder "
+                           f"{bundle_path} is in this data directory; every replica must share data_dir's storage")
+        rebuilt, _ = self._compose(self._validated(bundle_path), spec)
+        if rebuilt.content_hash != composed.content_hash:
+            raise Conflict(f"view {name!r} changed while its missing folder was recomposed; retry")
+        return rebuilt
 
     def list_views(self) -> list[ViewInfo]:
         with self._reading() as s:
@@ -540,6 +603,8 @@ class Registry:
                 raise Conflict(f"view {name!r} is an arm of experiment(s) {sorted(users)}; stop or change them first")
             info = self._view_info(row, bundle_name)
             s.delete(row)
+            s.flush()
+            self._bump_views_revision(s)
         return info
 
     def prune_view_store(self, keep: Iterable[str] = ()) -> list[str]:
@@ -614,9 +679,9 @@ class Registry:
         with self._writing(f"grant of view {view!r} to tenant {tenant!r}") as s:
             row = self._tenant_row(s, tenant)
             view_id = self._view_ids(s, [view])[view]
-            exists = s.scalar(select(grants.c.view_id).where(grants.c.tenant_id == row.id, grants.c.view_id == view_id))
-            if exists is None:
-                s.execute(insert(grants).values(tenant_id=row.id, view_id=view_id, created_at=utcnow()))
+            # Idempotent also when two replicas grant the same view at once (PostgreSQL does not
+            # serialize writers the way SQLite's database lock does).
+            _insert_ignore(s, grants, {"tenant_id": row.id, "view_id": view_id, "created_at": utcnow()})
             return self._tenant_info(s, row)
 
     def revoke_view(self, tenant: str, view: str) -> TenantInfo:
@@ -1196,3 +1261,17 @@ def _probe_metrics(index: int, metrics: Any) -> dict[str, float | None]:
     if problems:
         raise InvalidInput(f"probe result {index} has invalid metrics:", problems)
     return clean
+
+
+def _insert_ignore(s: Session, table: Table, values: Mapping[str, Any]) -> None:
+    """INSERT that does nothing when the row exists (a unique or primary key clash), race-free on
+    both backends: `ON CONFLICT DO NOTHING` (SQLite 3.24+, PostgreSQL 9.5+)."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        s.execute(postgresql.insert(table).values(**values).on_conflict_do_nothing())
+    elif dialect == "sqlite":
+        s.execute(sqlite.insert(table).values(**values).on_conflict_do_nothing())
+    else:  # another backend: check, then insert (a concurrent duplicate becomes Conflict)
+        key = [c == values[c.name] for c in table.primary_key.columns]
+        if s.scalar(select(func.count()).select_from(table).where(*key)) == 0:
+            s.execute(insert(table).values(**values))
