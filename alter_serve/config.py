@@ -28,6 +28,8 @@ class ServeConfig(BaseSettings):
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
     max_upload_bytes: int = Field(default=2 << 30, ge=1024)
     request_log_flush_s: float = Field(default=0.5, gt=0)
+    registry_poll_s: float = Field(default=2.0, ge=0, description="how often a replica checks the registry for "
+                                   "views changed by other replicas (0: never; one single-row query per poll)")
     log_level: str = "info"
 
     @property

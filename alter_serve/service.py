@@ -3,6 +3,10 @@
 Request path:  API key → Principal → model name → (experiment arm) → view → lease on its version.
 Admin path:    registry change (in a worker thread) → publish every changed view's new version to
                the engine → return. So a request accepted after an admin call returns sees the change.
+Replicas:      every `registry_poll_s` each replica reads the registry's views revision (one tiny
+               query); when another replica changed a view, it publishes the new versions to its own
+               engine and unpublishes deleted views (`sync_views`). A request for a view that is in
+               the registry but not loaded here yet starts its load at once and gets 503 + Retry-After.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from .api.errors import model_not_found, unauthorized, unavailable
 from .api.generation import Generator, Target
 from .config import ServeConfig
 from .core.fingerprint import fingerprint, module_shapes
+from .core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW
 from .engine.adapters import AdapterManager, UnknownView
 from .engine.vllm_engine import VllmEngine
 from .limits import TenantLimiter
 from . import metrics
-from .registry import Principal, Registry, RequestLogEntry, ViewChange, ViewInfo
+from .registry import NotFound, Principal, Registry, RequestLogEntry, ViewChange, ViewInfo
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,12 @@ class AlterService:
         self.limiter = TenantLimiter()  # per-tenant concurrency / tokens-per-minute / max_tokens limits
         self._log_rows: list[RequestLogEntry] = []
         self._background: list[asyncio.Task] = []
+        # Serializes every change of what this engine serves (admin apply, registry sync, on-demand
+        # loads), so a sync that read the registry before an admin change cannot publish its older
+        # state after that change was applied.
+        self._views_lock = asyncio.Lock()
+        self._synced_revision: int | None = None
+        self._loading: dict[str, asyncio.Task] = {}
         self.engine.on_restart(metrics.ENGINE_RESTARTS.inc)
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -56,14 +67,19 @@ class AlterService:
 
     async def start(self) -> None:
         """Publish every view, then start the engine (which loads them). Runs in the background."""
-        for view in await asyncio.to_thread(self.registry.list_views):
-            await self._publish(view)
+        await self.sync_views(force=True)
         await self.engine.start()
         self._background.append(asyncio.create_task(self._flush_request_log(), name="request-log"))
         self._background.append(asyncio.create_task(self._gauges(), name="gauges"))
+        self.start_registry_sync()
+
+    def start_registry_sync(self) -> None:
+        """Poll the registry for views other replicas changed (every `registry_poll_s`; 0 = never)."""
+        if self.config.registry_poll_s > 0 and not any(t.get_name() == "registry-sync" for t in self._background):
+            self._background.append(asyncio.create_task(self._poll_registry(), name="registry-sync"))
 
     async def stop(self) -> None:
-        for task in self._background:
+        for task in [*self._background, *self._loading.values()]:
             task.cancel()
         await self._write_log_rows()
         await self.engine.stop()
@@ -74,24 +90,97 @@ class AlterService:
         return self.engine.ready
 
     # ---- views ------------------------------------------------------------------------------
-    async def _publish(self, view: ViewInfo) -> None:
+    async def _publish(self, view: ViewInfo) -> str | None:
+        """Make the registry's version of `view` the one this engine serves (a no-op when it is
+        already). Its composed folder is recomposed here first if this data_dir lacks it.
+        Call with `_views_lock` held. Returns the new version's label when one was published."""
         composed = view.composed
-        if composed is None:
-            return
-        with metrics.adapter_op("load"):
-            await self.adapters.publish(composed)
+        if composed is None:  # "original": the base model, always served
+            return None
+        current = self.adapters.current(view.name)
+        if current is not None and current.version == composed.version:
+            return None
+        if not (composed.path / ADAPTER_WEIGHTS).is_file():
+            composed = await asyncio.to_thread(self.registry.ensure_composed, view.name)
+            if composed is None or composed.content_hash != view.content_hash:
+                return None  # changed meanwhile; the next sync publishes what it is now
+        with metrics.adapter_op("swap" if current is not None else "load"):
+            version = await self.adapters.publish(composed)
+        return version.label
 
     async def apply(self, changes: Iterable[ViewChange]) -> list[str]:
         """Publish the new version of every changed view (the hot-swap). Returns their labels."""
         labels = []
-        for change in changes:
-            with metrics.adapter_op("swap" if change.previous is not None else "load"):
-                version = await self.adapters.publish(change.view.composed)
-            labels.append(version.label)
+        async with self._views_lock:
+            for change in changes:
+                with metrics.adapter_op("swap" if change.previous is not None else "load"):
+                    version = await self.adapters.publish(change.view.composed)
+                labels.append(version.label)
         return labels
 
     async def forget_view(self, name: str) -> None:
-        await self.adapters.unpublish(name)
+        async with self._views_lock:
+            await self.adapters.unpublish(name)
+
+    async def sync_views(self, *, force: bool = False) -> bool:
+        """Bring this engine in line with the registry: publish every view's current version,
+        unpublish views that are gone. Skipped (one tiny query) while the registry's views revision
+        is the one last synced, unless `force`. Returns whether it looked at the views.
+
+        A view that fails to load is logged and retried on the next poll; the others still load."""
+        revision = await asyncio.to_thread(self.registry.views_revision)
+        if not force and revision == self._synced_revision:
+            return False
+        complete = True
+        async with self._views_lock:
+            # Read under the lock, after the revision: what is published is at least as new as it.
+            views = await asyncio.to_thread(self.registry.list_views)
+            for view in views:
+                try:
+                    label = await self._publish(view)
+                except Exception:
+                    complete = False
+                    log.exception("could not load view %s from the registry; retrying at the next poll", view.name)
+                else:
+                    if label is not None:
+                        log.info("registry sync: now serving %s", label)
+            names = {v.name for v in views}
+            for gone in sorted(set(self.adapters.loaded()) - names - {ORIGINAL_VIEW}):
+                await self.adapters.unpublish(gone)
+                log.info("registry sync: view %s was removed; unpublished", gone)
+        if complete:
+            self._synced_revision = revision
+        return True
+
+    async def _poll_registry(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.registry_poll_s)
+            try:
+                await self.sync_views()
+            except Exception:
+                log.exception("could not poll the registry for view changes; retrying")
+
+    def _load_soon(self, name: str) -> None:
+        """Load view `name` from the registry in the background (once at a time per view): a
+        request found it in the registry, but this replica does not serve it (yet, or this version)."""
+        if name in self._loading:
+            return
+        task = asyncio.get_running_loop().create_task(self._load_now(name), name=f"load-{name}")
+        self._loading[name] = task
+        task.add_done_callback(lambda _: self._loading.pop(name, None))
+
+    async def _load_now(self, name: str) -> None:
+        try:
+            async with self._views_lock:
+                try:
+                    view = await asyncio.to_thread(self.registry.get_view, name)
+                except NotFound:
+                    return
+                label = await self._publish(view)
+            if label is not None:
+                log.info("loaded %s on demand", label)
+        except Exception:
+            log.exception("could not load view %s on demand", name)
 
     # ---- request path -----------------------------------------------------------------------
     async def authenticate(self, secret: str | None) -> Principal:
@@ -112,6 +201,9 @@ class AlterService:
         if view is None:
             metrics.REJECTED.labels("model_not_found").inc()
             raise model_not_found(model)
+        loaded = self.adapters.current(view.name)
+        if view.composed is not None and (loaded is None or loaded.version != view.composed.version):
+            self._load_soon(view.name)  # another replica changed it since our last poll
         return Routed(view.name)
 
     def target(self, model: str, routed: Routed) -> Target:
@@ -121,6 +213,7 @@ class AlterService:
         try:
             lease = self.adapters.acquire(routed.view)
         except UnknownView:
+            self._load_soon(routed.view)  # in the registry (route found it) but not on this replica yet
             raise unavailable(f"The view for model '{model}' is being loaded; retry shortly.", 2) from None
         return Target(model, lease, routed.experiment, routed.arm)
 

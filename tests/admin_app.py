@@ -34,9 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_service(model_dir: Path, data_dir: Path) -> AlterService:
-    """An `AlterService` with tables created (its engine is constructed but never started)."""
-    config = ServeConfig(data_dir=data_dir, bundle_dirs=[data_dir / "bundles-src"])
+def build_service(model_dir: Path, data_dir: Path, **settings) -> AlterService:
+    """An `AlterService` with tables created (its engine is constructed but never started).
+    `settings` are further `ServeConfig` fields (e.g. `database_url`, `registry_poll_s`)."""
+    config = ServeConfig(data_dir=data_dir, bundle_dirs=[data_dir / "bundles-src"], **settings)
     service = AlterService(config, model_dir)
     service.prepare()
     return service
@@ -58,9 +59,11 @@ class AdminApp:
     _thread: threading.Thread | None = None
 
     @classmethod
-    def start(cls, tmp: Path, model_dir: Path | None = None) -> AdminApp:
+    def start(cls, tmp: Path, model_dir: Path | None = None, **settings) -> AdminApp:
+        """Serve an app on `tmp/serve`. Several apps started on one `tmp` are replicas sharing the
+        data directory (and, with the same `database_url`, the registry)."""
         model_dir = model_dir or build_tiny_model(tmp / "model")
-        service = build_service(model_dir, tmp / "serve")
+        service = build_service(model_dir, tmp / "serve", **settings)
         _, admin_key = service.registry.create_key(None, "admin")
         app = cls(service, admin_key)
         app._serve()

@@ -56,7 +56,8 @@ class _TooLarge(Exception):
 
 def create_app(service: AlterService, *, start_engine: bool = True) -> FastAPI:
     """The app for `service`. `start_engine=False` never starts the engine (admin API and dashboard
-    only, e.g. in tests without vLLM): model requests then answer 503 like an engine still starting."""
+    only, e.g. in tests without vLLM): model requests then answer 503 like an engine still starting;
+    views are still published to the (stopped) engine's adapter table, and synced from the registry."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -64,6 +65,8 @@ def create_app(service: AlterService, *, start_engine: bool = True) -> FastAPI:
         if start_engine:
             starting = asyncio.create_task(service.start(), name="engine-start")
             starting.add_done_callback(_log_start_failure)
+        else:
+            service.start_registry_sync()  # views other replicas change still reach this one's adapters
         app.state.starting = starting
         try:
             yield
