@@ -11,7 +11,7 @@ EXTRAS ?= cpu,dev
 SYSDEPS := var/.sysdeps-v2
 DEMO_ASSETS := var/demo/assets.json
 
-.PHONY: setup test serve demo bench clean-venv
+.PHONY: setup test serve demo bench bench-tofu clean-venv
 
 setup: $(STAMP) $(SYSDEPS)
 
@@ -45,6 +45,10 @@ bench: setup
 	$(PY) -m benchmarks.compose_bench
 	$(PY) -m benchmarks.serve_bench
 	$(PY) -m benchmarks.train_cost
+
+# ALTER vs GA / GradDiff / NPO on a TOFU author subset (models trained from scratch, cached in var/models).
+bench-tofu: setup
+	$(PY) -m benchmarks.tofu_bench --scale cpu
 
 clean-venv:
 	rm -rf $(VENV)

@@ -30,7 +30,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,19 +187,21 @@ def make_model(config: DemoModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
 
 def train_until_memorised(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
                           records: Sequence[Record], config: DemoTrainConfig, seed: int,
-                          progress: bool = True) -> TrainResult:
+                          progress: bool = True, check: Callable[[LlamaForCausalLM], float] | None = None,
+                          desc: str = "demo model") -> TrainResult:
     """AdamW with linear warm-up then cosine decay over `max_steps`, on the answer tokens.
 
-    Every `eval_every` steps the greedy exact-match accuracy on the training answers is checked;
-    training stops at the first check that reaches `stop_accuracy`.
+    Every `eval_every` steps `check(model)` is measured (default: the greedy exact-match accuracy
+    on the training answers); training stops at the first check that reaches `stop_accuracy`.
     """
+    check = check or (lambda m: exact_match_accuracy(m, tokenizer, records))
     examples = [encode_example(tokenizer, r["question"], r["answer"]) for r in records]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     batches = _batches(examples, config.batch_size, tokenizer.pad_token_id, seed)
     result = TrainResult(steps=0, accuracy=0.0, loss=math.inf)
-    bar = tqdm(total=config.max_steps, desc="demo model", unit="step", disable=not progress)
+    bar = tqdm(total=config.max_steps, desc=desc, unit="step", disable=not progress)
     model.train()
     for step in range(1, config.max_steps + 1):
         input_ids, attention_mask, labels = next(batches)
@@ -212,12 +214,12 @@ def train_until_memorised(model: LlamaForCausalLM, tokenizer: PreTrainedTokenize
         result.steps, result.loss = step, loss.item()
         bar.update(1)
         if step % config.eval_every == 0 or step == config.max_steps:
-            result.accuracy = exact_match_accuracy(model, tokenizer, records)
+            result.accuracy = check(model)
             result.history.append({"step": step, "loss": result.loss, "accuracy": result.accuracy})
             model.train()
             if result.accuracy >= config.stop_accuracy:
                 break
-        bar.set_postfix(loss=f"{result.loss:.3f}", exact=f"{result.accuracy:.2f}")
+        bar.set_postfix(loss=f"{result.loss:.3f}", check=f"{result.accuracy:.2f}")
     bar.close()
     return result
 

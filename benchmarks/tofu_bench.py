@@ -1,0 +1,330 @@
+"""TOFU benchmark: ALTER against GradAscent, GradDiff, NPO and the no-entropy ablation, on real TOFU.
+
+    python -m benchmarks.tofu_bench                # the default CPU scale (see SCALES["cpu"])
+    python -m benchmarks.tofu_bench --scale smoke  # a few minutes; what the test suite runs
+    make bench-tofu
+
+Protocol (TOFU's, scaled down; see `train.data.tofu_subset` and `train.tofu_models`):
+
+1. cut a TOFU author subset: the forget authors are TOFU's own forget authors (10 % of the subset at
+   the CPU scale), the retain authors TOFU's first ones; real-author and world-fact questions are
+   trained into both models, so model utility measures knowledge the models actually have;
+2. train a "full" model (every author) and a "retain" model (no forget author) from scratch, with one
+   recipe (cached; the full model must reach forget ROUGE-L recall ≥ 0.8);
+3. unlearn the forget authors from the full model with every method, each with the same data, rank,
+   epochs and batch size, using the open-unlearning loss definitions (`train.baseline_loop`);
+4. score every result with the TOFU metrics (`train.evaluate`): forget quality = KS-test p-value of
+   forget truth ratios against the retain model's, model utility = harmonic mean of the nine
+   retain / real-author / world-fact numbers. ALTER is scored as served (view mode: the retain head
+   plus every forget head) and in the paper's routed mode.
+
+The unlearning settings are fixed up front (below), not tuned on the evaluation sets. Each run trains
+and scores in its own process (one thread), two at a time, so wall time and peak RSS are per method.
+
+Writes benchmarks/results/tofu_<scale>.json, .md and .png (forget quality against model utility).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS_DIR, REPO_ROOT, machine_info, markdown_table, print_header, write_results
+from train.data.tofu_subset import SubsetSpec, TofuSubset, build_subset
+from train.demo_model import DemoModelConfig, DemoTrainConfig
+from train.tofu_models import ReferenceModels, TofuModelRecipe, build_reference_models
+
+DEFAULT_TOFU_ROOT = REPO_ROOT.parent / "shared" / "data" / "tofu"
+METHODS = ("alter", "alter_no_entropy", "grad_ascent", "grad_diff", "npo")
+# The paper's goal, reported against (never tuned for): forget quality ≥ 0.05 with utility ≥ 0.95× full.
+GOAL_FORGET_QUALITY = 0.05
+GOAL_UTILITY_RATIO = 0.95
+
+
+@dataclass(frozen=True)
+class UnlearnSettings:
+    """One budget for every method. LoRA rank/alpha as the demo bundle (servable by vLLM); the
+    learning rate of the baselines' LoRA equals ALTER's head learning rate lr_B (the paper's 1e-5
+    is for full fine-tuning of a 7B model and moves a from-scratch LoRA nowhere)."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    rank: int = 32
+    alpha: float = 64.0
+    lr: float = 1e-3
+    lr_A: float = 1e-5
+    phase1_epochs: int = 1
+    router_epochs: int = 3
+    npo_beta: float = 0.1
+    max_new_tokens: int = 128
+    eval_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Scale:
+    subset: SubsetSpec
+    recipe: TofuModelRecipe
+    unlearn: UnlearnSettings = field(default_factory=UnlearnSettings)
+
+
+SCALES = {
+    # 20 authors, the last 2 (TOFU's forget01 authors, 10 %) forgotten; all 217 world-knowledge questions.
+    "cpu": Scale(SubsetSpec(n_authors=20, forget_authors=2, retain_eval_per_author=6), TofuModelRecipe()),
+    # The CI smoke subset: 4 authors (1 forgotten), 16 world-knowledge questions per set, a tiny model
+    # trained briefly. It checks the whole pipeline, not the numbers.
+    "smoke": Scale(
+        SubsetSpec(n_authors=4, forget_authors=1, retain_eval_per_author=3, utility_limit=12),
+        TofuModelRecipe(
+            model=DemoModelConfig(vocab_size=512, num_attention_heads=1, intermediate_size=128,
+                                  num_hidden_layers=1, max_position_embeddings=256),
+            train=DemoTrainConfig(learning_rate=5e-3, warmup_steps=10, batch_size=16, max_steps=120,
+                                  eval_every=60, stop_accuracy=0.95, min_accuracy=0.0, max_threads=1),
+            probe_size=16, max_new_tokens=48, min_forget_rouge=0.0),
+        UnlearnSettings(epochs=1, router_epochs=1, max_new_tokens=32)),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    scale = SCALES[args.scale]
+    if args.epochs is not None:
+        scale = replace(scale, unlearn=replace(scale.unlearn, epochs=args.epochs))
+    try:
+        results = run_benchmark(scale, args.scale, Path(args.tofu_root), methods=args.methods,
+                                work_dir=Path(args.work_dir) / args.scale, out_dir=Path(args.out_dir),
+                                workers=args.workers, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"tofu_bench: {error}", file=sys.stderr)
+        return 2
+    print(results["table"])
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--tofu-root", default=str(DEFAULT_TOFU_ROOT), help="a folder in the TOFU layout")
+    parser.add_argument("--work-dir", default=str(REPO_ROOT / "var" / "bench" / "tofu"))
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--epochs", type=int, default=None, help="override the unlearning epochs")
+    parser.add_argument("--workers", type=int, default=2, help="runs at once (one thread each)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run_benchmark(scale: Scale, name: str, tofu_root: Path, *, methods: list[str] | tuple[str, ...] = METHODS,
+                  work_dir: Path, out_dir: Path, workers: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Everything in the module docstring; returns {"json": path, "png": path, "table": markdown, "rows": [...]}."""
+    started = time.perf_counter()
+    machine = machine_info()
+    print_header(f"tofu_{name}", machine)
+    if not tofu_root.is_dir():
+        raise FileNotFoundError(f"TOFU data folder {tofu_root} not found (see ../shared/data/tofu/README.md)")
+    subset = build_subset(tofu_root, scale.subset)
+    models = build_reference_models(subset, scale.recipe, progress=progress)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    data_files = _write_unlearning_data(subset, work_dir)
+
+    jobs = [_Job("full", "reference", str(models.full)), _Job("retain", "reference", str(models.retain))]
+    jobs += [_Job(m, "unlearn", str(models.full), data_files, str(work_dir / m)) for m in methods]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
+        outcomes = list(pool.map(_run_job, jobs, [subset] * len(jobs), [scale.unlearn] * len(jobs),
+                                 [progress] * len(jobs)))
+    rows = _rows(outcomes, subset)
+    table = _table(rows)
+    goal = _goal(rows)
+    settings = {"scale": name, "subset": subset.summary(), "recipe": asdict(scale.recipe),
+                "unlearn": asdict(scale.unlearn), "methods": list(methods),
+                "reference_models": models.info() | {"paths": {"full": str(models.full), "retain": str(models.retain)}},
+                "wall_time_s": round(time.perf_counter() - started, 1), "goal": goal}
+    results_name = f"tofu_{name}"
+    json_path = write_results(results_name, settings, rows, table + "\n\n" + _goal_text(goal), machine, out_dir)
+    png = _scatter(rows, out_dir / f"{results_name}.png", name)
+    return {"json": json_path, "png": png, "table": table, "rows": rows, "goal": goal}
+
+
+# ---- one run per process -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    name: str
+    kind: str                     # "reference" (score a model as it is) or "unlearn"
+    model_dir: str
+    data_files: dict[str, str] = field(default_factory=dict)
+    run_dir: str = ""
+
+
+def _run_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progress: bool) -> dict[str, Any]:
+    """Train (unless a reference) and score; returns {"name", "views": {view: report}, "training": {...}}."""
+    import torch
+
+    from train.eval_cli import local_view_scorers
+    from train.evaluate import evaluate_tofu
+    from train.trainer import run
+
+    torch.set_num_threads(1)
+    training: dict[str, Any] = {}
+    bundle_dir: str | None = None
+    views = ["original"]
+    if job.kind == "unlearn":
+        result = run(_train_config(job, subset, settings, progress))
+        report = result.report
+        training = {"wall_time_s": report["wall_time_s"], "train_time_s": report["train_time_s"],
+                    "peak_rss_bytes": report["peak_memory_bytes"], "tokens_per_s": report["tokens_per_s"],
+                    "trainable_parameters": report["trainable_parameters"]}
+        bundle_dir = str(result.bundle_dir)
+        if job.name == "alter":
+            views = ["+".join(subset.forget_heads), "routed"]
+        elif job.name == "alter_no_entropy":
+            views = ["+".join(subset.forget_heads)]
+        else:
+            views = ["forget"]
+    scorers = local_view_scorers(job.model_dir, bundle_dir, views, device="cpu",
+                                 batch_size=settings.eval_batch_size, progress=progress)
+    reports = {view: evaluate_tofu(scorer, subset.eval_sets, max_new_tokens=settings.max_new_tokens)
+               for view, scorer in scorers.items()}
+    return {"name": job.name, "kind": job.kind, "views": reports, "training": training}
+
+
+def _train_config(job: _Job, subset: TofuSubset, s: UnlearnSettings, progress: bool):
+    from train.config import TrainConfig
+
+    return TrainConfig.model_validate({
+        "name": f"tofu-{job.name}".replace("_", "-"),
+        "method": job.name,
+        "model": {"path": job.model_dir},
+        "data": {"kind": "json", "forget_file": job.data_files["forget"], "retain_file": job.data_files["retain"],
+                 "forget_subdomains": subset.forget_heads, "subdomain_field": "author", "max_length": 256},
+        "adapter": {"rank": s.rank, "alpha": s.alpha},
+        "optim": {"epochs": s.epochs, "phase1_epochs": s.phase1_epochs, "batch_size": s.batch_size,
+                  "lr": s.lr, "lr_B": s.lr, "lr_A": s.lr_A, "npo_beta": s.npo_beta, "router_epochs": s.router_epochs},
+        "runtime": {"device": "cpu", "threads": 1, "progress": progress, "output_dir": job.run_dir,
+                    "eval_batch_size": s.eval_batch_size},
+    })
+
+
+def _write_unlearning_data(subset: TofuSubset, work_dir: Path) -> dict[str, str]:
+    """The unlearning runs' forget file (forget authors) and retain file (retain authors)."""
+    import json
+
+    files = {"forget": work_dir / "forget.json", "retain": work_dir / "retain.json"}
+    files["forget"].write_text(json.dumps(subset.forget_train, indent=1))
+    files["retain"].write_text(json.dumps(subset.retain_train, indent=1))
+    return {k: str(v) for k, v in files.items()}
+
+
+# ---- results ----------------------------------------------------------------------------------------------------
+
+
+def _rows(outcomes: list[dict[str, Any]], subset: TofuSubset) -> list[dict[str, Any]]:
+    from train import metrics
+    from train.evaluate import forget_truth_ratios
+
+    by_name = {o["name"]: o for o in outcomes}
+    reference = forget_truth_ratios(by_name["retain"]["views"]["original"])
+    full_utility = by_name["full"]["views"]["original"]["model_utility"]
+    rows = []
+    for outcome in outcomes:
+        for view, report in outcome["views"].items():
+            sets = report["sets"]
+            training = outcome["training"]
+            label = {"original": outcome["name"], "routed": f"{outcome['name']} (routed)"}.get(
+                view, f"{outcome['name']} (view)" if outcome["name"].startswith("alter") else outcome["name"])
+            rows.append({
+                "method": label, "run": outcome["name"], "kind": outcome["kind"], "view": view,
+                "forget_quality": metrics.forget_quality(forget_truth_ratios(report), reference),
+                "model_utility": report["model_utility"],
+                "utility_vs_full": report["model_utility"] / full_utility if full_utility else None,
+                "forget_rouge": sets["forget"]["rouge_l_recall"], "retain_rouge": sets["retain"]["rouge_l_recall"],
+                "forget_probability": sets["forget"]["probability"], "retain_probability": sets["retain"]["probability"],
+                "train_time_s": training.get("train_time_s"), "wall_time_s": training.get("wall_time_s"),
+                "peak_rss_mib": round(training["peak_rss_bytes"] / 2**20) if training else None,
+                "sets": {name: {k: v for k, v in summary.items() if k != "samples"} for name, summary in sets.items()},
+            })
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    headers = ["method", "forget quality", "model utility", "MU / full", "forget ROUGE-L", "retain ROUGE-L",
+               "train s", "peak RSS MiB"]
+    return markdown_table(headers, [[r["method"], r["forget_quality"], r["model_utility"], r["utility_vs_full"],
+                                     r["forget_rouge"], r["retain_rouge"], r["train_time_s"] if r["train_time_s"] is not None else "-",
+                                     r["peak_rss_mib"] if r["peak_rss_mib"] is not None else "-"] for r in rows])
+
+
+def _goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """ALTER (served view) against the goal and against every baseline, with the gaps."""
+    served = next((r for r in rows if r["run"] == "alter" and r["view"] not in ("routed", "original")), None)
+    if served is None:
+        return {"evaluated": False}
+    baselines = [r for r in rows if r["run"] in ("grad_ascent", "grad_diff", "npo")]
+    best_fq = max((r["forget_quality"] for r in baselines), default=None)
+    best_mu = max((r["model_utility"] for r in baselines), default=None)
+    return {
+        "evaluated": True,
+        "forget_quality": served["forget_quality"], "forget_quality_goal": GOAL_FORGET_QUALITY,
+        "forget_quality_met": served["forget_quality"] >= GOAL_FORGET_QUALITY,
+        "utility_vs_full": served["utility_vs_full"], "utility_goal": GOAL_UTILITY_RATIO,
+        "utility_met": (served["utility_vs_full"] or 0) >= GOAL_UTILITY_RATIO,
+        "best_baseline_forget_quality": best_fq, "best_baseline_model_utility": best_mu,
+        "beats_baselines_on_forget_quality": best_fq is None or served["forget_quality"] > best_fq,
+        "beats_baselines_on_utility": best_mu is None or served["model_utility"] > best_mu,
+    }
+
+
+def _goal_text(goal: dict[str, Any]) -> str:
+    if not goal.get("evaluated"):
+        return "ALTER was not run."
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    def num(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    return (f"Goal (ALTER, served view): forget quality {num(goal['forget_quality'], '.3g')} ≥ {GOAL_FORGET_QUALITY}: "
+            f"{mark(goal['forget_quality_met'])}; utility {num(goal['utility_vs_full'], '.3f')}× the full model's "
+            f"≥ {GOAL_UTILITY_RATIO}: {mark(goal['utility_met'])}; better than every baseline on forget quality: "
+            f"{mark(goal['beats_baselines_on_forget_quality'])} (best baseline "
+            f"{num(goal['best_baseline_forget_quality'], '.3g')}); on model utility: "
+            f"{mark(goal['beats_baselines_on_utility'])} (best baseline {num(goal['best_baseline_model_utility'], '.3f')}).")
+
+
+def _scatter(rows: list[dict[str, Any]], path: Path, scale: str) -> Path:
+    """Forget quality (log scale) against model utility, one labelled point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for row in rows:
+        fq = max(row["forget_quality"], 1e-30)
+        marker = "*" if row["run"].startswith("alter") else ("s" if row["kind"] == "reference" else "o")
+        ax.scatter(row["model_utility"], fq, s=120 if row["run"] == "alter" else 60, marker=marker)
+        ax.annotate(row["method"], (row["model_utility"], fq), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(GOAL_FORGET_QUALITY, color="grey", linestyle="--", linewidth=0.8)
+    ax.text(ax.get_xlim()[0], GOAL_FORGET_QUALITY, f" forget quality {GOAL_FORGET_QUALITY}", fontsize=7, va="bottom", color="grey")
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility (higher is better)")
+    ax.set_ylabel("forget quality, KS p-value (higher is better)")
+    ax.set_title(f"TOFU ({scale} scale): forget quality vs model utility")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

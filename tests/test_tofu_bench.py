@@ -1,0 +1,89 @@
+"""The TOFU benchmark: the author subset it cuts, and its smoke scale run end to end on real TOFU data.
+
+The smoke scale trains a tiny full and retain model (cached under var/models), unlearns with every
+method and scores every result with the TOFU metrics, in a few minutes. It checks the pipeline and
+the bookkeeping, not the numbers: those come from `make bench-tofu` (README, "TOFU benchmark").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.tofu_bench import METHODS, SCALES, run_benchmark
+from train.data.tofu_subset import SubsetSpec, build_subset
+
+TOFU_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
+
+
+def test_subset_takes_tofus_own_forget_authors_and_no_overlap() -> None:
+    subset = build_subset(TOFU_ROOT, SubsetSpec(n_authors=20, forget_authors=2, retain_eval_per_author=6))
+    assert subset.forget_heads == ["author-198", "author-199"]
+    assert len(subset.forget_train) == 40 and len(subset.retain_train) == 360
+    assert {r["author"] for r in subset.retain_train} == {f"author-{i:03d}" for i in range(18)}
+    forget_questions = {r["question"] for r in subset.forget_train}
+    # The retain model never sees a forget question; the full model sees all of them.
+    assert not forget_questions & {r["question"] for r in subset.retain_model_train}
+    assert forget_questions <= {r["question"] for r in subset.full_train}
+    # Every scored forget record has its truth-ratio material; retain eval is capped per author.
+    assert {r["question"] for r in subset.eval_sets["forget"]} == forget_questions
+    assert all(len(r["perturbed_answer"]) >= 3 for r in subset.eval_sets["forget"])
+    assert len(subset.eval_sets["retain"]) == 18 * 6
+    assert len(subset.eval_sets["real_authors"]) == 100 and len(subset.eval_sets["world_facts"]) == 117
+
+
+@pytest.mark.parametrize("spec, message", [
+    (SubsetSpec(n_authors=30, forget_authors=2), "retain_perturbed"),
+    (SubsetSpec(n_authors=5, forget_authors=0), "forget_authors"),
+    (SubsetSpec(n_authors=4, forget_authors=1, retain_eval_per_author=0), "retain_eval_per_author"),
+])
+def test_subset_rejects_impossible_specs(spec: SubsetSpec, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_subset(TOFU_ROOT, spec)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("tofu-out")
+    return run_benchmark(SCALES["smoke"], "smoke", TOFU_ROOT, work_dir=tmp_path_factory.mktemp("tofu-work"),
+                         out_dir=out, progress=False)
+
+
+def test_smoke_run_writes_json_table_and_scatter(smoke: dict) -> None:
+    payload = json.loads(Path(smoke["json"]).read_text())
+    assert payload["benchmark"] == "tofu_smoke" and payload["machine"]["cpu_cores_usable"] >= 1
+    assert payload["settings"]["subset"]["world_knowledge_trained"] is True
+    assert Path(smoke["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = Path(smoke["json"]).with_suffix(".md").read_text()
+    assert "| method | forget quality | model utility |" in table and "Goal (ALTER, served view)" in table
+
+
+def test_smoke_run_scores_every_method_and_both_alter_modes(smoke: dict) -> None:
+    rows = {row["method"]: row for row in smoke["rows"]}
+    expected = {"full", "retain", "alter (view)", "alter (routed)", "alter_no_entropy (view)",
+                "grad_ascent", "grad_diff", "npo"}
+    assert set(rows) == expected and set(METHODS) <= {row["run"] for row in smoke["rows"]}
+    for row in smoke["rows"]:
+        assert 0.0 < row["forget_quality"] <= 1.0
+        assert 0.0 <= row["model_utility"] <= 1.0
+        assert 0.0 <= row["forget_rouge"] <= 1.0 and 0.0 <= row["retain_rouge"] <= 1.0
+        assert set(row["sets"]) == {"forget", "retain", "real_authors", "world_facts"}
+        if row["kind"] == "unlearn":
+            assert row["train_time_s"] > 0 and row["peak_rss_mib"] > 0
+    # The retain model's truth ratios are the reference: KS against itself gives p = 1 exactly.
+    assert rows["retain"]["forget_quality"] == 1.0
+    # Gradient ascent on the forget set must lower the forget answers' probability below the full model's.
+    assert rows["grad_ascent"]["forget_probability"] < rows["full"]["forget_probability"]
+    assert math.isfinite(rows["alter (view)"]["forget_probability"])
+
+
+def test_smoke_goal_is_reported_against_the_baselines(smoke: dict) -> None:
+    goal = smoke["goal"]
+    assert goal["evaluated"] is True and goal["forget_quality_goal"] == 0.05
+    baselines = [r for r in smoke["rows"] if r["run"] in ("grad_ascent", "grad_diff", "npo")]
+    assert goal["best_baseline_forget_quality"] == max(r["forget_quality"] for r in baselines)
+    served = next(r for r in smoke["rows"] if r["method"] == "alter (view)")
+    assert goal["beats_baselines_on_forget_quality"] == (served["forget_quality"] > goal["best_baseline_forget_quality"])
