@@ -188,7 +188,7 @@ class LocalScorer(Scorer):
     def _generate_batch(self, sequences: list[list[int]], max_tokens: int) -> list[list[int]]:
         eos = self.tokenizer.eos_token_id
         if not hasattr(self.model, "generate"):
-            return [self._greedy_loop(seq, max_tokens, eos) for seq in sequences]
+            return self._greedy_loop(sequences, max_tokens, eos)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         # Left padding, so every row's continuation starts at the same column.
         ids, mask = _pad(sequences, pad_id=pad if pad is not None else 0, left=True)
@@ -203,15 +203,28 @@ class LocalScorer(Scorer):
             )
         return [_until_eos(row[ids.shape[1] :].tolist(), eos) for row in gen]
 
-    def _greedy_loop(self, seq: list[int], max_tokens: int, eos: int | None) -> list[int]:
-        """Greedy decoding without a KV cache, for modules that only implement ``forward``."""
-        tokens = list(seq)
+    def _greedy_loop(self, sequences: list[list[int]], max_tokens: int, eos: int | None) -> list[list[int]]:
+        """Batched greedy decoding without a KV cache, for modules that only implement ``forward``.
+
+        Rows stay right-padded (causal attention: padding after a row's last token cannot change
+        its logits, and positions stay 0..n-1 as in an unpadded call); each step reads every row's
+        logits at its own last token, and a row leaves the batch at EOS.
+        """
+        rows = [list(seq) for seq in sequences]
+        active = list(range(len(rows)))
         for _ in range(max_tokens):
-            nxt = int(self._forward([tokens])[0, -1].argmax())
-            if nxt == eos:
+            if not active:
                 break
-            tokens.append(nxt)
-        return tokens[len(seq) :]
+            logits = self._forward([rows[i] for i in active])
+            last = torch.tensor([len(rows[i]) - 1 for i in active], device=logits.device)
+            chosen = logits[torch.arange(len(active), device=logits.device), last].argmax(dim=-1).tolist()
+            still = []
+            for i, token in zip(active, chosen):
+                if token != eos:
+                    rows[i].append(token)
+                    still.append(i)
+            active = still
+        return [row[len(seq):] for row, seq in zip(rows, sequences)]
 
     def _batches(self, sequences: Sequence[Sequence[int]], desc: str) -> Iterator[list[int]]:
         """Index batches, longest first: similar lengths share a batch (less padding), and an
