@@ -2,7 +2,14 @@
 
     python -m benchmarks.tofu_bench                # the default CPU scale (see SCALES["cpu"])
     python -m benchmarks.tofu_bench --scale smoke  # a few minutes; what the test suite runs
+    python -m benchmarks.tofu_bench --scale gpu    # full TOFU (200 authors, forget01/05/10) on one GPU
     make bench-tofu
+
+On the lent GPU machine, which has torch/transformers/peft but no pydantic, rouge-score or nltk and no
+package registry: run `benchmarks/gpu_wheels.sh` here (fills the git-ignored .whl/), carry ".whl", and
+run there
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.tofu_bench --scale gpu --no-progress --out-dir $OUT
 
 Protocol (TOFU's, scaled down; see `train.data.tofu_subset` and `train.tofu_models`):
 
@@ -19,7 +26,8 @@ Protocol (TOFU's, scaled down; see `train.data.tofu_subset` and `train.tofu_mode
    plus every forget head) and in the paper's routed mode.
 
 The unlearning settings are fixed up front (below), not tuned on the evaluation sets. Each run trains
-and scores in its own process (one thread), two at a time, so wall time and peak RSS are per method.
+and scores in its own process (one thread), two at a time, so wall time and peak memory are per
+method (peak memory: the process's peak RSS on CPU, peak allocated CUDA memory on a GPU).
 
 Writes benchmarks/results/tofu_<scale>.json, .md and .png (forget quality against model utility).
 """
@@ -64,6 +72,7 @@ class UnlearnSettings:
     npo_beta: float = 0.1
     max_new_tokens: int = 128
     eval_batch_size: int = 32
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,22 @@ class Scale:
     subset: SubsetSpec
     recipe: TofuModelRecipe
     unlearn: UnlearnSettings = field(default_factory=UnlearnSettings)
+    workers: int = 2   # runs at once: one thread each on CPU; processes sharing the GPU on CUDA
+
+
+# Full TOFU on one GPU (H100/H200): all 200 authors, the forget01/05/10 splits, one full + one retain
+# model per split. A ~9M-parameter Llama memorises TOFU in a few thousand bf16 steps; every split's
+# runs share the GPU in parallel processes. Prepared for the lent device machine (≤ 10 minutes).
+_GPU_RECIPE = TofuModelRecipe(
+    model=DemoModelConfig(vocab_size=4096, num_attention_heads=6, intermediate_size=1152, num_hidden_layers=4,
+                          max_position_embeddings=256),
+    train=DemoTrainConfig(learning_rate=2e-3, warmup_steps=50, batch_size=64, max_steps=3000, eval_every=250,
+                          stop_accuracy=0.95, min_accuracy=0.0, max_threads=4),
+    probe_size=256)
+_GPU_UNLEARN = UnlearnSettings(epochs=5, batch_size=32, eval_batch_size=128, device="cuda")
+GPU_SCALES = {f"gpu-{split}": Scale(SubsetSpec(n_authors=200, forget_authors=n, retain_eval_per_author=20),
+                                    _GPU_RECIPE, _GPU_UNLEARN, workers=7)
+              for split, n in (("forget01", 2), ("forget05", 10), ("forget10", 20))}
 
 
 SCALES = {
@@ -87,40 +112,46 @@ SCALES = {
                                   eval_every=60, stop_accuracy=0.95, min_accuracy=0.0, max_threads=1),
             probe_size=16, max_new_tokens=48, min_forget_rouge=0.0),
         UnlearnSettings(epochs=1, router_epochs=1, max_new_tokens=32)),
+    **GPU_SCALES,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    scale = SCALES[args.scale]
-    if args.epochs is not None:
-        scale = replace(scale, unlearn=replace(scale.unlearn, epochs=args.epochs))
-    try:
-        results = run_benchmark(scale, args.scale, Path(args.tofu_root), methods=args.methods,
-                                work_dir=Path(args.work_dir) / args.scale, out_dir=Path(args.out_dir),
-                                workers=args.workers, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"tofu_bench: {error}", file=sys.stderr)
-        return 2
-    print(results["table"])
+    names = list(GPU_SCALES) if args.scale == "gpu" else [args.scale]
+    for name in names:
+        scale = SCALES[name]
+        if args.epochs is not None:
+            scale = replace(scale, unlearn=replace(scale.unlearn, epochs=args.epochs))
+        if args.workers is not None:
+            scale = replace(scale, workers=args.workers)
+        try:
+            results = run_benchmark(scale, name, Path(args.tofu_root), methods=args.methods,
+                                    work_dir=Path(args.work_dir) / name, out_dir=Path(args.out_dir),
+                                    progress=not args.no_progress)
+        except (FileNotFoundError, ValueError, RuntimeError) as error:
+            print(f"tofu_bench: {error}", file=sys.stderr)
+            return 2
+        print(results["table"], "\n\n", _goal_text(results["goal"]), flush=True)
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--scale", choices=[*sorted(SCALES), "gpu"], default="cpu",
+                        help="cpu (default), smoke, gpu-forgetXX, or gpu (all three GPU splits)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--tofu-root", default=str(DEFAULT_TOFU_ROOT), help="a folder in the TOFU layout")
     parser.add_argument("--work-dir", default=str(REPO_ROOT / "var" / "bench" / "tofu"))
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--epochs", type=int, default=None, help="override the unlearning epochs")
-    parser.add_argument("--workers", type=int, default=2, help="runs at once (one thread each)")
+    parser.add_argument("--workers", type=int, default=None, help="runs at once (default: the scale's)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def run_benchmark(scale: Scale, name: str, tofu_root: Path, *, methods: list[str] | tuple[str, ...] = METHODS,
-                  work_dir: Path, out_dir: Path, workers: int = 2, progress: bool = True) -> dict[str, Any]:
+                  work_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Everything in the module docstring; returns {"json": path, "png": path, "table": markdown, "rows": [...]}."""
     started = time.perf_counter()
     machine = machine_info()
@@ -128,14 +159,14 @@ def run_benchmark(scale: Scale, name: str, tofu_root: Path, *, methods: list[str
     if not tofu_root.is_dir():
         raise FileNotFoundError(f"TOFU data folder {tofu_root} not found (see ../shared/data/tofu/README.md)")
     subset = build_subset(tofu_root, scale.subset)
-    models = build_reference_models(subset, scale.recipe, progress=progress)
+    models = build_reference_models(subset, scale.recipe, progress=progress, device=scale.unlearn.device)
     work_dir.mkdir(parents=True, exist_ok=True)
     data_files = _write_unlearning_data(subset, work_dir)
 
     jobs = [_Job("full", "reference", str(models.full)), _Job("retain", "reference", str(models.retain))]
     jobs += [_Job(m, "unlearn", str(models.full), data_files, str(work_dir / m)) for m in methods]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, scale.workers), mp_context=context) as pool:
         outcomes = list(pool.map(_run_job, jobs, [subset] * len(jobs), [scale.unlearn] * len(jobs),
                                  [progress] * len(jobs)))
     rows = _rows(outcomes, subset)
@@ -171,7 +202,8 @@ def _run_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progress:
     from train.evaluate import evaluate_tofu
     from train.trainer import run
 
-    torch.set_num_threads(1)
+    if settings.device == "cpu":
+        torch.set_num_threads(1)
     training: dict[str, Any] = {}
     bundle_dir: str | None = None
     views = ["original"]
@@ -179,7 +211,7 @@ def _run_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progress:
         result = run(_train_config(job, subset, settings, progress))
         report = result.report
         training = {"wall_time_s": report["wall_time_s"], "train_time_s": report["train_time_s"],
-                    "peak_rss_bytes": report["peak_memory_bytes"], "tokens_per_s": report["tokens_per_s"],
+                    "peak_memory_bytes": report["peak_memory_bytes"], "tokens_per_s": report["tokens_per_s"],
                     "trainable_parameters": report["trainable_parameters"]}
         bundle_dir = str(result.bundle_dir)
         if job.name == "alter":
@@ -188,7 +220,7 @@ def _run_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progress:
             views = ["+".join(subset.forget_heads)]
         else:
             views = ["forget"]
-    scorers = local_view_scorers(job.model_dir, bundle_dir, views, device="cpu",
+    scorers = local_view_scorers(job.model_dir, bundle_dir, views, device=settings.device,
                                  batch_size=settings.eval_batch_size, progress=progress)
     reports = {view: evaluate_tofu(scorer, subset.eval_sets, max_new_tokens=settings.max_new_tokens)
                for view, scorer in scorers.items()}
@@ -207,7 +239,7 @@ def _train_config(job: _Job, subset: TofuSubset, s: UnlearnSettings, progress: b
         "adapter": {"rank": s.rank, "alpha": s.alpha},
         "optim": {"epochs": s.epochs, "phase1_epochs": s.phase1_epochs, "batch_size": s.batch_size,
                   "lr": s.lr, "lr_B": s.lr, "lr_A": s.lr_A, "npo_beta": s.npo_beta, "router_epochs": s.router_epochs},
-        "runtime": {"device": "cpu", "threads": 1, "progress": progress, "output_dir": job.run_dir,
+        "runtime": {"device": s.device, "threads": 1, "progress": progress, "output_dir": job.run_dir,
                     "eval_batch_size": s.eval_batch_size},
     })
 
@@ -247,7 +279,7 @@ def _rows(outcomes: list[dict[str, Any]], subset: TofuSubset) -> list[dict[str, 
                 "forget_rouge": sets["forget"]["rouge_l_recall"], "retain_rouge": sets["retain"]["rouge_l_recall"],
                 "forget_probability": sets["forget"]["probability"], "retain_probability": sets["retain"]["probability"],
                 "train_time_s": training.get("train_time_s"), "wall_time_s": training.get("wall_time_s"),
-                "peak_rss_mib": round(training["peak_rss_bytes"] / 2**20) if training else None,
+                "peak_memory_mib": round(training["peak_memory_bytes"] / 2**20) if training else None,
                 "sets": {name: {k: v for k, v in summary.items() if k != "samples"} for name, summary in sets.items()},
             })
     return rows
@@ -255,10 +287,10 @@ def _rows(outcomes: list[dict[str, Any]], subset: TofuSubset) -> list[dict[str, 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     headers = ["method", "forget quality", "model utility", "MU / full", "forget ROUGE-L", "retain ROUGE-L",
-               "train s", "peak RSS MiB"]
+               "train s", "peak memory MiB"]
     return markdown_table(headers, [[r["method"], r["forget_quality"], r["model_utility"], r["utility_vs_full"],
                                      r["forget_rouge"], r["retain_rouge"], r["train_time_s"] if r["train_time_s"] is not None else "-",
-                                     r["peak_rss_mib"] if r["peak_rss_mib"] is not None else "-"] for r in rows])
+                                     r["peak_memory_mib"] if r["peak_memory_mib"] is not None else "-"] for r in rows])
 
 
 def _goal(rows: list[dict[str, Any]]) -> dict[str, Any]:

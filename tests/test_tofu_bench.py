@@ -36,7 +36,8 @@ def test_subset_takes_tofus_own_forget_authors_and_no_overlap() -> None:
 
 
 @pytest.mark.parametrize("spec, message", [
-    (SubsetSpec(n_authors=30, forget_authors=2), "retain_perturbed"),
+    (SubsetSpec(n_authors=201, forget_authors=2), "n_authors"),
+    (SubsetSpec(n_authors=2, forget_authors=2), "n_authors"),
     (SubsetSpec(n_authors=5, forget_authors=0), "forget_authors"),
     (SubsetSpec(n_authors=4, forget_authors=1, retain_eval_per_author=0), "retain_eval_per_author"),
 ])
@@ -72,7 +73,7 @@ def test_smoke_run_scores_every_method_and_both_alter_modes(smoke: dict) -> None
         assert 0.0 <= row["forget_rouge"] <= 1.0 and 0.0 <= row["retain_rouge"] <= 1.0
         assert set(row["sets"]) == {"forget", "retain", "real_authors", "world_facts"}
         if row["kind"] == "unlearn":
-            assert row["train_time_s"] > 0 and row["peak_rss_mib"] > 0
+            assert row["train_time_s"] > 0 and row["peak_memory_mib"] > 0
     # The retain model's truth ratios are the reference: KS against itself gives p = 1 exactly.
     assert rows["retain"]["forget_quality"] == 1.0
     # Gradient ascent on the forget set must lower the forget answers' probability below the full model's.
@@ -87,3 +88,13 @@ def test_smoke_goal_is_reported_against_the_baselines(smoke: dict) -> None:
     assert goal["best_baseline_forget_quality"] == max(r["forget_quality"] for r in baselines)
     served = next(r for r in smoke["rows"] if r["method"] == "alter (view)")
     assert goal["beats_baselines_on_forget_quality"] == (served["forget_quality"] > goal["best_baseline_forget_quality"])
+
+
+@pytest.mark.parametrize("name, forget_authors", [("gpu-forget01", 2), ("gpu-forget05", 10), ("gpu-forget10", 20)])
+def test_gpu_scales_cover_full_tofu(name: str, forget_authors: int) -> None:
+    scale = SCALES[name]
+    subset = build_subset(TOFU_ROOT, scale.subset)
+    assert len(subset.full_train) == 4000 + 217
+    assert len(subset.forget_train) == 20 * forget_authors == len(subset.eval_sets["forget"])
+    assert len(subset.eval_sets["retain"]) == 400  # all of retain_perturbed.json
+    assert scale.unlearn.device == "cuda"

@@ -42,6 +42,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from train.data.prompting import CHAT_TEMPLATE, IGNORE_INDEX, EncodedExample, encode_example, format_prompt
 from train.data.synthetic import Record, SyntheticConfig, SyntheticTofu, generate
+from train.runtime import autocast
 
 # Bump when a change to this module changes what a build produces, so old caches are not reused.
 CODE_VERSION = 1
@@ -189,12 +190,14 @@ def train_until_memorised(model: LlamaForCausalLM, tokenizer: PreTrainedTokenize
                           records: Sequence[Record], config: DemoTrainConfig, seed: int,
                           progress: bool = True, check: Callable[[LlamaForCausalLM], float] | None = None,
                           desc: str = "demo model") -> TrainResult:
-    """AdamW with linear warm-up then cosine decay over `max_steps`, on the answer tokens.
+    """AdamW with linear warm-up then cosine decay over `max_steps`, on the answer tokens, on the
+    model's device (bf16 autocast on CUDA, fp32 weights).
 
     Every `eval_every` steps `check(model)` is measured (default: the greedy exact-match accuracy
     on the training answers); training stops at the first check that reaches `stop_accuracy`.
     """
     check = check or (lambda m: exact_match_accuracy(m, tokenizer, records))
+    device = next(model.parameters()).device
     examples = [encode_example(tokenizer, r["question"], r["answer"]) for r in records]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay, betas=(0.9, 0.98))
@@ -204,8 +207,9 @@ def train_until_memorised(model: LlamaForCausalLM, tokenizer: PreTrainedTokenize
     bar = tqdm(total=config.max_steps, desc=desc, unit="step", disable=not progress)
     model.train()
     for step in range(1, config.max_steps + 1):
-        input_ids, attention_mask, labels = next(batches)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        input_ids, attention_mask, labels = (t.to(device) for t in next(batches))
+        with autocast(device, True):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -241,7 +245,7 @@ def greedy_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
     answers: list[str] = []
     for start in range(0, len(questions), batch_size):
         prompts = [format_prompt(question) for question in questions[start: start + batch_size]]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         new_tokens = output[:, batch["input_ids"].shape[1]:]

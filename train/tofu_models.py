@@ -71,28 +71,33 @@ class ReferenceModels:
 
 
 def build_reference_models(subset: TofuSubset, recipe: TofuModelRecipe | None = None,
-                           out_root: str | Path | None = None, progress: bool = True) -> ReferenceModels:
-    """Build (or reuse) the full and retain models of `subset`; both train at once, one process each."""
+                           out_root: str | Path | None = None, progress: bool = True,
+                           device: str = "cpu") -> ReferenceModels:
+    """Build (or reuse) the full and retain models of `subset`; both train at once, one process each
+    (on CUDA both processes share the GPU, with bf16 autocast)."""
     recipe = recipe or TofuModelRecipe()
     root = Path(out_root or DEFAULT_OUT_ROOT)
     root.mkdir(parents=True, exist_ok=True)
-    key = _cache_key(subset, recipe)
+    key = _cache_key(subset, recipe, device)
     targets = {kind: root / f"tofu-{kind}-{key}" for kind in KINDS}
     missing = [kind for kind in KINDS if not (targets[kind] / INFO_FILE).is_file()]
     if missing:
         with _exclusive_lock(root / f".tofu-{key}.lock"):
             missing = [kind for kind in KINDS if not (targets[kind] / INFO_FILE).is_file()]
             if missing:
-                _build(subset, recipe, key, {kind: targets[kind] for kind in missing}, progress)
+                _build(subset, recipe, key, {kind: targets[kind] for kind in missing}, progress, device)
     return ReferenceModels(targets["full"], targets["retain"])
 
 
-def _cache_key(subset: TofuSubset, recipe: TofuModelRecipe) -> str:
+def _cache_key(subset: TofuSubset, recipe: TofuModelRecipe, device: str) -> str:
     inputs = {"code_version": CODE_VERSION, "subset": subset.digest(), "recipe": asdict(recipe)}
+    if device != "cpu":  # bf16 autocast on an accelerator trains a (numerically) different model
+        inputs["device"] = device
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _build(subset: TofuSubset, recipe: TofuModelRecipe, key: str, targets: dict[str, Path], progress: bool) -> None:
+def _build(subset: TofuSubset, recipe: TofuModelRecipe, key: str, targets: dict[str, Path], progress: bool,
+           device: str) -> None:
     _seed_everything(recipe.seed)
     tokenizer = train_tokenizer(subset.tokenizer_corpus(), recipe.model.vocab_size)
     scratch = {kind: Path(tempfile.mkdtemp(prefix=f".tofu-{kind}-{key}-", dir=target.parent))
@@ -100,7 +105,7 @@ def _build(subset: TofuSubset, recipe: TofuModelRecipe, key: str, targets: dict[
     try:
         for folder in scratch.values():
             tokenizer.save_pretrained(folder / "tokenizer")
-        jobs = [(kind, subset, recipe, str(scratch[kind]), key, position, progress)
+        jobs = [(kind, subset, recipe, str(scratch[kind]), key, device, progress)
                 for position, kind in enumerate(targets)]
         # spawn: a forked child would inherit this process's torch thread pools and locks.
         context = multiprocessing.get_context("spawn")
@@ -120,7 +125,7 @@ def _build(subset: TofuSubset, recipe: TofuModelRecipe, key: str, targets: dict[
 
 
 def _train_one(kind: str, subset: TofuSubset, recipe: TofuModelRecipe, folder: str, key: str,
-               position: int, progress: bool) -> dict[str, Any]:
+               device: str, progress: bool) -> dict[str, Any]:
     """Train one model into `folder` (runs in a worker process) and return its info record."""
     started = time.perf_counter()
     folder_path = Path(folder)
@@ -129,7 +134,7 @@ def _train_one(kind: str, subset: TofuSubset, recipe: TofuModelRecipe, folder: s
     probe = _probe(subset, records, recipe, kind)
     with _torch_threads(recipe.train.max_threads) as threads:
         _seed_everything(recipe.seed)
-        model = make_model(recipe.model, tokenizer)
+        model = make_model(recipe.model, tokenizer).to(device)
 
         def check(m: torch.nn.Module) -> float:
             return _mean_rouge(m, tokenizer, probe, recipe.max_new_tokens)
@@ -137,12 +142,12 @@ def _train_one(kind: str, subset: TofuSubset, recipe: TofuModelRecipe, folder: s
         result = train_until_memorised(model, tokenizer, records, recipe.train, recipe.seed, progress,
                                        check=check, desc=f"{kind} model")
         forget_rouge = _mean_rouge(model, tokenizer, subset.eval_sets["forget"], recipe.max_new_tokens)
-    _save_model(folder_path, model, tokenizer)
+    _save_model(folder_path, model.cpu(), tokenizer)
     info = {
         "kind": kind, "cache_key": key, "code_version": CODE_VERSION, "subset": subset.summary(),
         "train_records": len(records), "steps": result.steps, "final_loss": result.loss,
         "probe_rouge": result.accuracy, "forget_rouge": forget_rouge,
-        "wall_time_s": round(time.perf_counter() - started, 2), "threads": threads,
+        "wall_time_s": round(time.perf_counter() - started, 2), "threads": threads, "device": device,
         "n_parameters": sum(p.numel() for p in model.parameters()), "recipe": asdict(recipe),
         "history": result.history,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
