@@ -35,6 +35,8 @@ Writes benchmarks/results/tofu_<scale>.json, .md and .png (forget quality agains
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import multiprocessing
 import sys
 import time
@@ -53,6 +55,8 @@ METHODS = ("alter", "alter_no_entropy", "grad_ascent", "grad_diff", "npo")
 # The paper's goal, reported against (never tuned for): forget quality ≥ 0.05 with utility ≥ 0.95× full.
 GOAL_FORGET_QUALITY = 0.05
 GOAL_UTILITY_RATIO = 0.95
+OUTCOME_FILE = "bench_outcome.json"
+OUTCOME_VERSION = 1  # bump when what a job returns changes
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,7 @@ def run_benchmark(scale: Scale, name: str, tofu_root: Path, *, methods: list[str
     work_dir.mkdir(parents=True, exist_ok=True)
     data_files = _write_unlearning_data(subset, work_dir)
 
-    jobs = [_Job("full", "reference", str(models.full)), _Job("retain", "reference", str(models.retain))]
+    jobs = [_Job(kind, "reference", str(getattr(models, kind)), run_dir=str(work_dir / kind)) for kind in ("full", "retain")]
     jobs += [_Job(m, "unlearn", str(models.full), data_files, str(work_dir / m)) for m in methods]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, scale.workers), mp_context=context) as pool:
@@ -195,7 +199,32 @@ class _Job:
 
 
 def _run_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progress: bool) -> dict[str, Any]:
-    """Train (unless a reference) and score; returns {"name", "views": {view: report}, "training": {...}}."""
+    """Train (unless a reference) and score; returns {"name", "views": {view: report}, "training": {...}}.
+
+    Resumable: a finished job's outcome is kept in its run folder under a key of everything it
+    depends on, and training resumes from its last finished epoch (`train.trainer.run(resume=True)`),
+    so an interrupted benchmark redoes only what it had not finished.
+    """
+    key = _job_key(job, subset, settings)
+    saved = Path(job.run_dir) / OUTCOME_FILE
+    if saved.is_file():
+        outcome = json.loads(saved.read_text())
+        if outcome.get("key") == key:
+            return outcome
+    outcome = _execute_job(job, subset, settings, progress)
+    outcome["key"] = key
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(outcome))
+    return outcome
+
+
+def _job_key(job: _Job, subset: TofuSubset, settings: UnlearnSettings) -> str:
+    model_info = (Path(job.model_dir) / "tofu_model_info.json").read_text()
+    payload = json.dumps([asdict(job), subset.digest(), asdict(settings), model_info, OUTCOME_VERSION], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _execute_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progress: bool) -> dict[str, Any]:
     import torch
 
     from train.eval_cli import local_view_scorers
@@ -208,7 +237,7 @@ def _run_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progress:
     bundle_dir: str | None = None
     views = ["original"]
     if job.kind == "unlearn":
-        result = run(_train_config(job, subset, settings, progress))
+        result = run(_train_config(job, subset, settings, progress), resume=True)
         report = result.report
         training = {"wall_time_s": report["wall_time_s"], "train_time_s": report["train_time_s"],
                     "peak_memory_bytes": report["peak_memory_bytes"], "tokens_per_s": report["tokens_per_s"],
@@ -246,8 +275,6 @@ def _train_config(job: _Job, subset: TofuSubset, s: UnlearnSettings, progress: b
 
 def _write_unlearning_data(subset: TofuSubset, work_dir: Path) -> dict[str, str]:
     """The unlearning runs' forget file (forget authors) and retain file (retain authors)."""
-    import json
-
     files = {"forget": work_dir / "forget.json", "retain": work_dir / "retain.json"}
     files["forget"].write_text(json.dumps(subset.forget_train, indent=1))
     files["retain"].write_text(json.dumps(subset.retain_train, indent=1))

@@ -143,7 +143,8 @@ class Trainer:
             "device": str(self.device), "threads": torch.get_num_threads(),
             "wall_time_s": round(wall_s, 3), "train_time_s": round(train_s, 3),
             "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "peak_memory_bytes": max([peak_memory_bytes(self.device),
+                                      *(m.get("peak_memory_bytes", 0) for m in meters.values())]),
             "phases": meters, "losses": self.state.history,
             "config": self.config.model_dump(mode="json"),
         }
@@ -424,7 +425,8 @@ class Trainer:
         else:
             self.state.weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         self.state.optimizer[phase] = optimizer.state_dict()
-        self.state.meters[phase] = meter.summary()
+        # The peak so far goes into the checkpoint, so a resumed run still reports its training peak.
+        self.state.meters[phase] = {**meter.summary(), "peak_memory_bytes": peak_memory_bytes(self.device)}
         self.state.capture_rng(self.rng)
         save_state(self.run_dir, self.state)
 
