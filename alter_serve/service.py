@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .api.errors import model_not_found, unauthorized, unavailable
+from .api.errors import OpenAIError, model_not_found, unauthorized, unavailable
 from .api.generation import Generator, Target
 from .config import ServeConfig
 from .core.fingerprint import fingerprint, module_shapes
@@ -26,7 +26,7 @@ from .engine.adapters import AdapterManager, UnknownView
 from .engine.vllm_engine import VllmEngine
 from .limits import TenantLimiter
 from . import metrics
-from .registry import NotFound, Principal, Registry, RequestLogEntry, ViewChange, ViewInfo
+from .registry import NotFound, Principal, Registry, RequestContext, RequestLogEntry, ViewChange, ViewInfo
 
 log = logging.getLogger(__name__)
 
@@ -186,25 +186,39 @@ class AlterService:
     async def authenticate(self, secret: str | None) -> Principal:
         principal = await asyncio.to_thread(self.registry.authenticate, secret) if secret else None
         if principal is None:
-            metrics.REJECTED.labels("auth").inc()
-            raise unauthorized()
+            raise self.unauthenticated()
         return principal
 
-    async def route(self, principal: Principal, model: str, sticky: Callable[[str], str | None]) -> Routed:
-        """Resolve a model name for this tenant: an experiment alias first, then a granted view."""
-        if principal.tenant_name is not None:
-            experiment = await asyncio.to_thread(self.registry.experiment_for, principal.tenant_name, model)
-            if experiment is not None and experiment.alias == model:
-                arm = experiment.choose_arm(sticky(experiment.sticky))
-                return Routed(arm.view, experiment.name, arm.name)
-        view = await asyncio.to_thread(self.registry.resolve_model, principal, model)
-        if view is None:
+    @staticmethod
+    def unauthenticated() -> OpenAIError:
+        metrics.REJECTED.labels("auth").inc()
+        return unauthorized()
+
+    async def authorize(self, secret: str | None, model: str,
+                        sticky: Callable[[str], str | None]) -> tuple[Principal, Routed]:
+        """Authenticate a model request's key and resolve its model name, in ONE registry read (one
+        worker-thread hop, one transaction): 401 for a bad key, 404 for a model it may not use.
+        Nothing is cached, so a revoked key, a changed grant or limit applies to the next request."""
+        context = await asyncio.to_thread(self.registry.request_context, secret, model) if secret else None
+        if context is None:
+            raise self.unauthenticated()
+        return context.principal, self._route(context, sticky)
+
+    def _route(self, context: RequestContext, sticky: Callable[[str], str | None]) -> Routed:
+        """The tenant's model name: an experiment alias first, then a granted view."""
+        experiment = context.experiment
+        if experiment is not None:
+            arm = experiment.choose_arm(sticky(experiment.sticky))
+            return Routed(arm.view, experiment.name, arm.name)
+        if context.view is None:
             metrics.REJECTED.labels("model_not_found").inc()
-            raise model_not_found(model)
-        loaded = self.adapters.current(view.name)
-        if view.composed is not None and (loaded is None or loaded.version != view.composed.version):
-            self._load_soon(view.name)  # another replica changed it since our last poll
-        return Routed(view.name)
+            raise model_not_found(context.model)
+        composed = context.composed
+        if composed is not None:
+            loaded = self.adapters.current(context.view)
+            if loaded is None or loaded.version != composed.version:
+                self._load_soon(context.view)  # another replica changed it since our last poll
+        return Routed(context.view)
 
     def target(self, model: str, routed: Routed) -> Target:
         if not self.ready:

@@ -584,6 +584,61 @@ def test_remove_bundle(alpha, tmp_path):
     assert reg.list_bundles() == [] and not path.exists()
 
 
+
+def test_request_context_is_authenticate_plus_routing_in_one_read(alpha):
+    """`request_context` (the request path: one statement) answers as authenticate + experiment_for +
+    resolve_model would, and sees every change on the next call (no cache)."""
+    reg = alpha
+    reg.create_tenant("acme", views=["original", "no-bio"], default_view="no-bio", limits=Limits(max_concurrent=3))
+    reg.create_tenant("globex", views=["no-cyber"])
+    key_id, secret = reg.create_key("acme")
+    statements = []
+    listener = lambda *args: statements.append(args[2])  # noqa: E731
+    event.listen(reg.engine, "before_cursor_execute", listener)
+    context = reg.request_context(secret, "no-bio")
+    event.remove(reg.engine, "before_cursor_execute", listener)
+    assert len(statements) == 1  # one statement, no BEGIN or grant rows fetched one by one
+    assert context.principal == reg.authenticate(secret)
+    assert (context.principal.key_id, context.principal.tenant_name, context.principal.default_view) == (key_id, "acme", "no-bio")
+    assert context.principal.views == frozenset({"original", "no-bio"})
+    assert context.principal.limits == Limits(max_concurrent=3)
+    resolved = reg.resolve_model(context.principal, "no-bio")
+    assert (context.view, context.composed, context.experiment) == ("no-bio", resolved.composed, None)
+    original = reg.request_context(secret, "original")
+    assert (original.view, original.composed) == ("original", None)
+    for variant in ("No-Bio", " no-bio", "no-bio ", "no_bio", "", "no-cyber", "ghost", None):
+        assert reg.request_context(secret, variant).view is None, repr(variant)
+    assert reg.request_context(secret).principal == context.principal
+
+    arms = [{"name": "control", "view": "original", "weight": 1}, {"name": "forget", "view": "no-bio", "weight": 1}]
+    created = reg.create_experiment("ab", alias="chat", tenants=["acme"], arms=arms, salt="s")
+    routed = reg.request_context(secret, "chat")
+    assert routed.experiment == created and routed.view is None
+    assert reg.request_context(secret, "Chat").experiment is None
+    reg.update_experiment("ab", status="paused")
+    assert reg.request_context(secret, "chat").experiment.status == "paused"
+    reg.update_experiment("ab", status="stopped")
+    assert reg.request_context(secret, "chat").experiment is None
+    globex_secret = reg.create_key("globex")[1]
+    assert reg.request_context(globex_secret, "no-bio").view is None
+    assert reg.request_context(globex_secret, "no-cyber").principal.default_view is None
+
+    reg.set_default_view("acme", "original")
+    reg.revoke_view("acme", "no-bio")
+    after = reg.request_context(secret, "no-bio")
+    assert after.view is None and after.principal.views == frozenset({"original"})
+    assert after.principal.default_view == "original"
+    reg.set_disabled("acme", True)
+    assert reg.request_context(secret, "original") is None
+    reg.set_disabled("acme", False)
+    reg.revoke_key(key_id)
+    assert reg.request_context(secret, "original") is None
+    _, admin = reg.create_key(None, "admin")
+    admin_context = reg.request_context(admin, "original")
+    assert admin_context.principal.is_admin and admin_context.view is None and admin_context.experiment is None
+    for wrong in (None, "", "as-", secret + "x", 42):
+        assert reg.request_context(wrong, "original") is None
+
 # ---- experiments ----------------------------------------------------------------------------------
 
 

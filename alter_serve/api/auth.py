@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from ..registry import Principal
+from ..registry.keys import looks_like_secret
 from .errors import forbidden
 
 
@@ -14,6 +15,17 @@ def bearer_key(request: Request) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+async def model_request_key(request: Request) -> str:
+    """The bearer key of a model request (completions, chat), checked for shape only: the route
+    authenticates it together with resolving the model (`AlterService.authorize`, one registry read).
+    A missing or malformed key is a 401 here, before the body is validated; a well-formed key that
+    does not authenticate still beats a body error (see `errors.install_error_handlers`)."""
+    secret = bearer_key(request)
+    if secret is None or not looks_like_secret(secret):
+        raise request.app.state.service.unauthenticated()
+    return secret
 
 
 async def tenant_principal(request: Request) -> Principal:

@@ -11,13 +11,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .. import metrics
 from ..registry import Principal, RequestLogEntry
-from .auth import tenant_principal
+from .auth import model_request_key, tenant_principal
 from .errors import OpenAIError, not_found, registry_call
 from .generation import Outcome, Target, new_response_id, sse_stream
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 
 router = APIRouter()
 Tenant = Annotated[Principal, Depends(tenant_principal)]
+ModelKey = Annotated[str, Depends(model_request_key)]
+# Routes whose key is authenticated after the body is parsed (with the model: one registry read).
+KEY_AFTER_BODY = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 @router.get("/v1/models")
@@ -70,9 +73,9 @@ class FinishingStreamingResponse(StreamingResponse):
             self._finish(499)
 
 
-async def _serve(request: Request, principal: Principal, body, endpoint: str, plan_fn, once, stream):
+async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, once, stream):
     service = request.app.state.service
-    routed = await service.route(principal, body.model, _sticky_lookup(request, body.user))
+    principal, routed = await service.authorize(secret, body.model, _sticky_lookup(request, body.user))
     permit = service.limiter.admit(principal, body)  # 400 over the max_tokens cap, 429 over a tenant limit
     try:
         plan = plan_fn(body)
@@ -121,15 +124,15 @@ async def _serve(request: Request, principal: Principal, body, endpoint: str, pl
 
 
 @router.post("/v1/completions")
-async def completions(request: Request, body: CompletionRequest, principal: Tenant):
+async def completions(request: Request, body: CompletionRequest, secret: ModelKey):
     gen = request.app.state.service.generator
-    return await _serve(request, principal, body, "completions", gen.plan_completion, gen.completion, gen.completion_stream)
+    return await _serve(request, secret, body, "completions", gen.plan_completion, gen.completion, gen.completion_stream)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request, body: ChatCompletionRequest, principal: Tenant):
+async def chat_completions(request: Request, body: ChatCompletionRequest, secret: ModelKey):
     gen = request.app.state.service.generator
-    return await _serve(request, principal, body, "chat", gen.plan_chat, gen.chat, gen.chat_stream)
+    return await _serve(request, secret, body, "chat", gen.plan_chat, gen.chat, gen.chat_stream)
 
 
 @router.post("/v1/feedback")

@@ -166,6 +166,18 @@ class Principal:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What one model request needs from the registry, read in one transaction by
+    `Registry.request_context`: who the key is, and what the requested model name means for it."""
+
+    principal: Principal
+    model: str | None
+    experiment: "ExperimentInfo | None"  # the unstopped experiment whose alias is `model` for this tenant
+    view: str | None  # `model` when it names a view granted to the tenant (exact match), else None
+    composed: ComposedView | None  # that view's composed LoRA now; None for "original" (or no view)
+
+
+@dataclass(frozen=True, slots=True)
 class ExperimentInfo:
     id: int
     name: str

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Table, case, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
@@ -88,6 +88,7 @@ from .records import (
     Limits,
     Principal,
     ProbeResult,
+    RequestContext,
     RequestLogEntry,
     TenantInfo,
     ViewChange,
@@ -96,6 +97,8 @@ from .records import (
 
 _NAME_HELP = f"must match {HEAD_NAME_PATTERN} (lowercase letters, digits, '_' and '-'; at most 63 characters)"
 _WRITE_OPTION = "alter_serve_write"
+_SINGLE_READ_OPTION = "alter_serve_single_read"  # one SELECT: no BEGIN/ROLLBACK round trip (SQLite)
+_GRANT_SEPARATOR = ","  # view names never contain it (see _check_name)
 MAX_COMMENT_CHARS = 10_000
 MAX_RESPONSE_ID_CHARS = 128
 MAX_PROBE_METRICS = 64
@@ -103,6 +106,45 @@ MAX_PROBE_SOURCE_CHARS = 2000
 _METRIC_NAME_RE = re.compile(r"[a-z][a-z0-9_./-]{0,63}\Z")
 _CREATE_LOCK_ID = 0x616C7465  # PostgreSQL advisory lock key held while creating tables ("alte")
 
+
+# The request path's one statement (`Registry.request_context`), built once: key, tenant, the
+# tenant's grants (aggregated into one string), the unstopped experiment whose alias is the model
+# name, and the granted view of that name. One row, so one statement: SQLite's driver releases and
+# retakes the GIL for every step (row) of a query, and under load each retake can wait for the event
+# loop thread, so a per-grant row fetch cost far more than the query itself.
+_LIVE_EXPERIMENTS = (
+    select(experiment_tenants.c.tenant_id, ExperimentRow.id.label("experiment_id"), ExperimentRow.alias)
+    .join(ExperimentRow, ExperimentRow.id == experiment_tenants.c.experiment_id)
+    .where(ExperimentRow.alias == bindparam("model"), ExperimentRow.status != exp.STOPPED)
+    .subquery()
+)
+_MODEL_VIEW = (
+    select(grants.c.tenant_id, ViewRow.name, ViewRow.content_hash, ViewRow.path)
+    .join(ViewRow, ViewRow.id == grants.c.view_id)
+    .where(ViewRow.name == bindparam("model"))
+    .subquery()
+)
+_GRANTED_NAMES = (
+    select(func.aggregate_strings(ViewRow.name, _GRANT_SEPARATOR))
+    .select_from(grants).join(ViewRow, ViewRow.id == grants.c.view_id)
+    .where(grants.c.tenant_id == TenantRow.id)
+    .scalar_subquery()
+)
+_DEFAULT_VIEW = select(ViewRow.name).where(ViewRow.id == TenantRow.default_view_id).scalar_subquery()
+_REQUEST_CONTEXT = (
+    select(ApiKeyRow.id.label("key_id"), ApiKeyRow.role, ApiKeyRow.key_hash, ApiKeyRow.revoked_at,
+           TenantRow.id.label("tenant_id"), TenantRow.name.label("tenant_name"), TenantRow.disabled,
+           TenantRow.max_concurrent, TenantRow.tokens_per_minute, TenantRow.max_tokens_cap,
+           _GRANTED_NAMES.label("granted"), _DEFAULT_VIEW.label("default_view"),
+           _LIVE_EXPERIMENTS.c.experiment_id, _LIVE_EXPERIMENTS.c.alias,
+           _MODEL_VIEW.c.name.label("view_name"), _MODEL_VIEW.c.content_hash.label("view_hash"),
+           _MODEL_VIEW.c.path.label("view_path"))
+    .select_from(ApiKeyRow)
+    .outerjoin(TenantRow, ApiKeyRow.tenant_id == TenantRow.id)
+    .outerjoin(_LIVE_EXPERIMENTS, _LIVE_EXPERIMENTS.c.tenant_id == TenantRow.id)
+    .outerjoin(_MODEL_VIEW, _MODEL_VIEW.c.tenant_id == TenantRow.id)
+    .where(ApiKeyRow.key_hash == bindparam("digest"))
+)
 
 def _check_name(kind: str, name: object) -> str:
     if not is_valid_head_name(name):  # the same pattern as head names: URL-, label- and filename-safe
@@ -139,8 +181,10 @@ def _make_engine(url: str) -> Engine:
     def _on_begin(conn: Any) -> None:
         # A write transaction takes the write lock up front: a deferred one that reads, then writes,
         # fails with SQLITE_BUSY if another writer committed in between (busy_timeout cannot help).
-        immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        options = conn.get_execution_options()
+        if options.get(_SINGLE_READ_OPTION, False):
+            return  # a single SELECT is its own consistent snapshot; SQLite runs it in autocommit
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(_WRITE_OPTION, False) else "BEGIN")
 
     return engine
 
@@ -749,30 +793,54 @@ class Registry:
         """The principal a key secret belongs to, or None (unknown, malformed, revoked, or the
         tenant is disabled). Read from the database on every call — no cache — so revocation,
         grants and limits take effect on the next request on every replica."""
+        context = self.request_context(secret)
+        return None if context is None else context.principal
+
+    def request_context(self, secret: str, model: str | None = None) -> RequestContext | None:
+        """Everything a model request needs from the registry, in one statement (one row): the key's
+        principal (as `authenticate`), the unstopped experiment whose alias is `model` for its
+        tenant, and `model` as a granted view with its composed LoRA. None when the key does not
+        authenticate. Runs for every request, so it stays in SQLAlchemy Core with a statement built
+        once (no ORM session, no per-call statement construction). No cache: a revoked key, a
+        changed grant or limit applies to the next request on every replica."""
         if not keys.looks_like_secret(secret):
             return None
-        digest = keys.hash_secret(secret)
-        with self._reading() as s:
-            found = s.execute(
-                select(ApiKeyRow, TenantRow).outerjoin(TenantRow, ApiKeyRow.tenant_id == TenantRow.id)
-                .where(ApiKeyRow.key_hash == digest)
-            ).first()
-            if found is None:
+        name = model if isinstance(model, str) else None
+        with self.engine.connect().execution_options(**{_SINGLE_READ_OPTION: True}) as conn:
+            row = conn.execute(_REQUEST_CONTEXT, {"digest": keys.hash_secret(secret), "model": name}).first()
+            if row is None or not keys.hashes_match(row.key_hash, secret) or row.revoked_at is not None:
                 return None
-            key, tenant = found
-            if not keys.hashes_match(key.key_hash, secret) or key.revoked_at is not None:
+            if row.role == "admin":
+                return RequestContext(Principal(row.key_id, "admin", None, None, frozenset(), None, Limits()),
+                                      name, None, None, None)
+            if row.tenant_id is None or row.disabled:
                 return None
-            if key.role == "admin":
-                return Principal(key.id, "admin", None, None, frozenset(), None, Limits())
-            if tenant is None or tenant.disabled:
-                return None
-            granted = s.execute(
-                select(ViewRow.id, ViewRow.name).join(grants, grants.c.view_id == ViewRow.id)
-                .where(grants.c.tenant_id == tenant.id)
-            ).all()
-            default = next((n for i, n in granted if i == tenant.default_view_id), None)
-            return Principal(key.id, "tenant", tenant.id, tenant.name, frozenset(n for _, n in granted), default,
-                             self._limits(tenant))
+            experiment = None
+            if row.experiment_id is not None and row.alias == name:  # exact, whatever the collation
+                experiment = self._experiment_info_core(conn, row.experiment_id)
+        granted = frozenset(row.granted.split(_GRANT_SEPARATOR)) if row.granted else frozenset()
+        principal = Principal(row.key_id, "tenant", row.tenant_id, row.tenant_name, granted,
+                              row.default_view if row.default_view in granted else None,
+                              Limits(max_concurrent=row.max_concurrent, tokens_per_minute=row.tokens_per_minute,
+                                     max_tokens_cap=row.max_tokens_cap))
+        view = composed = None
+        if name is not None and row.view_name == name:  # exact: no case folding, no stripping
+            view = name
+            if row.view_hash is not None:
+                composed = ComposedView(name, row.view_hash, self._abs(row.view_path))
+        return RequestContext(principal, name, experiment, view, composed)
+
+    @staticmethod
+    def _experiment_info_core(conn: Any, experiment_id: int) -> ExperimentInfo | None:
+        row = conn.execute(select(ExperimentRow.__table__).where(ExperimentRow.id == experiment_id)).first()
+        if row is None:
+            return None
+        tenants = conn.execute(
+            select(TenantRow.name).join(experiment_tenants, experiment_tenants.c.tenant_id == TenantRow.id)
+            .where(experiment_tenants.c.experiment_id == experiment_id).order_by(TenantRow.name)
+        ).scalars().all()
+        return ExperimentInfo(row.id, row.name, row.alias, tuple(tenants), tuple(Arm.model_validate(a) for a in row.arms),
+                              row.sticky, row.salt, row.status, row.control_arm, row.created_at, row.updated_at)
 
     def resolve_model(self, principal: Principal, model_name: str) -> ViewInfo | None:
         """The view a tenant's `model` field names, or None (the API answers 404 model_not_found).

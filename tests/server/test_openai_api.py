@@ -164,7 +164,11 @@ def test_bad_or_missing_key_is_401(live_server, key):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(base_url=live_server.base_url, timeout=30) as http:
         err = _error(http.post("/v1/completions", json={"model": "original", "prompt": PROMPT}, headers=headers), 401)
-    assert err["type"] == "authentication_error"
+        assert err["type"] == "authentication_error"
+        # the key is checked with the model after the body is parsed, but a bad key still beats a bad body
+        for path, body in (("/v1/completions", {"model": "original", "prompt": PROMPT, "max_tokens": -1}),
+                           ("/v1/chat/completions", {"model": "original", "messages": "nope"})):
+            assert _error(http.post(path, json=body, headers=headers), 401)["type"] == "authentication_error"
 
 
 def test_openai_client_sees_typed_errors(live_server):
