@@ -64,6 +64,7 @@ class Outcome:
     completion_tokens: int = 0
     ttft_s: float | None = None
     started: float = field(default_factory=time.perf_counter)
+    created: int = field(default_factory=lambda: int(time.time()))  # one timestamp for every chunk, as OpenAI
 
 
 class Generator:
@@ -213,7 +214,7 @@ class Generator:
                 choices.append(self._completion_choice(body, i * body.n + output.index, prompt, echo_block, output))
                 outcome.completion_tokens += len(output.token_ids)
         outcome.prompt_tokens = sum(len(p.ids) for p in prompts)
-        return {"id": outcome.response_id, "object": "text_completion", "created": int(time.time()),
+        return {"id": outcome.response_id, "object": "text_completion", "created": outcome.created,
                 "model": target.model, "system_fingerprint": target.fingerprint, "choices": choices,
                 "usage": usage(outcome)}
 
@@ -222,13 +223,14 @@ class Generator:
         outcome.prompt_tokens = sum(len(p.ids) for p in prompts)
         echoes = [await self._prompt_logprobs(body, p, target) for p in prompts]
         offsets: dict[int, int] = {}
+        frame = ChunkFrame(outcome, "text_completion", target)
+        plain = body.logprobs is None and not body.echo  # the common case: text only, built from a template
 
-        def chunk(choice: dict) -> dict:
-            return {"id": outcome.response_id, "object": "text_completion", "created": int(time.time()),
-                    "model": target.model, "system_fingerprint": target.fingerprint, "choices": [choice]}
-
-        def render(prompt_index: int, output) -> dict:
+        def render(prompt_index: int, output) -> str:
             index = prompt_index * body.n + output.index
+            outcome.completion_tokens += len(output.token_ids)
+            if plain:
+                return frame.event(text_choice(index, output.text, output.finish_reason))
             prompt = prompts[prompt_index]
             first = index not in offsets
             start = offsets.get(index, len(prompt.text) if body.echo else 0)
@@ -239,15 +241,22 @@ class Generator:
                 if first and echoes[prompt_index] is not None:
                     logprobs = {k: echoes[prompt_index][k] + logprobs[k] for k in logprobs}
             offsets[index] = start + len(output.text)
-            outcome.completion_tokens += len(output.token_ids)
-            return chunk({"index": index, "text": text, "logprobs": logprobs, "finish_reason": output.finish_reason})
+            return frame.event(_json({"index": index, "text": text, "logprobs": logprobs,
+                                      "finish_reason": output.finish_reason}))
 
-        async for prompt_index, output in self._merged(prompts, params, target):
-            if outcome.ttft_s is None:
-                outcome.ttft_s = time.perf_counter() - outcome.started
-            yield sse(render(prompt_index, output))
+        if len(prompts) == 1:  # the common case: the engine's stream directly, no merging layer
+            async for result in self.engine.generate(prompts[0].ids, params, target.lease.lora):
+                if outcome.ttft_s is None:
+                    outcome.ttft_s = time.perf_counter() - outcome.started
+                for output in result.outputs:
+                    yield render(0, output)
+        else:
+            async for prompt_index, output in self._merged(prompts, params, target):
+                if outcome.ttft_s is None:
+                    outcome.ttft_s = time.perf_counter() - outcome.started
+                yield render(prompt_index, output)
         if body.include_usage_chunk:
-            yield sse({"id": outcome.response_id, "object": "text_completion", "created": int(time.time()),
+            yield sse({"id": outcome.response_id, "object": "text_completion", "created": outcome.created,
                        "model": target.model, "choices": [], "usage": usage(outcome)})
 
     async def _merged(self, prompts: list[Prompt], params: SamplingParams, target: Target):
@@ -308,7 +317,7 @@ class Generator:
                 "finish_reason": output.finish_reason,
             })
         outcome.prompt_tokens = len(prompt.ids)
-        return {"id": outcome.response_id, "object": "chat.completion", "created": int(time.time()),
+        return {"id": outcome.response_id, "object": "chat.completion", "created": outcome.created,
                 "model": target.model, "system_fingerprint": target.fingerprint, "choices": choices,
                 "usage": usage(outcome)}
 
@@ -316,26 +325,29 @@ class Generator:
         prompt, params = plan
         outcome.prompt_tokens = len(prompt.ids)
         started: set[int] = set()
+        frame = ChunkFrame(outcome, "chat.completion.chunk", target)
 
-        def chunk(choices: list[dict], **extra) -> dict:
-            return {"id": outcome.response_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": target.model, "system_fingerprint": target.fingerprint, "choices": choices, **extra}
-
-        async for _, output in self._merged([prompt], params, target):
+        async for result in self.engine.generate(prompt.ids, params, target.lease.lora):
             if outcome.ttft_s is None:
                 outcome.ttft_s = time.perf_counter() - outcome.started
-            delta: dict = {"content": output.text}
-            if output.index not in started:
-                started.add(output.index)
-                delta = {"role": "assistant", **delta}
-            outcome.completion_tokens += len(output.token_ids)
-            yield sse(chunk([{
-                "index": output.index, "delta": delta,
-                "logprobs": self.chat_logprobs_block(output.token_ids, output.logprobs) if body.logprobs else None,
-                "finish_reason": output.finish_reason,
-            }]))
+            for output in result.outputs:
+                outcome.completion_tokens += len(output.token_ids)
+                first = output.index not in started
+                if first:
+                    started.add(output.index)
+                if not body.logprobs:
+                    yield frame.event(delta_choice(output.index, output.text, output.finish_reason, first))
+                    continue
+                delta: dict = {"role": "assistant", "content": output.text} if first else {"content": output.text}
+                yield frame.event(_json({
+                    "index": output.index, "delta": delta,
+                    "logprobs": self.chat_logprobs_block(output.token_ids, output.logprobs),
+                    "finish_reason": output.finish_reason,
+                }))
         if body.include_usage_chunk:
-            yield sse(chunk([], usage=usage(outcome)))
+            yield sse({"id": outcome.response_id, "object": "chat.completion.chunk", "created": outcome.created,
+                       "model": target.model, "system_fingerprint": target.fingerprint, "choices": [],
+                       "usage": usage(outcome)})
 
 
 def usage(outcome: Outcome) -> dict:
@@ -343,8 +355,46 @@ def usage(outcome: Outcome) -> dict:
             "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
 
 
+def _json(payload) -> str:
+    return json.dumps(payload, separators=(",", ":"))
+
+
 def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+    return f"data: {_json(payload)}\n\n"
+
+
+# Streaming chunks are written from templates: the envelope (id, object, created, model,
+# fingerprint) is serialised once per response and each token's choice is a few string joins, the
+# bytes `sse(...)` of the same dict would give (same key order, same escaping, compact separators).
+_str = json.encoder.encode_basestring_ascii  # what json.dumps does for a str (ensure_ascii)
+_NULL = "null"
+
+
+class ChunkFrame:
+    """`data: {"id":…,"object":…,"created":…,"model":…,"system_fingerprint":…,"choices":[` … `]}`."""
+
+    __slots__ = ("head",)
+    TAIL = "]}\n\n"
+
+    def __init__(self, outcome: Outcome, obj: str, target: Target):
+        self.head = (f'data: {{"id":{_str(outcome.response_id)},"object":{_str(obj)},"created":{outcome.created},'
+                     f'"model":{_str(target.model)},"system_fingerprint":{_str(target.fingerprint)},"choices":[')
+
+    def event(self, choice_json: str) -> str:
+        return self.head + choice_json + self.TAIL
+
+
+def text_choice(index: int, text: str, finish_reason: str | None) -> str:
+    """A completion chunk's choice without logprobs: `{"index","text","logprobs":null,"finish_reason"}`."""
+    return (f'{{"index":{index},"text":{_str(text)},"logprobs":null,"finish_reason":'
+            f'{_NULL if finish_reason is None else _str(finish_reason)}}}')
+
+
+def delta_choice(index: int, content: str, finish_reason: str | None, first: bool) -> str:
+    """A chat chunk's choice without logprobs; the first of each choice carries the role."""
+    role = '"role":"assistant",' if first else ""
+    return (f'{{"index":{index},"delta":{{{role}"content":{_str(content)}}},"logprobs":null,"finish_reason":'
+            f'{_NULL if finish_reason is None else _str(finish_reason)}}}')
 
 
 SSE_DONE = "data: [DONE]\n\n"
