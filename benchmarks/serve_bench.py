@@ -12,7 +12,7 @@
 3. Hot-swap: under streaming load, time from an admin head replacement returning to the first token
    served by the new version, over N swaps; and failed requests during them.
 
-    python -m benchmarks.serve_bench [--requests 256 --concurrency 32 --max-tokens 64 --rounds 3 --swaps 20]
+    python -m benchmarks.serve_bench [--requests 256 --concurrency 32 --max-tokens 64 --rounds 5 --swaps 20]
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--swaps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3, help="overhead: measured passes per server, in turns")
+    parser.add_argument("--rounds", type=int, default=5, help="overhead: measured passes per server, in turns")
     args = parser.parse_args(argv)
     if args.model is None:
         from train.demo_model import build_demo_model
