@@ -25,6 +25,11 @@ Protocol (TOFU's, scaled down; see `train.data.tofu_subset` and `train.tofu_mode
    retain / real-author / world-fact numbers. ALTER is scored as served (view mode: the retain head
    plus every forget head) and in the paper's routed mode.
 
+ALTER runs twice: `alter` has one forget head per forget author (the paper's sub-domains; the
+served view switches all of them on), `alter_one_head` one head for the whole forget set (the view
+a tenant gets when the forget request is one sub-domain). A view that stacks several forget heads
+costs more utility than a single-head view (see README, "Training"), and the table shows by how much.
+
 The unlearning settings are fixed up front (below), not tuned on the evaluation sets. Each run trains
 and scores in its own process (one thread), two at a time, so wall time and peak memory are per
 method (peak memory: the process's peak RSS on CPU, peak allocated CUDA memory on a GPU).
@@ -51,12 +56,13 @@ from train.demo_model import DemoModelConfig, DemoTrainConfig
 from train.tofu_models import ReferenceModels, TofuModelRecipe, build_reference_models
 
 DEFAULT_TOFU_ROOT = REPO_ROOT.parent / "shared" / "data" / "tofu"
-METHODS = ("alter", "alter_no_entropy", "grad_ascent", "grad_diff", "npo")
+METHODS = ("alter", "alter_one_head", "alter_no_entropy", "grad_ascent", "grad_diff", "npo")
+ONE_HEAD = "forget-set"  # alter_one_head: the whole forget set is one sub-domain, one forget head
 # The paper's goal, reported against (never tuned for): forget quality ≥ 0.05 with utility ≥ 0.95× full.
 GOAL_FORGET_QUALITY = 0.05
 GOAL_UTILITY_RATIO = 0.95
 OUTCOME_FILE = "bench_outcome.json"
-OUTCOME_VERSION = 1  # bump when what a job returns changes
+OUTCOME_VERSION = 2  # bump when what a job returns changes (2: one process per job)
 
 
 @dataclass(frozen=True)
@@ -170,7 +176,9 @@ def run_benchmark(scale: Scale, name: str, tofu_root: Path, *, methods: list[str
     jobs = [_Job(kind, "reference", str(getattr(models, kind)), run_dir=str(work_dir / kind)) for kind in ("full", "retain")]
     jobs += [_Job(m, "unlearn", str(models.full), data_files, str(work_dir / m)) for m in methods]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, scale.workers), mp_context=context) as pool:
+    # One fresh process per job (max_tasks_per_child=1): peak RSS is per process, so a reused worker
+    # would report the peak of an earlier job.
+    with ProcessPoolExecutor(max_workers=max(1, scale.workers), mp_context=context, max_tasks_per_child=1) as pool:
         outcomes = list(pool.map(_run_job, jobs, [subset] * len(jobs), [scale.unlearn] * len(jobs),
                                  [progress] * len(jobs)))
     rows = _rows(outcomes, subset)
@@ -245,8 +253,8 @@ def _execute_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progr
         bundle_dir = str(result.bundle_dir)
         if job.name == "alter":
             views = ["+".join(subset.forget_heads), "routed"]
-        elif job.name == "alter_no_entropy":
-            views = ["+".join(subset.forget_heads)]
+        elif job.name in ("alter_one_head", "alter_no_entropy"):
+            views = ["+".join(_heads(job.name, subset))]
         else:
             views = ["forget"]
     scorers = local_view_scorers(job.model_dir, bundle_dir, views, device=settings.device,
@@ -261,10 +269,11 @@ def _train_config(job: _Job, subset: TofuSubset, s: UnlearnSettings, progress: b
 
     return TrainConfig.model_validate({
         "name": f"tofu-{job.name}".replace("_", "-"),
-        "method": job.name,
+        "method": "alter" if job.name == "alter_one_head" else job.name,
         "model": {"path": job.model_dir},
-        "data": {"kind": "json", "forget_file": job.data_files["forget"], "retain_file": job.data_files["retain"],
-                 "forget_subdomains": subset.forget_heads, "subdomain_field": "author", "max_length": 256},
+        "data": {"kind": "json", "forget_file": job.data_files[job.name if job.name in job.data_files else "forget"],
+                 "retain_file": job.data_files["retain"], "forget_subdomains": _heads(job.name, subset),
+                 "subdomain_field": "author", "max_length": 256},
         "adapter": {"rank": s.rank, "alpha": s.alpha},
         "optim": {"epochs": s.epochs, "phase1_epochs": s.phase1_epochs, "batch_size": s.batch_size,
                   "lr": s.lr, "lr_B": s.lr, "lr_A": s.lr_A, "npo_beta": s.npo_beta, "router_epochs": s.router_epochs},
@@ -273,11 +282,18 @@ def _train_config(job: _Job, subset: TofuSubset, s: UnlearnSettings, progress: b
     })
 
 
+def _heads(run: str, subset: TofuSubset) -> list[str]:
+    """The forget heads of a run: one per forget author, or the single ONE_HEAD of alter_one_head."""
+    return [ONE_HEAD] if run == "alter_one_head" else subset.forget_heads
+
+
 def _write_unlearning_data(subset: TofuSubset, work_dir: Path) -> dict[str, str]:
     """The unlearning runs' forget file (forget authors) and retain file (retain authors)."""
-    files = {"forget": work_dir / "forget.json", "retain": work_dir / "retain.json"}
+    files = {"forget": work_dir / "forget.json", "retain": work_dir / "retain.json",
+             "alter_one_head": work_dir / "forget_one_head.json"}
     files["forget"].write_text(json.dumps(subset.forget_train, indent=1))
     files["retain"].write_text(json.dumps(subset.retain_train, indent=1))
+    files["alter_one_head"].write_text(json.dumps([{**r, "author": ONE_HEAD} for r in subset.forget_train], indent=1))
     return {k: str(v) for k, v in files.items()}
 
 
@@ -321,15 +337,19 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """ALTER (served view) against the goal and against every baseline, with the gaps."""
-    served = next((r for r in rows if r["run"] == "alter" and r["view"] not in ("routed", "original")), None)
+    """Each ALTER variant's served view against the goal and against every baseline, with the gaps."""
+    return {run: _goal_of(rows, run) for run in ("alter", "alter_one_head")}
+
+
+def _goal_of(rows: list[dict[str, Any]], run: str) -> dict[str, Any]:
+    served = next((r for r in rows if r["run"] == run and r["view"] not in ("routed", "original")), None)
     if served is None:
         return {"evaluated": False}
     baselines = [r for r in rows if r["run"] in ("grad_ascent", "grad_diff", "npo")]
     best_fq = max((r["forget_quality"] for r in baselines), default=None)
     best_mu = max((r["model_utility"] for r in baselines), default=None)
     return {
-        "evaluated": True,
+        "evaluated": True, "method": served["method"],
         "forget_quality": served["forget_quality"], "forget_quality_goal": GOAL_FORGET_QUALITY,
         "forget_quality_met": served["forget_quality"] >= GOAL_FORGET_QUALITY,
         "utility_vs_full": served["utility_vs_full"], "utility_goal": GOAL_UTILITY_RATIO,
@@ -340,22 +360,26 @@ def _goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _goal_text(goal: dict[str, Any]) -> str:
-    if not goal.get("evaluated"):
-        return "ALTER was not run."
-
+def _goal_text(goals: dict[str, dict[str, Any]]) -> str:
+    """One line per ALTER variant: the goal and the baselines, met or not, with the numbers."""
     def mark(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
     def num(value: float | None, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
-    return (f"Goal (ALTER, served view): forget quality {num(goal['forget_quality'], '.3g')} ≥ {GOAL_FORGET_QUALITY}: "
-            f"{mark(goal['forget_quality_met'])}; utility {num(goal['utility_vs_full'], '.3f')}× the full model's "
-            f"≥ {GOAL_UTILITY_RATIO}: {mark(goal['utility_met'])}; better than every baseline on forget quality: "
-            f"{mark(goal['beats_baselines_on_forget_quality'])} (best baseline "
+    lines = []
+    for run, goal in goals.items():
+        if not goal.get("evaluated"):
+            continue
+        lines.append(
+            f"Goal, {goal['method']} (as served): forget quality {num(goal['forget_quality'], '.3g')} ≥ "
+            f"{GOAL_FORGET_QUALITY}: {mark(goal['forget_quality_met'])}; utility {num(goal['utility_vs_full'], '.3f')}× "
+            f"the full model's ≥ {GOAL_UTILITY_RATIO}: {mark(goal['utility_met'])}; better than every baseline on "
+            f"forget quality: {mark(goal['beats_baselines_on_forget_quality'])} (best baseline "
             f"{num(goal['best_baseline_forget_quality'], '.3g')}); on model utility: "
             f"{mark(goal['beats_baselines_on_utility'])} (best baseline {num(goal['best_baseline_model_utility'], '.3f')}).")
+    return "\n\n".join(lines) or "ALTER was not run."
 
 
 def _scatter(rows: list[dict[str, Any]], path: Path, scale: str) -> Path:
@@ -365,12 +389,14 @@ def _scatter(rows: list[dict[str, Any]], path: Path, scale: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab10").colors
+    for i, row in enumerate(rows):
         fq = max(row["forget_quality"], 1e-30)
         marker = "*" if row["run"].startswith("alter") else ("s" if row["kind"] == "reference" else "o")
-        ax.scatter(row["model_utility"], fq, s=120 if row["run"] == "alter" else 60, marker=marker)
-        ax.annotate(row["method"], (row["model_utility"], fq), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # A legend, not labels at the points: methods that land close together would overprint.
+        ax.scatter(row["model_utility"], fq, s=160 if marker == "*" else 70, marker=marker,
+                   color=colors[i % len(colors)], edgecolor="black", linewidth=0.5, label=row["method"], alpha=0.9)
     ax.axhline(GOAL_FORGET_QUALITY, color="grey", linestyle="--", linewidth=0.8)
     ax.text(ax.get_xlim()[0], GOAL_FORGET_QUALITY, f" forget quality {GOAL_FORGET_QUALITY}", fontsize=7, va="bottom", color="grey")
     ax.set_yscale("log")
@@ -378,6 +404,7 @@ def _scatter(rows: list[dict[str, Any]], path: Path, scale: str) -> Path:
     ax.set_ylabel("forget quality, KS p-value (higher is better)")
     ax.set_title(f"TOFU ({scale} scale): forget quality vs model utility")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
