@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,12 +153,8 @@ class AlterService:
         return True
 
     async def _poll_registry(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.registry_poll_s)
-            try:
-                await self.sync_views()
-            except Exception:
-                log.exception("could not poll the registry for view changes; retrying")
+        await _every(self.config.registry_poll_s, self.sync_views,
+                     "could not poll the registry for view changes; retrying")
 
     def _load_soon(self, name: str) -> None:
         """Load view `name` from the registry in the background (once at a time per view): a
@@ -244,12 +240,7 @@ class AlterService:
 
     async def _flush_request_log(self) -> None:
         # Batched off the request path: one executemany per interval, not one write per request.
-        while True:
-            await asyncio.sleep(self.config.request_log_flush_s)
-            try:
-                await self._write_log_rows()
-            except Exception:
-                log.exception("could not write the request log batch")
+        await _every(self.config.request_log_flush_s, self._write_log_rows, "could not write the request log batch")
 
     async def _gauges(self) -> None:
         while True:
@@ -275,3 +266,12 @@ class AlterService:
         _, secret = self.registry.create_key(None, "admin")
         return secret
 
+
+async def _every(interval_s: float, action: Callable[[], Awaitable[object]], failure: str) -> None:
+    """Run `action` every `interval_s` seconds until cancelled; a failure is logged, and retried next time."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await action()
+        except Exception:
+            log.exception(failure)

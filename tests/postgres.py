@@ -18,11 +18,12 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.server.live import free_port
 
 INSTALL_HINT = ("install Debian's `postgresql` package (`make setup` does: apt-get install postgresql) so that "
                 "/usr/lib/postgresql/<version>/bin/{initdb,pg_ctl} exist")
@@ -39,12 +40,6 @@ def find_bindir() -> Path:
             return Path(candidate)
     raise RuntimeError(f"PostgreSQL server binaries not found (looked in {candidates or '/usr/lib/postgresql/*/bin'}); "
                        f"{INSTALL_HINT}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -66,7 +61,7 @@ class PostgresCluster:
                 raise RuntimeError(f"running as root, but there is no `{OS_USER}` OS user to run PostgreSQL as "
                                    f"(PostgreSQL refuses root); {INSTALL_HINT}") from None
             as_user = OS_USER
-        cluster = cls(bindir, root, _free_port(), as_user)
+        cluster = cls(bindir, root, free_port(), as_user)
         cluster._init_and_start(timeout_s)
         return cluster
 
