@@ -53,7 +53,7 @@ from typing import Any
 from benchmarks.common import RESULTS_DIR, REPO_ROOT, machine_info, markdown_table, print_header, write_results
 from train.data.tofu_subset import SubsetSpec, TofuSubset, build_subset
 from train.demo_model import DemoModelConfig, DemoTrainConfig
-from train.tofu_models import ReferenceModels, TofuModelRecipe, build_reference_models
+from train.tofu_models import TofuModelRecipe, build_reference_models
 
 DEFAULT_TOFU_ROOT = REPO_ROOT.parent / "shared" / "data" / "tofu"
 METHODS = ("alter", "alter_one_head", "alter_no_entropy", "grad_ascent", "grad_diff", "npo")
