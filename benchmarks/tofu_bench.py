@@ -166,6 +166,11 @@ def run_benchmark(scale: Scale, name: str, tofu_root: Path, *, methods: list[str
     started = time.perf_counter()
     machine = machine_info()
     print_header(f"tofu_{name}", machine)
+    if scale.unlearn.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"scale {name!r} runs on a CUDA GPU and none is available; use --scale cpu")
     if not tofu_root.is_dir():
         raise FileNotFoundError(f"TOFU data folder {tofu_root} not found (see ../shared/data/tofu/README.md)")
     subset = build_subset(tofu_root, scale.subset)

@@ -99,3 +99,11 @@ def test_gpu_scales_cover_full_tofu(name: str, forget_authors: int) -> None:
     assert len(subset.forget_train) == 20 * forget_authors == len(subset.eval_sets["forget"])
     assert len(subset.eval_sets["retain"]) == 400  # all of retain_perturbed.json
     assert scale.unlearn.device == "cuda"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message shown on a machine without a GPU")
+def test_gpu_scale_without_a_gpu_is_a_clear_cli_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.tofu_bench import main
+
+    assert main(["--scale", "gpu", "--no-progress"]) == 2
+    assert "runs on a CUDA GPU and none is available" in capsys.readouterr().err
