@@ -27,7 +27,6 @@ Nothing but torch, transformers and peft is needed (no vLLM).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import random
@@ -152,25 +151,14 @@ def npo_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckp
 # ---- measuring ------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
 def bench_method(method: str, shape: Shape, device: torch.device, steps: int, warmup: int,
                  grad_ckpt: bool, heads: int, emit: Callable[[dict], None]) -> dict:
+    from train.runtime import autocast as bf16_autocast, peak_memory_bytes, reset_peak_memory, synchronize
+
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    reset_peak_memory(device)
+    autocast = lambda: bf16_autocast(device, True)  # noqa: E731
     torch.manual_seed(0)
     started = time.perf_counter()
     if method == "alter":
@@ -180,10 +168,10 @@ def bench_method(method: str, shape: Shape, device: torch.device, steps: int, wa
     setup_s = time.perf_counter() - started
     times, tokens = [], 0
     for index in range(warmup + steps):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         tokens = step()
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - t0
         if index >= warmup:
             times.append(elapsed)
@@ -192,7 +180,7 @@ def bench_method(method: str, shape: Shape, device: torch.device, steps: int, wa
     median = statistics.median(times)
     summary = {"method": method, "summary": True, "median_step_s": round(median, 4),
                "tokens_per_step": tokens, "tokens_per_s": round(tokens / median, 1),
-               "peak_memory_gib": round(_peak_bytes(device) / 2**30, 3), "trainable_parameters": trainable,
+               "peak_memory_gib": round(peak_memory_bytes(device) / 2**30, 3), "trainable_parameters": trainable,
                "setup_s": round(setup_s, 2), "steps": steps, "warmup": warmup, "gradient_checkpointing": grad_ckpt}
     emit(summary)
     del step, keep
