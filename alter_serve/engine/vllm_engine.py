@@ -18,8 +18,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -221,31 +221,14 @@ class VllmEngine:
         self, prompt_ids: list[int], params: SamplingParams, lora: LoRARequest | None
     ) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs for one prompt. Raises EngineUnavailable on death.
-        (`_generate` inlined: one async-generator layer less for every streamed token.)"""
+        (It iterates vLLM's stream itself: one async-generator layer less for every streamed token.)"""
         self._require_ready()
         async with self._gate.shared():
             llm = self._require_ready()
-            try:
+            with _engine_errors(llm):
                 async for output in llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex,
                                                  lora_request=lora):
                     yield output
-            except (EngineDeadError, EngineGenerateError) as exc:
-                if llm.errored:
-                    raise EngineUnavailable("restarting after a crash") from exc
-                raise
-
-    async def _generate(
-        self, prompt_ids: list[int], params: SamplingParams, lora: LoRARequest | None
-    ) -> AsyncIterator[RequestOutput]:
-        llm = self._require_ready()
-        request_id = uuid.uuid4().hex
-        try:
-            async for output in llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora):
-                yield output
-        except (EngineDeadError, EngineGenerateError) as exc:
-            if llm.errored:
-                raise EngineUnavailable("restarting after a crash") from exc
-            raise
 
     async def prompt_logprobs(
         self, prompt_ids: list[int], top_k: int, lora: LoRARequest | None
@@ -257,10 +240,25 @@ class VllmEngine:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=max(top_k, 1), detokenize=False)
         self._require_ready()
         async with self._gate.exclusive():
+            llm = self._require_ready()
             final = None
-            async for output in self._generate(prompt_ids, params, lora):
-                final = output
+            with _engine_errors(llm):
+                async for output in llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex,
+                                                 lora_request=lora):
+                    final = output
         return list(final.prompt_logprobs)
+
+
+@contextmanager
+def _engine_errors(llm: AsyncLLM) -> Iterator[None]:
+    """A request failed because the engine died: EngineUnavailable (the API answers 503 while the
+    watchdog restarts it). Any other engine error is the request's own and passes through."""
+    try:
+        yield
+    except (EngineDeadError, EngineGenerateError) as exc:
+        if llm.errored:
+            raise EngineUnavailable("restarting after a crash") from exc
+        raise
 
 
 def _tune_serving_process() -> None:
