@@ -260,12 +260,8 @@ class Generator:
                        "model": target.model, "choices": [], "usage": usage(outcome)})
 
     async def _merged(self, prompts: list[Prompt], params: SamplingParams, target: Target):
-        """Interleave the delta outputs of several prompts as they arrive: (prompt index, output)."""
-        if len(prompts) == 1:  # the common case: no queue and no extra task per token
-            async for result in self.engine.generate(prompts[0].ids, params, target.lease.lora):
-                for output in result.outputs:
-                    yield 0, output
-            return
+        """Interleave the delta outputs of several prompts as they arrive: (prompt index, output).
+        (A single prompt never comes here: completion_stream iterates the engine directly.)"""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
