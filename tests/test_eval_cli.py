@@ -98,8 +98,8 @@ def test_cmd_eval_rejects_bundle_flags_with_endpoint(workdir: Path) -> None:
 TOFU_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tofu"
 
 
-@pytest.mark.skipif(not (TOFU_DIR / "retain_perturbed.json").is_file(), reason="no local TOFU copy")
 def test_tofu_sets() -> None:
+    assert (TOFU_DIR / "retain_perturbed.json").is_file(), f"TOFU data not found at {TOFU_DIR} (../shared/data/tofu)"
     sets, by_domain = load_eval_sets(str(TOFU_DIR), forget_split="forget01")
     assert {k: len(v) for k, v in sets.items()} == {"forget": 40, "retain": 400, "real_authors": 100, "world_facts": 117}
     assert by_domain == {}
