@@ -1,7 +1,8 @@
 """Idempotent registration of the demo: bundle "demo", its views, tenant "demo" and its keys.
 
-Views: "original" (built in), "forget-<head>" for each forget head (B_r + B_head), and
-"forget-all" (B_r + Σ_d B_d). Secrets are shown once by the registry, so the demo keeps them in a
+Views: "original" (built in), "forget-<head>" for each forget head (B_r + ω(1)·B_head), and
+"forget-all" (B_r + ω(k)·Σ_d B_d), with ω(n) the bundle's view calibration for n heads (1 without
+one; see train.calibration: stacking heads at full weight would cost most of the retain set). Secrets are shown once by the registry, so the demo keeps them in a
 0600 JSON file next to its database — a convenience for the demo only.
 """
 
@@ -11,23 +12,24 @@ import json
 import os
 from pathlib import Path
 
-from .core.views import ORIGINAL_VIEW, View
+from .core.bundle import Calibration
+from .core.views import ORIGINAL_VIEW, View, calibrated_view
 from .registry import NotFound, Registry
 
 DEMO_BUNDLE = "demo"
 DEMO_TENANT = "demo"
 
 
-def demo_views(forget_heads: list[str]) -> list[View]:
+def demo_views(forget_heads: list[str], calibration: Calibration | None = None) -> list[View]:
     views = [View(name=f"forget-{head}", retain=1.0, forget={head: 1.0}) for head in forget_heads]
     views.append(View(name="forget-all", retain=1.0, forget={head: 1.0 for head in forget_heads}))
-    return views
+    return views if calibration is None else [calibrated_view(v, calibration) for v in views]
 
 
 def register_demo(registry: Registry, bundle_dir: Path, keys_file: Path) -> dict:
     """Register (or refresh) the demo objects; return {"tenant_key", "admin_key", "views"}."""
     update = registry.store_bundle(DEMO_BUNDLE, bundle_dir, replace=True)
-    views = demo_views(update.bundle.forget_heads)
+    views = demo_views(update.bundle.forget_heads, update.bundle.manifest.calibration)
     existing = {v.name for v in registry.list_views()}
     for view in views:
         registry.define_view(view, DEMO_BUNDLE, replace=view.name in existing)

@@ -23,12 +23,15 @@ Protocol (TOFU's, scaled down; see `train.data.tofu_subset` and `train.tofu_mode
 4. score every result with the TOFU metrics (`train.evaluate`): forget quality = KS-test p-value of
    forget truth ratios against the retain model's, model utility = harmonic mean of the nine
    retain / real-author / world-fact numbers. ALTER is scored as served (view mode: the retain head
-   plus every forget head) and in the paper's routed mode.
+   plus every forget head at the bundle's calibrated weight ω(n), `train.calibration`), with the
+   same heads at ω = 1 for comparison, and in the paper's routed mode. The calibration set is the
+   retain authors' questions that are *not* scored (`TofuSubset.retain_calibration`).
 
 ALTER runs twice: `alter` has one forget head per forget author (the paper's sub-domains; the
 served view switches all of them on), `alter_one_head` one head for the whole forget set (the view
 a tenant gets when the forget request is one sub-domain). A view that stacks several forget heads
-costs more utility than a single-head view (see README, "Training"), and the table shows by how much.
+at ω = 1 costs more utility than a single-head view (see README, "Training"); the calibrated weight
+is what makes a stacked view servable, and the table shows both.
 
 The unlearning settings are fixed up front (below), not tuned on the evaluation sets. Each run trains
 and scores in its own process (one thread), two at a time, so wall time and peak memory are per
@@ -53,6 +56,7 @@ from typing import Any
 from benchmarks.common import RESULTS_DIR, REPO_ROOT, machine_info, markdown_table, print_header, write_results
 from train.data.tofu_subset import SubsetSpec, TofuSubset, build_subset
 from train.demo_model import DemoModelConfig, DemoTrainConfig
+from train.eval_cli import CALIBRATED_PREFIX
 from train.tofu_models import TofuModelRecipe, build_reference_models
 
 DEFAULT_TOFU_ROOT = REPO_ROOT.parent / "shared" / "data" / "tofu"
@@ -62,7 +66,7 @@ ONE_HEAD = "forget-set"  # alter_one_head: the whole forget set is one sub-domai
 GOAL_FORGET_QUALITY = 0.05
 GOAL_UTILITY_RATIO = 0.95
 OUTCOME_FILE = "bench_outcome.json"
-OUTCOME_VERSION = 2  # bump when what a job returns changes (2: one process per job)
+OUTCOME_VERSION = 3  # bump when what a job returns changes (2: one process per job; 3: calibrated views)
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class UnlearnSettings:
     phase1_epochs: int = 1
     router_epochs: int = 3
     npo_beta: float = 0.1
+    calibration_retain_ratio: float = 0.95  # ALTER view calibration floor ρ (train.calibration)
     max_new_tokens: int = 128
     eval_batch_size: int = 32
     device: str = "cpu"
@@ -257,9 +262,9 @@ def _execute_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progr
                     "trainable_parameters": report["trainable_parameters"]}
         bundle_dir = str(result.bundle_dir)
         if job.name == "alter":
-            views = ["+".join(subset.forget_heads), "routed"]
+            views = [CALIBRATED_PREFIX + "+".join(subset.forget_heads), "+".join(subset.forget_heads), "routed"]
         elif job.name in ("alter_one_head", "alter_no_entropy"):
-            views = ["+".join(_heads(job.name, subset))]
+            views = [CALIBRATED_PREFIX + "+".join(_heads(job.name, subset))]
         else:
             views = ["forget"]
     scorers = local_view_scorers(job.model_dir, bundle_dir, views, device=settings.device,
@@ -280,6 +285,8 @@ def _train_config(job: _Job, subset: TofuSubset, s: UnlearnSettings, progress: b
                  "retain_file": job.data_files["retain"], "forget_subdomains": _heads(job.name, subset),
                  "subdomain_field": "author", "max_length": 256},
         "adapter": {"rank": s.rank, "alpha": s.alpha},
+        "calibration": {"retain_file": job.data_files["retain_calibration"],
+                        "min_retain_ratio": s.calibration_retain_ratio},
         "optim": {"epochs": s.epochs, "phase1_epochs": s.phase1_epochs, "batch_size": s.batch_size,
                   "lr": s.lr, "lr_B": s.lr, "lr_A": s.lr_A, "npo_beta": s.npo_beta, "router_epochs": s.router_epochs},
         "runtime": {"device": s.device, "threads": 1, "progress": progress, "output_dir": job.run_dir,
@@ -295,7 +302,9 @@ def _heads(run: str, subset: TofuSubset) -> list[str]:
 def _write_unlearning_data(subset: TofuSubset, work_dir: Path) -> dict[str, str]:
     """The unlearning runs' forget file (forget authors) and retain file (retain authors)."""
     files = {"forget": work_dir / "forget.json", "retain": work_dir / "retain.json",
-             "alter_one_head": work_dir / "forget_one_head.json"}
+             "alter_one_head": work_dir / "forget_one_head.json",
+             "retain_calibration": work_dir / "retain_calibration.json"}
+    files["retain_calibration"].write_text(json.dumps(subset.retain_calibration, indent=1))
     files["forget"].write_text(json.dumps(subset.forget_train, indent=1))
     files["retain"].write_text(json.dumps(subset.retain_train, indent=1))
     files["alter_one_head"].write_text(json.dumps([{**r, "author": ONE_HEAD} for r in subset.forget_train], indent=1))
@@ -317,8 +326,7 @@ def _rows(outcomes: list[dict[str, Any]], subset: TofuSubset) -> list[dict[str, 
         for view, report in outcome["views"].items():
             sets = report["sets"]
             training = outcome["training"]
-            label = {"original": outcome["name"], "routed": f"{outcome['name']} (routed)"}.get(
-                view, f"{outcome['name']} (view)" if outcome["name"].startswith("alter") else outcome["name"])
+            label = _label(outcome["name"], view)
             rows.append({
                 "method": label, "run": outcome["name"], "kind": outcome["kind"], "view": view,
                 "forget_quality": metrics.forget_quality(forget_truth_ratios(report), reference),
@@ -331,6 +339,15 @@ def _rows(outcomes: list[dict[str, Any]], subset: TofuSubset) -> list[dict[str, 
                 "sets": {name: {k: v for k, v in summary.items() if k != "samples"} for name, summary in sets.items()},
             })
     return rows
+
+
+def _label(run: str, view: str) -> str:
+    """"alter (view)" is the served, calibrated view; "alter (view, ω=1)" the same heads at weight 1."""
+    if view == "original" or not run.startswith("alter"):
+        return run
+    if view == "routed":
+        return f"{run} (routed)"
+    return f"{run} (view)" if view.startswith(CALIBRATED_PREFIX) else f"{run} (view, ω=1)"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -347,7 +364,7 @@ def _goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _goal_of(rows: list[dict[str, Any]], run: str) -> dict[str, Any]:
-    served = next((r for r in rows if r["run"] == run and r["view"] not in ("routed", "original")), None)
+    served = next((r for r in rows if r["run"] == run and r["view"].startswith(CALIBRATED_PREFIX)), None)
     if served is None:
         return {"evaluated": False}
     baselines = [r for r in rows if r["run"] in ("grad_ascent", "grad_diff", "npo")]

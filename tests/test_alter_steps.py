@@ -177,3 +177,12 @@ def test_top_directions_recover_a_planted_subspace() -> None:
     outputs = torch.randn(200, 2) @ basis.T * 5 + torch.randn(200, 32) * 0.01
     found = top_directions(outputs, 2)
     assert torch.linalg.matrix_norm(found @ found.T - basis @ basis.T) < 0.05
+
+
+def test_top_directions_stay_orthogonal_to_the_excluded_span_with_fewer_rows_than_rank() -> None:
+    torch.manual_seed(1)
+    exclude, _ = torch.linalg.qr(torch.randn(16, 4))
+    outputs = torch.randn(3, 16)  # 3 informative directions, rank 8: 5 come from the zero eigenspace
+    found = top_directions(outputs, 8, exclude)
+    assert torch.allclose(found.T @ found, torch.eye(8), atol=1e-5)
+    assert float((exclude.T @ found).abs().max()) < 1e-5

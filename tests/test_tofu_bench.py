@@ -32,6 +32,10 @@ def test_subset_takes_tofus_own_forget_authors_and_no_overlap() -> None:
     assert {r["question"] for r in subset.eval_sets["forget"]} == forget_questions
     assert all(len(r["perturbed_answer"]) >= 3 for r in subset.eval_sets["forget"])
     assert len(subset.eval_sets["retain"]) == 18 * 6
+    # ALTER's view calibration looks only at retain questions that are never scored.
+    calibration = {r["question"] for r in subset.retain_calibration}
+    assert len(calibration) == 360 - 18 * 6
+    assert not calibration & {r["question"] for records in subset.eval_sets.values() for r in records}
     assert len(subset.eval_sets["real_authors"]) == 100 and len(subset.eval_sets["world_facts"]) == 117
 
 
@@ -64,7 +68,7 @@ def test_smoke_run_writes_json_table_and_scatter(smoke: dict) -> None:
 
 def test_smoke_run_scores_every_method_and_both_alter_modes(smoke: dict) -> None:
     rows = {row["method"]: row for row in smoke["rows"]}
-    expected = {"full", "retain", "alter (view)", "alter (routed)", "alter_one_head (view)",
+    expected = {"full", "retain", "alter (view)", "alter (view, ω=1)", "alter (routed)", "alter_one_head (view)",
                 "alter_no_entropy (view)", "grad_ascent", "grad_diff", "npo"}
     assert set(rows) == expected and set(METHODS) <= {row["run"] for row in smoke["rows"]}
     for row in smoke["rows"]:
@@ -88,6 +92,7 @@ def test_smoke_goal_is_reported_against_the_baselines(smoke: dict) -> None:
     baselines = [r for r in smoke["rows"] if r["run"] in ("grad_ascent", "grad_diff", "npo")]
     assert goal["best_baseline_forget_quality"] == max(r["forget_quality"] for r in baselines)
     served = next(r for r in smoke["rows"] if r["method"] == "alter (view)")
+    assert served["view"].startswith("calibrated:")  # the served view is the calibrated one
     assert goal["beats_baselines_on_forget_quality"] == (served["forget_quality"] > goal["best_baseline_forget_quality"])
 
 

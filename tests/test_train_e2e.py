@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alter_serve.core.bundle import BundleError, load_bundle
 from alter_serve.core.fingerprint import fingerprint, module_shapes
-from alter_serve.core.views import View, compose
+from alter_serve.core.views import View, calibrated_view, compose
 from train.data.synthetic import SyntheticTofu
 from train.examples import encode_records
 from train.modeling import from_bundle
@@ -55,13 +55,31 @@ def test_each_served_view_forgets_its_subdomain_and_keeps_the_retain_set(served)
     alter, bundle, tokenizer, forget, retain = served
     retain_before = probability(alter, tokenizer, retain, mode="off")
     for head in bundle.forget_heads:
-        view = {"mode": "view", "retain": 1.0, "forget": {head: 1.0}}
+        served_view = calibrated_view(View(name="v", forget={head: 1.0}), bundle.manifest.calibration)
+        view = {"mode": "view", "retain": 1.0, "forget": served_view.forget}
         forget_before = probability(alter, tokenizer, forget[head], mode="off")
         forget_after = probability(alter, tokenizer, forget[head], **view)
         retain_after = probability(alter, tokenizer, retain, **view)
         assert forget_before > 0.9, "the demo model should know its facts"
         assert forget_before / forget_after >= MIN_FORGET_DROP, (head, forget_before, forget_after)
         assert retain_after / retain_before >= MIN_RETAIN_RATIO, (head, retain_before, retain_after)
+
+
+def test_the_calibrated_view_of_all_heads_forgets_every_subdomain_and_keeps_the_retain_set(served) -> None:
+    """The demo's "forget-all" view: both heads at the calibrated ω(2) (at ω = 1 the stacked heads
+    cost most of the retain set; train.calibration)."""
+    alter, bundle, tokenizer, forget, retain = served
+    calibration = bundle.manifest.calibration
+    assert calibration is not None and calibration.min_retain_ratio >= MIN_RETAIN_RATIO
+    served_view = calibrated_view(View(name="v", forget={h: 1.0 for h in bundle.forget_heads}), calibration)
+    omega = calibration.weight_for(len(bundle.forget_heads))
+    assert 0.0 < omega < 1.0 and set(served_view.forget.values()) == {omega}
+    view = {"mode": "view", "retain": 1.0, "forget": served_view.forget}
+    retain_ratio = probability(alter, tokenizer, retain, **view) / probability(alter, tokenizer, retain, mode="off")
+    assert retain_ratio >= MIN_RETAIN_RATIO, retain_ratio
+    for head in bundle.forget_heads:
+        drop = probability(alter, tokenizer, forget[head], mode="off") / probability(alter, tokenizer, forget[head], **view)
+        assert drop >= MIN_FORGET_DROP, (head, drop)
 
 
 def test_the_training_report_agrees_with_the_independent_scores(served, demo_bundle_dir) -> None:

@@ -108,6 +108,20 @@ class OptimSection(_Section):
     router_lr: float = Field(default=1e-2, gt=0)
 
 
+class CalibrationSection(_Section):
+    """View calibration after ALTER training (train.calibration): the forget-head weight ω(n) for
+    views of n heads, the largest that keeps the retain calibration set's answer probability at
+    `min_retain_ratio` × the base model's. The calibration set is `retain_file` (TOFU-format
+    records, never an evaluation set) or, by default, up to `max_examples` retain training records."""
+
+    enabled: bool = True
+    min_retain_ratio: float = Field(default=0.95, gt=0, le=1)
+    retain_file: str | None = None
+    max_examples: int = Field(default=128, ge=1)
+    steps: int = Field(default=6, ge=1, le=20)
+    subsets_per_count: int = Field(default=2, ge=1)
+
+
 class RuntimeSection(_Section):
     device: str = "auto"                  # auto: cuda if available, else cpu
     bf16: bool = True                     # autocast to bf16 on CUDA (ignored on CPU)
@@ -129,6 +143,7 @@ class TrainConfig(_Section):
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     entropy: EntropySection = Field(default_factory=EntropySection)
     optim: OptimSection = Field(default_factory=OptimSection)
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
 
     @property

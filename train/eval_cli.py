@@ -9,8 +9,10 @@ DATA is a TOFU folder (``retain_perturbed.json`` etc.), a synthetic-TOFU folder 
 ``data/`` (what the demo model was trained on), else the default ``train.data.synthetic.generate()``.
 
 A view NAME (local bundle) is ``original`` (adapters off), ``retain`` (the retain head alone),
-forget-head names joined by ``+`` (retain head plus those forget heads, weight 1 each), or
-``routed`` (the paper's per-token entropy routing; needs router weights in the bundle).
+forget-head names joined by ``+`` (retain head plus those forget heads, weight 1 each),
+``calibrated:`` followed by such names (the same heads at the bundle's calibrated weight ω(n) for
+n heads, see ``train.calibration``), or ``routed`` (the paper's per-token entropy routing; needs
+router weights in the bundle).
 Against an endpoint, the served model name *is* the view.
 
 `cli.py` registers this subcommand with :func:`add_eval_parser`.
@@ -39,6 +41,7 @@ TOFU_SETS = {  # set name → file in a TOFU folder ({forget} is the chosen spli
     "world_facts": "world_facts_perturbed.json",
 }
 SYNTHETIC = "synthetic"
+CALIBRATED_PREFIX = "calibrated:"
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -49,7 +52,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="base URL of an OpenAI-compatible server (with or without /v1)")
     p.add_argument("--api-key", help="endpoint API key (default: $OPENAI_API_KEY)")
     p.add_argument("--bundle", help="ALTER bundle folder to load into the local model")
-    p.add_argument("--view", default=None, help="local view: original | retain | HEAD[+HEAD...] | routed")
+    p.add_argument("--view", default=None,
+                   help="local view: original | retain | HEAD[+HEAD...] | calibrated:HEAD[+HEAD...] | routed")
     p.add_argument("--data", required=True, help="TOFU folder, synthetic-TOFU folder, or 'synthetic'")
     p.add_argument("--forget-split", default="forget10", choices=TOFU_FORGET_SPLITS, help="TOFU forget set")
     p.add_argument("--forget", action="append", default=None,
@@ -213,10 +217,17 @@ def bundle_view(alter: Any, bundle: Any, view: str) -> tuple[torch.nn.Module, Mo
         return _RoutedModel(alter, bundle), None
     if view == "original":
         return alter.model, lambda: alter.mixing("off")
-    forget = {} if view == "retain" else {head: 1.0 for head in view.split("+")}
-    unknown = sorted(set(forget) - set(alter.forget_heads))
+    heads_part = view.removeprefix(CALIBRATED_PREFIX)
+    heads = [] if heads_part == "retain" else heads_part.split("+")
+    unknown = sorted(set(heads) - set(alter.forget_heads))
     if unknown:
         raise SystemExit(f"view {view!r}: no forget heads {unknown} in the bundle (heads: {alter.forget_heads})")
+    weight = 1.0
+    if view.startswith(CALIBRATED_PREFIX):
+        if bundle.manifest.calibration is None:
+            raise SystemExit(f"view {view!r}: the bundle has no view calibration (train it with calibration.enabled)")
+        weight = bundle.manifest.calibration.weight_for(len(heads))
+    forget = {head: weight for head in heads}
     return alter.model, lambda: alter.mixing("view", retain=1.0, forget=forget)
 
 

@@ -19,6 +19,7 @@ initialisation in `train.head_init`; the router in `train.router`.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,11 +29,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from alter_serve.core.bundle import RETAIN_HEAD, AlterBundle, BaseModelRef, EntropySpec, Heads, Manifest
+from alter_serve.core.bundle import RETAIN_HEAD, AlterBundle, BaseModelRef, Calibration, EntropySpec, Heads, Manifest
 from alter_serve.core.fingerprint import fingerprint
 
 from .alter_loop import AlterStepConfig, AlterSteps
 from .baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
+from .calibration import CalibrationSettings, answer_probability_scorer, calibrate_views
 from .checkpoint import TrainState, config_digest, load_state, save_state
 from .config import TrainConfig
 from .entropy import EntropySplit, cached_example_entropies, plot_entropy_histogram
@@ -54,7 +56,7 @@ from .runtime import (
 )
 from .scoring import mean_answer_probability, model_forward
 from .subdomains import mean_hidden_states
-from .unlearning_data import load_unlearning_data
+from .unlearning_data import load_unlearning_data, read_records
 
 BUNDLE_DIR = "bundle"
 ENTROPY_PLOT_FILE = "entropy_hist.png"
@@ -158,10 +160,14 @@ class Trainer:
         all_forget = [e for examples in self.forget_examples.values() for e in examples]
         return {"retain": score(self.retain_examples), "forget": forget, "forget_all": score(all_forget)}
 
-    def _evaluate_alter(self, alter: AlterModel, router: EntropyRouter | None) -> dict[str, Any]:
+    def _evaluate_alter(self, alter: AlterModel, router: EntropyRouter | None,
+                        calibration: Calibration | None = None) -> dict[str, Any]:
         heads = alter.forget_heads
         views = {"retain-only": {}, "forget-all": {h: 1.0 for h in heads}}
         views.update({f"forget-{h}": {h: 1.0} for h in heads})
+        if calibration is not None:
+            omega = calibration.weight_for(len(heads))
+            views["forget-all-calibrated"] = {h: omega for h in heads}
         results = {}
         alter.eval()
         for name, forget in views.items():
@@ -231,18 +237,42 @@ class Trainer:
         self._phase1(alter, steps)
         self._phase2(alter, steps)
         router = self._train_router(alter)
+        calibration = self._calibrate(alter)
         report = {"entropy": self.entropy_stats,
                   "trainable_parameters": {"total": count_trainable_adapter(alter),
                                            "phase1_A": sum(p.numel() for p in alter.lora_A_parameters()),
                                            "phase2_B": sum(p.numel() for p in alter.lora_B_parameters())},
-                  "eval": self._evaluate_alter(alter, router)}
+                  "eval": self._evaluate_alter(alter, router, calibration)}
+        if calibration is not None:
+            report["calibration"] = calibration.model_dump(mode="json")
         bundle = to_bundle(alter, str(self.model_dir), self.fingerprint,
                            entropy=EntropySpec(q=cfg.entropy.q, threshold=threshold),
                            router=router.to_tensors() if router else None,
                            router_spec=router.spec() if router else None,
                            training={"method": cfg.method, "config": cfg.model_dump(mode="json"),
                                      "data_digest": self.data.digest, "entropy": self.entropy_stats})
+        bundle.manifest.calibration = calibration
         return report, bundle
+
+    def _calibrate(self, alter: AlterModel) -> Calibration | None:
+        """ω(n) for views of n forget heads, on the retain calibration set (train.calibration)."""
+        cfg = self.config.calibration
+        if not cfg.enabled:
+            return None
+        if cfg.retain_file:
+            examples = encode_records(self.tokenizer, read_records(cfg.retain_file), 0, self.config.data.max_length)
+        else:
+            examples = list(self.retain_examples)
+            if len(examples) > cfg.max_examples:
+                examples = random.Random(self.config.runtime.seed).sample(examples, cfg.max_examples)
+        alter.eval()
+        score = answer_probability_scorer(alter, self.pad_id, self.config.runtime.eval_batch_size, self.device)
+        settings = CalibrationSettings(cfg.min_retain_ratio, cfg.steps, cfg.subsets_per_count)
+        with tqdm(total=1, desc="View calibration", disable=not self.config.runtime.progress) as bar:
+            calibration = calibrate_views(alter, examples, score, settings, self.config.runtime.seed)
+            bar.set_postfix(omega=",".join(f"{n}:{w:.3f}" for n, w in calibration.weights.items()))
+            bar.update(1)
+        return calibration
 
     def _init_or_restore_heads(self, alter: AlterModel) -> None:
         if self.state.weights:
@@ -482,6 +512,12 @@ def _summary(evals: dict[str, Any], is_alter: bool) -> dict[str, Any]:
         "per_view": per_view,
         "all_heads_view": _change(base, all_view, base["forget_all"], all_view["forget_all"]),
     }
+    calibrated = evals.get("view:forget-all-calibrated")
+    if calibrated is not None:
+        # Per head too: a stacked view must forget every one of its sub-domains, not just on average.
+        summary["all_heads_view_calibrated"] = {
+            **_change(base, calibrated, base["forget_all"], calibrated["forget_all"]),
+            "per_head_forget_drop_factor": {h: _ratio(base["forget"][h], calibrated["forget"][h]) for h in base["forget"]}}
     if "routed" in evals:
         summary["routed"] = _change(base, evals["routed"], base["forget_all"], evals["routed"]["forget_all"])
     return summary

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE
-from ..core.views import View
+from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE, Manifest
+from ..core.views import View, calibrated_view
 from ..registry import Limits, Principal
 from .auth import admin_principal
 from .errors import invalid, registry_call, too_large
@@ -132,6 +132,8 @@ class ViewBody(BaseModel):
     bundle: str = Field(min_length=1, max_length=63)
     retain: float = 1.0
     forget: dict[str, float] = Field(default_factory=dict)
+    # Scale the forget weights by the bundle's calibrated ω(n) for n heads (core.views.calibrated_view).
+    calibrated: bool = False
 
 
 @router.put("/views/{name}")
@@ -141,6 +143,12 @@ async def define_view(request: Request, name: str, body: ViewBody) -> dict:
         view = View(name=name, retain=body.retain, forget=body.forget)
     except ValueError as exc:
         raise invalid(str(exc), "view") from None
+    if body.calibrated:
+        info = await registry_call(service.registry.get_bundle, body.bundle)
+        try:
+            view = calibrated_view(view, Manifest.model_validate(info.manifest).calibration)
+        except ValueError as exc:
+            raise invalid(f"bundle {body.bundle!r}: {exc}", "calibrated") from None
     change = await registry_call(service.registry.define_view, view, body.bundle, replace=True)
     labels = await service.apply([change])
     return {"view": _jsonable(change.view), "version": labels[0]}

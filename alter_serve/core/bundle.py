@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -84,6 +85,26 @@ class EntropySpec(BaseModel):
     threshold: float = 1.2
 
 
+class Calibration(BaseModel):
+    """View calibration (train.calibration): `weights[n]` is the forget-head weight ω(n) ∈ [0, 1] for a
+    view that switches n forget heads on, the largest that kept the retain calibration set's answer
+    probability at or above `min_retain_ratio` × the base model's (`retain_ratio[n]` is what it kept)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_retain_ratio: float = Field(gt=0.0, le=1.0, allow_inf_nan=False)
+    weights: dict[int, float]
+    retain_ratio: dict[int, float] = Field(default_factory=dict)
+    retain_examples: int = Field(default=0, ge=0)
+
+    def weight_for(self, count: int) -> float:
+        """ω(count); 1.0 for a view with no forget heads. Counts beyond the calibrated ones take
+        the largest calibrated count's weight (more heads never get a larger weight)."""
+        if count <= 0:
+            return 1.0
+        known = [n for n in self.weights if n <= count]
+        return self.weights[max(known)] if known else 1.0
+
+
 class Manifest(BaseModel):
     """manifest.json. `target_modules` are PEFT-style suffixes (e.g. "q_proj")."""
 
@@ -97,6 +118,7 @@ class Manifest(BaseModel):
     router: RouterSpec = Field(default_factory=RouterSpec)
     entropy: EntropySpec = Field(default_factory=EntropySpec)
     training: dict[str, Any] = Field(default_factory=dict)
+    calibration: Calibration | None = None
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property
@@ -163,7 +185,8 @@ class AlterBundle:
             if name not in forget:
                 heads.forget.append(name)
             forget[name] = dict(weights)
-        manifest = self.manifest.model_copy(update={"heads": heads}, deep=True)
+        # The calibration was measured with the old heads; a swapped head invalidates it.
+        manifest = self.manifest.model_copy(update={"heads": heads, "calibration": None}, deep=True)
         return AlterBundle(manifest, dict(self.lora_a), retain, forget, dict(self.router))
 
     # ---- persistence ------------------------------------------------------------------------
@@ -214,6 +237,7 @@ def validate_contents(
             f"bundle was trained on base model {m.base_model.fingerprint} but the served model is "
             f"{base_fingerprint}; train the bundle on this base model"
         )
+    problems += _calibration_problems(m.calibration, len(m.heads.forget))
     if not bundle.lora_a:
         problems.append("no adapted modules (no '<module>.lora_A' tensors)")
 
@@ -304,6 +328,21 @@ def _split_tensors(tensors: dict[str, torch.Tensor], problems: list[str]):
         else:
             problems.append(f"tensor {key!r}: unknown name (expected <module>.lora_A, <module>.B.retain, <module>.B.forget.<head>, router.<name>)")
     return lora_a, retain, forget, router
+
+
+def _calibration_problems(calibration: Calibration | None, n_forget: int) -> list[str]:
+    if calibration is None:
+        return []
+    problems = []
+    for count, weight in sorted(calibration.weights.items()):
+        if not 1 <= count <= n_forget:
+            problems.append(f"calibration.weights: head count {count} is outside 1..{n_forget} (the forget heads)")
+        if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+            problems.append(f"calibration.weights[{count}]: {weight} must be within [0, 1]")
+    for count, ratio in sorted(calibration.retain_ratio.items()):
+        if not (math.isfinite(ratio) and ratio >= 0.0):
+            problems.append(f"calibration.retain_ratio[{count}]: {ratio} must be finite and >= 0")
+    return problems
 
 
 def load_bundle(

@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save_file
 
-from .bundle import HEAD_NAME_PATTERN, AlterBundle, is_valid_head_name
+from .bundle import HEAD_NAME_PATTERN, AlterBundle, Calibration, is_valid_head_name
 
 ORIGINAL_VIEW = "original"
 PEFT_PREFIX = "base_model.model."
@@ -59,6 +59,17 @@ class View(BaseModel):
 
     def spec_dict(self) -> dict:
         return {"retain": self.retain, "forget": dict(sorted(self.forget.items()))}
+
+
+def calibrated_view(view: View, calibration: Calibration | None) -> View:
+    """`view` with every non-zero forget weight w_d scaled by the bundle's calibrated ω(n), n the
+    number of such heads (train.calibration: stacked forget heads need a smaller weight to keep
+    the retain set). Raise ValueError when the bundle carries no calibration."""
+    if calibration is None:
+        raise ValueError("the bundle has no view calibration (train it with calibration.enabled, "
+                         "or give explicit weights)")
+    omega = calibration.weight_for(sum(1 for w in view.forget.values() if w != 0.0))
+    return view.model_copy(update={"forget": {h: w * omega for h, w in view.forget.items()}})
 
 
 def check_view_fits(bundle: AlterBundle, view: View) -> None:

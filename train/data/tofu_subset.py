@@ -82,6 +82,13 @@ class TofuSubset:
         return [*self.retain_train, *self.utility_train]
 
     @property
+    def retain_calibration(self) -> list[Record]:
+        """Retain authors' question/answer pairs that are never scored: the set ALTER's view
+        calibration may look at (it must not tune on an evaluation set)."""
+        scored = {r["question"] for r in self.eval_sets["retain"]}
+        return [r for r in self.retain_train if r["question"] not in scored]
+
+    @property
     def forget_heads(self) -> list[str]:
         return list(dict.fromkeys(r["author"] for r in self.forget_train))
 
