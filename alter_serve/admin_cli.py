@@ -300,10 +300,11 @@ def views_list(client: AdminClient, args: argparse.Namespace) -> Output:
 
 
 def views_define(client: AdminClient, args: argparse.Namespace) -> Output:
-    body = {"bundle": args.bundle, "retain": args.retain, "forget": dict(args.forget)}
+    body = {"bundle": args.bundle, "retain": args.retain, "forget": dict(args.forget), "calibrated": args.calibrated}
     result = client.request("PUT", f"/admin/views/{args.name}", json=body)
+    spec = result["view"]["spec"]  # the weights in effect (calibrated ones differ from the given)
     return Output(result, ["view", "bundle", "heads", "version (loaded as)"],
-                  [[args.name, args.bundle, {"retain": args.retain, "forget": dict(args.forget)}, result["version"]]])
+                  [[args.name, args.bundle, {"retain": spec["retain"], "forget": spec["forget"]}, result["version"]]])
 
 
 def views_delete(client: AdminClient, args: argparse.Namespace) -> Output:
@@ -509,6 +510,8 @@ def _add_views(sub: Any, common: argparse.ArgumentParser) -> None:
     define.add_argument("--retain", type=float, default=1.0, help="retain head weight (default 1)")
     define.add_argument("--forget", type=_head_weight, action="append", default=[], metavar="HEAD=WEIGHT",
                         help="forget head and weight (repeatable)")
+    define.add_argument("--calibrated", action="store_true",
+                        help="scale the forget weights by the bundle's calibrated weight for that many heads")
     _command(group, "delete", views_delete, "delete a view", common).add_argument("name")
 
 

@@ -117,6 +117,8 @@ def test_bundles_views_and_hot_swap(cli, app, tmp_path):
     defined = as_json(cli("views", "define", "no-x", "--bundle", "rnd", "--forget", "x=1", "--json"))
     version = app.service.registry.get_view("no-x").version
     assert defined["version"] == f"no-x@{version}"
+    code, _, err = cli("views", "define", "no-xy", "--bundle", "rnd", "--forget", "x=1", "--forget", "y=1", "--calibrated")
+    assert code == 1 and "no view calibration" in err  # a random bundle was never calibrated
     listed = ok(cli("views", "list"))
     assert any(line.split()[:2] == ["no-x", "rnd"] and version in line for line in listed.splitlines())
 
