@@ -245,6 +245,7 @@ def _job_key(job: _Job, subset: TofuSubset, settings: UnlearnSettings) -> str:
 def _execute_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progress: bool) -> dict[str, Any]:
     import torch
 
+    from train.checkpoint import config_digest, discard_stale_state
     from train.eval_cli import local_view_scorers
     from train.evaluate import evaluate_tofu
     from train.trainer import run
@@ -255,7 +256,10 @@ def _execute_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progr
     bundle_dir: str | None = None
     views = ["original"]
     if job.kind == "unlearn":
-        result = run(_train_config(job, subset, settings, progress), resume=True)
+        config = _train_config(job, subset, settings, progress)
+        # The run folder is the benchmark's own: a checkpoint of older settings is dropped, not resumed.
+        discard_stale_state(Path(job.run_dir), config_digest(config.model_dump(mode="json")))
+        result = run(config, resume=True)
         report = result.report
         training = {"wall_time_s": report["wall_time_s"], "train_time_s": report["train_time_s"],
                     "peak_memory_bytes": report["peak_memory_bytes"], "tokens_per_s": report["tokens_per_s"],

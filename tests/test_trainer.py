@@ -94,6 +94,14 @@ def test_resume_refuses_a_checkpoint_of_another_config(model_dir, data_dir, tmp_
     run(tiny_config(model_dir, data_dir, tmp_path / "run", optim={"epochs": 1, "router_epochs": 0}))
     with pytest.raises(ValueError, match="different configuration"):
         run(tiny_config(model_dir, data_dir, tmp_path / "run", optim={"epochs": 2, "router_epochs": 0}), resume=True)
+    # An owner of the run folder (the TOFU benchmark) drops the stale checkpoint instead, and only that one.
+    other = tiny_config(model_dir, data_dir, tmp_path / "run", optim={"epochs": 2, "router_epochs": 0})
+    same = tiny_config(model_dir, data_dir, tmp_path / "run", optim={"epochs": 1, "router_epochs": 0})
+    digest = lambda config: checkpoint_module.config_digest(config.model_dump(mode="json"))  # noqa: E731
+    assert checkpoint_module.discard_stale_state(tmp_path / "run", digest(same)) is False
+    assert checkpoint_module.discard_stale_state(tmp_path / "run", digest(other)) is True
+    assert not checkpoint_module.checkpoint_path(tmp_path / "run").exists()
+    assert checkpoint_module.discard_stale_state(tmp_path / "run", digest(other)) is False
 
 
 @pytest.mark.parametrize("method", ["grad_ascent", "grad_diff", "npo"])

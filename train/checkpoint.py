@@ -89,3 +89,15 @@ def load_state(run_dir: Path, digest: str) -> TrainState | None:
         raise ValueError(f"{path} was written by a different configuration; delete it or use another "
                          "runtime.output_dir to start afresh")
     return TrainState(**payload)
+
+
+def discard_stale_state(run_dir: Path, digest: str) -> bool:
+    """Delete a checkpoint written by another configuration (for callers that own `run_dir`, such
+    as a benchmark whose settings changed); True if one was deleted."""
+    path = checkpoint_path(run_dir)
+    if not path.is_file():
+        return False
+    if torch.load(path, map_location="cpu", weights_only=True)["config_digest"] == digest:
+        return False
+    path.unlink()
+    return True
