@@ -140,3 +140,16 @@ def test_orthogonality_loss_values_and_isolation() -> None:
     param = stacked.clone().requires_grad_(True)
     orthogonality_loss([param], head=0, others=[1, 2]).backward()
     assert torch.count_nonzero(param.grad[:, 1:]) == 0 and torch.count_nonzero(param.grad[:, 0]) > 0
+
+
+def test_orthogonality_loss_is_the_mean_of_per_layer_terms_over_layers_of_several_shapes() -> None:
+    torch.manual_seed(0)
+    layers = [torch.randn(out, 3, 4) for out in (16, 32, 16, 8, 32)]
+
+    def one_layer(b: torch.Tensor, head: int, others: list[int]) -> float:
+        own, rest = b[:, head], b[:, others]
+        terms = [(own.T @ rest[:, j]).pow(2).sum() / (own.pow(2).sum() * rest[:, j].pow(2).sum()) for j in range(len(others))]
+        return float(torch.stack(terms).mean())
+
+    expected = sum(one_layer(b, 1, [0, 2]) for b in layers) / len(layers)
+    assert orthogonality_loss(layers, head=1, others=[0, 2]).item() == pytest.approx(expected, rel=1e-5)

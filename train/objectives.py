@@ -126,11 +126,17 @@ def orthogonality_loss(stacked_heads: Sequence[torch.Tensor], head: int, others:
     """
     if not others:
         return stacked_heads[0].new_zeros(())
-    terms = []
+    # Layers of one shape are stacked and done in one batched product: a model has a handful of
+    # shapes but dozens of layers, and per-layer products are ~10 tiny kernels each, per step.
+    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for stacked in stacked_heads:
-        own = stacked[:, head].float()
-        rest = stacked[:, list(others)].detach().float()
-        overlap = torch.einsum("or,ojs->jrs", own, rest).pow(2).sum(dim=(1, 2))
-        norms = own.pow(2).sum() * rest.pow(2).sum(dim=(0, 2))
-        terms.append((overlap / norms.clamp(min=1e-12)).mean())
-    return torch.stack(terms).mean()
+        by_shape.setdefault(tuple(stacked.shape), []).append(stacked)
+    terms = []
+    for same in by_shape.values():
+        b = torch.stack(same).float()                    # [L, out, H, r]
+        own = b[:, :, head]                              # [L, out, r]
+        rest = b[:, :, list(others)].detach()            # [L, out, J, r]
+        overlap = torch.einsum("lor,lojs->ljrs", own, rest).pow(2).sum(dim=(2, 3))      # [L, J]
+        norms = own.pow(2).sum(dim=(1, 2)).unsqueeze(1) * rest.pow(2).sum(dim=(1, 3))   # [L, J]
+        terms.append((overlap / norms.clamp(min=1e-12)).mean(dim=1))                     # [L]
+    return torch.cat(terms).mean()
