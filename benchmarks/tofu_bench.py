@@ -65,6 +65,9 @@ ONE_HEAD = "forget-set"  # alter_one_head: the whole forget set is one sub-domai
 # The paper's goal, reported against (never tuned for): forget quality ≥ 0.05 with utility ≥ 0.95× full.
 GOAL_FORGET_QUALITY = 0.05
 GOAL_UTILITY_RATIO = 0.95
+# At most this many unscored retain questions calibrate ALTER's views (the CPU scale has 252, all
+# used; full TOFU has thousands, and k forget heads cost ~8 scorings of the set per head count).
+CALIBRATION_EXAMPLES = 512
 OUTCOME_FILE = "bench_outcome.json"
 OUTCOME_VERSION = 3  # bump when what a job returns changes (2: one process per job; 3: calibrated views)
 
@@ -290,7 +293,7 @@ def _train_config(job: _Job, subset: TofuSubset, s: UnlearnSettings, progress: b
                  "subdomain_field": "author", "max_length": 256},
         "adapter": {"rank": s.rank, "alpha": s.alpha},
         "calibration": {"retain_file": job.data_files["retain_calibration"],
-                        "min_retain_ratio": s.calibration_retain_ratio},
+                        "min_retain_ratio": s.calibration_retain_ratio, "max_examples": CALIBRATION_EXAMPLES},
         "optim": {"epochs": s.epochs, "phase1_epochs": s.phase1_epochs, "batch_size": s.batch_size,
                   "lr": s.lr, "lr_B": s.lr, "lr_A": s.lr_A, "npo_beta": s.npo_beta, "router_epochs": s.router_epochs},
         "runtime": {"device": s.device, "threads": 1, "progress": progress, "output_dir": job.run_dir,

@@ -111,8 +111,9 @@ class OptimSection(_Section):
 class CalibrationSection(_Section):
     """View calibration after ALTER training (train.calibration): the forget-head weight ω(n) for
     views of n heads, the largest that keeps the retain calibration set's answer probability at
-    `min_retain_ratio` × the base model's. The calibration set is `retain_file` (TOFU-format
-    records, never an evaluation set) or, by default, up to `max_examples` retain training records."""
+    `min_retain_ratio` × the base model's. The calibration set is up to `max_examples` records
+    (a seeded sample) of `retain_file` (TOFU-format records, never an evaluation set) or, by
+    default, of the retain training records."""
 
     enabled: bool = True
     min_retain_ratio: float = Field(default=0.95, gt=0, le=1)

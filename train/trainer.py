@@ -263,8 +263,8 @@ class Trainer:
             examples = encode_records(self.tokenizer, read_records(cfg.retain_file), 0, self.config.data.max_length)
         else:
             examples = list(self.retain_examples)
-            if len(examples) > cfg.max_examples:
-                examples = random.Random(self.config.runtime.seed).sample(examples, cfg.max_examples)
+        if len(examples) > cfg.max_examples:
+            examples = random.Random(self.config.runtime.seed).sample(examples, cfg.max_examples)
         alter.eval()
         score = answer_probability_scorer(alter, self.pad_id, self.config.runtime.eval_batch_size, self.device)
         settings = CalibrationSettings(cfg.min_retain_ratio, cfg.steps, cfg.subsets_per_count)
