@@ -2,8 +2,10 @@
 
 Views: "original" (built in), "forget-<head>" for each forget head (B_r + ω(1)·B_head), and
 "forget-all" (B_r + ω(k)·Σ_d B_d), with ω(n) the bundle's view calibration for n heads (1 without
-one; see train.calibration: stacking heads at full weight would cost most of the retain set). Secrets are shown once by the registry, so the demo keeps them in a
-0600 JSON file next to its database — a convenience for the demo only.
+one; see train.calibration: stacking heads at full weight would cost most of the retain set).
+
+Secrets are shown once by the registry, so the demo keeps them in a 0600 JSON file next to its
+database — a convenience for the demo only.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from .core.bundle import Calibration
+from .core.bundle import Calibration, Manifest
 from .core.views import ORIGINAL_VIEW, View, calibrated_view
 from .registry import NotFound, Registry
 
@@ -29,7 +31,7 @@ def demo_views(forget_heads: list[str], calibration: Calibration | None = None) 
 def register_demo(registry: Registry, bundle_dir: Path, keys_file: Path) -> dict:
     """Register (or refresh) the demo objects; return {"tenant_key", "admin_key", "views"}."""
     update = registry.store_bundle(DEMO_BUNDLE, bundle_dir, replace=True)
-    views = demo_views(update.bundle.forget_heads, update.bundle.manifest.calibration)
+    views = demo_views(update.bundle.forget_heads, Manifest.model_validate(update.bundle.manifest).calibration)
     existing = {v.name for v in registry.list_views()}
     for view in views:
         registry.define_view(view, DEMO_BUNDLE, replace=view.name in existing)

@@ -774,3 +774,28 @@ def test_in_memory_database_for_tests(tmp_path):
     principal = registry.authenticate(registry.create_key("acme")[1])
     assert registry.resolve_model(principal, "no-bio").bundle == "alpha"
     registry.close()
+
+
+def test_switching_to_wal_retries_while_another_opener_holds_the_lock() -> None:
+    """SQLite can refuse the WAL switch with "database is locked" without waiting (replicas opening
+    a fresh registry together); the switch is retried, and any other error is raised at once."""
+    import sqlite3
+
+    from alter_serve.registry.store import _enable_wal
+
+    class Cursor:
+        def __init__(self, errors: list[str]):
+            self.errors, self.calls = errors, 0
+
+        def execute(self, sql: str) -> None:
+            self.calls += 1
+            if self.errors:
+                raise sqlite3.OperationalError(self.errors.pop(0))
+
+    locked = Cursor(["database is locked", "database is locked"])
+    _enable_wal(locked)
+    assert locked.calls == 3
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        _enable_wal(Cursor(["disk I/O error"]))
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _enable_wal(Cursor(["database is locked"] * 1000), timeout_s=0.1)

@@ -266,12 +266,16 @@ class Trainer:
         if len(examples) > cfg.max_examples:
             examples = random.Random(self.config.runtime.seed).sample(examples, cfg.max_examples)
         alter.eval()
-        score = answer_probability_scorer(alter, self.pad_id, self.config.runtime.eval_batch_size, self.device)
+        scorer = answer_probability_scorer(alter, self.pad_id, self.config.runtime.eval_batch_size, self.device)
         settings = CalibrationSettings(cfg.min_retain_ratio, cfg.steps, cfg.subsets_per_count)
-        with tqdm(total=1, desc="View calibration", disable=not self.config.runtime.progress) as bar:
+        # Bisection stops early when ω = 1 already meets the floor, so the number of scorings is open.
+        with tqdm(desc=f"View calibration ({len(examples)} retain examples)", unit="scoring",
+                  disable=not self.config.runtime.progress) as bar:
+            def score(batch_examples):
+                bar.update(1)
+                return scorer(batch_examples)
             calibration = calibrate_views(alter, examples, score, settings, self.config.runtime.seed)
             bar.set_postfix(omega=",".join(f"{n}:{w:.3f}" for n, w in calibration.weights.items()))
-            bar.update(1)
         return calibration
 
     def _init_or_restore_heads(self, alter: AlterModel) -> None:

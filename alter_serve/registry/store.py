@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 import re
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -172,7 +174,7 @@ def _make_engine(url: str) -> Engine:
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cursor)
             cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe with WAL
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -187,6 +189,22 @@ def _make_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(_WRITE_OPTION, False) else "BEGIN")
 
     return engine
+
+
+def _enable_wal(cursor: Any, timeout_s: float = 30.0) -> None:
+    """PRAGMA journal_mode=WAL, retried while the file is locked. Switching a fresh file to WAL
+    needs an exclusive lock, and SQLite may answer "database is locked" at once instead of calling
+    the busy handler (it does so where waiting could deadlock), so replicas that open a new
+    registry at the same moment would otherwise fail at start-up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 class Registry:
