@@ -30,8 +30,10 @@ def qa(demo_model_dir):
 @pytest.fixture(scope="module")
 def served_views(demo_bundle_dir):
     heads = load_bundle(demo_bundle_dir).forget_heads
-    # served model name → the reference's view name (train.eval_cli.bundle_view)
-    return {"original": "original", f"forget-{heads[0]}": heads[0], "forget-all": "+".join(heads)}
+    # served model name → the reference's view name (train.eval_cli.bundle_view); the demo's views
+    # use the bundle's calibrated head weights (alter_serve.demo_setup)
+    return {"original": "original", f"forget-{heads[0]}": f"calibrated:{heads[0]}",
+            "forget-all": "calibrated:" + "+".join(heads)}
 
 
 def test_greedy_tokens_and_answer_logprobs_match_reference(live_server, demo_model_dir, demo_bundle_dir, qa,
