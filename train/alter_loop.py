@@ -32,7 +32,8 @@ parameter, obtained here without any retain gradient reaching B_d. (Dropping B_r
 forward removes that pressure: B_r's repair then generalises to the forget data and undoes much
 of the forgetting in the served view.) The cost: heads trained this way are tuned per view, and
 a view that combines several forget heads can hurt retain data more than each single-head view
-(the report measures every single-head view and the all-heads view).
+(the report measures every single-head view and the all-heads view). Served views therefore use
+the calibrated head weight ω(n) for n heads (`train.calibration`), chosen after training.
 
 `use_entropy=False` is the ablation "AsymLoRA without entropy guidance": every answer token is
 both "high" (Phase I) and "low" (Phase II).
