@@ -186,3 +186,16 @@ def test_top_directions_stay_orthogonal_to_the_excluded_span_with_fewer_rows_tha
     found = top_directions(outputs, 8, exclude)
     assert torch.allclose(found.T @ found, torch.eye(8), atol=1e-5)
     assert float((exclude.T @ found).abs().max()) < 1e-5
+
+
+def test_top_directions_of_a_wide_layer_match_the_svd() -> None:
+    """N < out (a wide MLP layer, few tokens): the [N, N] Gram path gives the SVD's directions."""
+    torch.manual_seed(2)
+    exclude, _ = torch.linalg.qr(torch.randn(300, 4))
+    outputs = torch.randn(40, 6) @ torch.randn(6, 300) * 3 + torch.randn(40, 300) * 0.1
+    found = top_directions(outputs, 5, exclude)
+    projected = (outputs - outputs @ exclude @ exclude.T).double()
+    expected = torch.linalg.svd(projected, full_matrices=False).Vh[:5].T
+    assert torch.allclose((found.double().T @ expected).abs().diagonal(), torch.ones(5, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(found.T @ found, torch.eye(5), atol=1e-5)
+    assert float((exclude.T @ found).abs().max()) < 1e-5

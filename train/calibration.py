@@ -8,8 +8,8 @@ Stacking n heads at weight 1,
 adds n independently trained perturbations, and their sum damages the retain set far more than
 any one of them (demo model, both heads at ω = 1: retain answer probability × 0.05). Shrinking
 the forget weights trades forgetting against utility, and the response is sharply non-linear
-(demo: retain × 0.39 at ω = 0.9, × 0.84 at 0.8, × 0.95 at 0.75, where each forget set still
-drops 5–8×).
+(demo: retain × 0.38 at ω = 0.9, × 0.85 at 0.8, × 0.96 at 0.75, where each forget set still
+drops 6–9×).
 Any ω still collapses exactly into one rank-r LoRA, so a calibrated view costs nothing to serve.
 
 Calibration picks, for every head count n = 1..k,

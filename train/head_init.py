@@ -61,31 +61,51 @@ def collect_outputs(alter: AlterModel, batches: Iterable[Batch], max_tokens: int
 
 def top_directions(outputs: torch.Tensor, rank: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """[out, rank] orthonormal: top right singular vectors of `outputs` Y [N, out], after removing
-    the span of `exclude` E ([out, k], orthonormal).
+    the span of `exclude` E ([out, k], orthonormal) from Y's rows: Y ← Y − Y E Eᵀ.
 
-    The right singular vectors of Y are the eigenvectors of its Gram matrix G = YᵀY [out, out], so we
-    take the top-`rank` eigenvectors of G with one symmetric eigensolver (fp32: several times faster
-    than a full SVD of Y, and the directions agree to 1e-6). E is removed as
+    One symmetric eigensolver on the smaller Gram matrix (fp32; several times faster than a full
+    SVD, and the directions agree to 1e-6):
 
-        G' = P YᵀY P − c·E Eᵀ,    P = I − E Eᵀ,  c = 1 + trace(G)
+    * out ≤ N: the right singular vectors are the top eigenvectors of YᵀY [out, out];
+    * N < out (wide layers, e.g. a 7B MLP with out = 11008 and N = 512 tokens): with Y Yᵀ u = σ² u,
+      v = Yᵀ u / σ, so only an [N, N] problem is solved.
 
-    which puts span(E) at eigenvalue −c, below every other (≥ 0). So every returned direction is
-    orthogonal to E, including the arbitrary ones from a zero eigenspace when there are fewer than
-    `rank` informative directions (tiny data).
+    Every direction found lies in the row space of the projected Y, hence ⟂ E. When there are
+    fewer than `rank` informative directions (tiny data), the rest is filled with seeded random
+    directions orthogonalised against those and against E.
     """
     y = outputs.float()
-    if exclude is not None:
-        e = exclude.float()
+    e = exclude.float() if exclude is not None else None
+    if e is not None:
         y = y - (y @ e) @ e.T
-    gram = y.T @ y
-    if exclude is not None:
-        gram = gram - (1.0 + gram.diagonal().sum()) * (e @ e.T)
-    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
-    basis = vectors[:, -rank:].flip(1)
+    n, out = y.shape
+    if out <= n:
+        values, vectors = torch.linalg.eigh(y.T @ y)          # ascending
+        values, basis = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+    else:
+        values, vectors = torch.linalg.eigh(y @ y.T)
+        values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+        basis = (y.T @ vectors) / values.clamp(min=1e-30).sqrt()
+    informative = values > values[:1].clamp(min=1e-30) * 1e-6
+    basis = basis[:, informative]
+    if basis.shape[1] < rank:
+        basis = _fill(basis, rank, e)
     # Eigenvector signs are arbitrary; fix them so the centroid direction points along the data.
     signs = torch.sign(outputs.float().mean(0) @ basis)
     signs[signs == 0] = 1.0
     return basis * signs
+
+
+def _fill(basis: torch.Tensor, rank: int, exclude: torch.Tensor | None) -> torch.Tensor:
+    """`basis` [out, k] (orthonormal) completed to `rank` columns with seeded random directions
+    orthogonal to it and to `exclude`."""
+    out = basis.shape[0]
+    extra = torch.randn(out, rank - basis.shape[1], generator=torch.Generator().manual_seed(0))
+    fixed = basis if exclude is None else torch.cat([exclude, basis], dim=1)
+    for _ in range(2):  # project twice: one Gram–Schmidt pass loses orthogonality in fp32
+        extra = extra - fixed @ (fixed.T @ extra)
+    extra, _ = torch.linalg.qr(extra)
+    return torch.cat([basis, extra], dim=1)
 
 
 @torch.no_grad()
