@@ -88,9 +88,10 @@ def _tiny_llama() -> LlamaForCausalLM:
 
 def test_example_entropies_are_aligned_and_padding_invariant() -> None:
     model = _tiny_llama()
-    seqs = [[5, 9, 17, 3, 200, 44], [7, 8, 9]]
+    # Batched by length (shortest first), answered in input order.
+    seqs = [[5, 9, 17, 3, 200, 44], [7, 8, 9], [11, 12], [90, 91, 92, 93, 94, 95, 96], [4, 4, 4, 4]]
     batched = example_entropies(model, seqs, q=1.5, batch_size=2, pad_id=0)
-    assert [len(e) for e in batched] == [5, 2]  # one per shifted label
+    assert [len(e) for e in batched] == [5, 2, 1, 6, 3]  # one per shifted label
     for seq, ent in zip(seqs, batched):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([seq])).logits[0, :-1]

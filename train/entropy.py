@@ -129,16 +129,20 @@ def example_entropies(
     """
     was_training = model.training
     model.eval()
-    out: list[torch.Tensor] = []
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    # Batches of similar lengths waste less compute on padding; results go back in input order.
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     try:
-        for start in range(0, len(sequences), batch_size):
-            chunk = sequences[start: start + batch_size]
+        for start in range(0, len(order), batch_size):
+            rows = order[start: start + batch_size]
+            chunk = [sequences[i] for i in rows]
             ids, mask = _pad(chunk, pad_id)
             ent = sequence_entropies(model, ids.to(device), mask.to(device), q).cpu()
-            out += [ent[row, : len(seq) - 1].clone() for row, seq in enumerate(chunk)]
+            for row, (index, seq) in enumerate(zip(rows, chunk)):
+                out[index] = ent[row, : len(seq) - 1].clone()
     finally:
         model.train(was_training)
-    return out
+    return out  # type: ignore[return-value]
 
 
 def entropy_cache_key(model_id: str, q: float, sequences: Iterable[Sequence[int]]) -> str:
