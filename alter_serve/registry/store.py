@@ -851,14 +851,7 @@ class Registry:
     @staticmethod
     def _experiment_info_core(conn: Any, experiment_id: int) -> ExperimentInfo | None:
         row = conn.execute(select(ExperimentRow.__table__).where(ExperimentRow.id == experiment_id)).first()
-        if row is None:
-            return None
-        tenants = conn.execute(
-            select(TenantRow.name).join(experiment_tenants, experiment_tenants.c.tenant_id == TenantRow.id)
-            .where(experiment_tenants.c.experiment_id == experiment_id).order_by(TenantRow.name)
-        ).scalars().all()
-        return ExperimentInfo(row.id, row.name, row.alias, tuple(tenants), tuple(Arm.model_validate(a) for a in row.arms),
-                              row.sticky, row.salt, row.status, row.control_arm, row.created_at, row.updated_at)
+        return None if row is None else _as_experiment_info(conn, row)
 
     def resolve_model(self, principal: Principal, model_name: str) -> ViewInfo | None:
         """The view a tenant's `model` field names, or None (the API answers 404 model_not_found).
@@ -915,7 +908,7 @@ class Registry:
             s.flush()
             for tenant_id in tenant_ids.values():
                 s.execute(insert(experiment_tenants).values(experiment_id=row.id, tenant_id=tenant_id))
-            return self._experiment_info(s, row)
+            return _as_experiment_info(s, row)
 
     def update_experiment(
         self,
@@ -953,11 +946,11 @@ class Registry:
                 self._check_alias_free(s, row, tenant_ids)
             row.updated_at = utcnow()
             s.flush()
-            return self._experiment_info(s, row)
+            return _as_experiment_info(s, row)
 
     def get_experiment(self, name: str) -> ExperimentInfo:
         with self._reading() as s:
-            return self._experiment_info(s, self._experiment_row(s, name))
+            return _as_experiment_info(s, self._experiment_row(s, name))
 
     def list_experiments(self, *, tenant: str | None = None, status: str | None = None) -> list[ExperimentInfo]:
         with self._reading() as s:
@@ -969,7 +962,7 @@ class Registry:
                 )
             if status is not None:
                 query = query.where(ExperimentRow.status == status)
-            return [self._experiment_info(s, r) for r in s.scalars(query)]
+            return [_as_experiment_info(s, r) for r in s.scalars(query)]
 
     def delete_experiment(self, name: str) -> None:
         """Delete an experiment (its request log and feedback rows stay, keyed by name)."""
@@ -985,7 +978,7 @@ class Registry:
                 .join(TenantRow, TenantRow.id == experiment_tenants.c.tenant_id)
                 .where(TenantRow.name == tenant, ExperimentRow.alias == alias, ExperimentRow.status != exp.STOPPED)
             )
-            return None if row is None or row.alias != alias else self._experiment_info(s, row)
+            return None if row is None or row.alias != alias else _as_experiment_info(s, row)
 
     @staticmethod
     def choose_arm(experiment: ExperimentInfo, sticky_value: str | None) -> Arm:
@@ -1315,18 +1308,20 @@ class Registry:
         return KeyInfo(row.id, tenant, row.role, row.prefix, row.created_at, row.revoked_at)
 
     @staticmethod
-    def _experiment_info(s: Session, row: ExperimentRow) -> ExperimentInfo:
-        tenants = s.scalars(
-            select(TenantRow.name).join(experiment_tenants, experiment_tenants.c.tenant_id == TenantRow.id)
-            .where(experiment_tenants.c.experiment_id == row.id).order_by(TenantRow.name)
-        ).all()
-        return ExperimentInfo(row.id, row.name, row.alias, tuple(tenants), tuple(Arm.model_validate(a) for a in row.arms),
-                              row.sticky, row.salt, row.status, row.control_arm, row.created_at, row.updated_at)
-
-    @staticmethod
     def _feedback_info(row: FeedbackRow) -> FeedbackInfo:
         return FeedbackInfo(row.id, row.response_id, row.tenant, row.experiment, row.arm, row.view, row.rating,
                             row.comment, row.created_at)
+
+
+def _as_experiment_info(executor: Any, row: Any) -> ExperimentInfo:
+    """ExperimentInfo of an experiment row (an ORM row or a Core row: same column names), with its
+    tenants read through `executor` (a Session or a Connection)."""
+    tenants = executor.execute(
+        select(TenantRow.name).join(experiment_tenants, experiment_tenants.c.tenant_id == TenantRow.id)
+        .where(experiment_tenants.c.experiment_id == row.id).order_by(TenantRow.name)
+    ).scalars().all()
+    return ExperimentInfo(row.id, row.name, row.alias, tuple(tenants), tuple(Arm.model_validate(a) for a in row.arms),
+                          row.sticky, row.salt, row.status, row.control_arm, row.created_at, row.updated_at)
 
 
 def _probe_metrics(index: int, metrics: Any) -> dict[str, float | None]:
