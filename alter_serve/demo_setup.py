@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from .core.bundle import Calibration, Manifest
+from .core.bundle import Calibration
 from .core.views import ORIGINAL_VIEW, View, calibrated_view
 from .registry import NotFound, Registry
 
@@ -31,7 +31,7 @@ def demo_views(forget_heads: list[str], calibration: Calibration | None = None) 
 def register_demo(registry: Registry, bundle_dir: Path, keys_file: Path) -> dict:
     """Register (or refresh) the demo objects; return {"tenant_key", "admin_key", "views"}."""
     update = registry.store_bundle(DEMO_BUNDLE, bundle_dir, replace=True)
-    views = demo_views(update.bundle.forget_heads, Manifest.model_validate(update.bundle.manifest).calibration)
+    views = demo_views(update.bundle.forget_heads, update.bundle.calibration)
     existing = {v.name for v in registry.list_views()}
     for view in views:
         registry.define_view(view, DEMO_BUNDLE, replace=view.name in existing)

@@ -102,14 +102,18 @@ def test_calibrated_view_scales_only_the_heads_that_are_on() -> None:
         calibrated_view(view, None)
 
 
+def _set_calibration(folder, calibration: dict) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["calibration"] = calibration
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _bundle_with_calibration(tmp_path, model_dir, calibration: dict):
     from tests.server.bundle_factory import random_bundle
 
     folder = tmp_path / "bundle"
     random_bundle(model_dir, ["a", "b"]).save(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["calibration"] = calibration
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _set_calibration(folder, calibration)
     return folder
 
 
@@ -146,9 +150,7 @@ def test_a_bad_calibration_is_refused_with_every_problem(tmp_path, tiny_model_di
 def test_admin_api_defines_a_calibrated_view(tmp_path) -> None:
     with AdminApp.start(tmp_path) as app:
         folder = store_random_bundle(app.service, "cal", ["a", "b"])
-        manifest = json.loads((folder / "manifest.json").read_text())
-        manifest["calibration"] = {"min_retain_ratio": 0.9, "weights": {"1": 0.8, "2": 0.5}}
-        (folder / "manifest.json").write_text(json.dumps(manifest))
+        _set_calibration(folder, {"min_retain_ratio": 0.9, "weights": {"1": 0.8, "2": 0.5}})
         store_random_bundle(app.service, "plain", ["a", "b"])
         with httpx.Client(base_url=app.url, headers=app.admin_headers) as admin:
             admin.post("/admin/bundles", json={"name": "cal", "path": str(folder)}).raise_for_status()

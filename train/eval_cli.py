@@ -222,12 +222,14 @@ def bundle_view(alter: Any, bundle: Any, view: str) -> tuple[torch.nn.Module, Mo
     unknown = sorted(set(heads) - set(alter.forget_heads))
     if unknown:
         raise SystemExit(f"view {view!r}: no forget heads {unknown} in the bundle (heads: {alter.forget_heads})")
-    weight = 1.0
+    forget = {head: 1.0 for head in heads}
     if view.startswith(CALIBRATED_PREFIX):
-        if bundle.manifest.calibration is None:
-            raise SystemExit(f"view {view!r}: the bundle has no view calibration (train it with calibration.enabled)")
-        weight = bundle.manifest.calibration.weight_for(len(heads))
-    forget = {head: weight for head in heads}
+        from alter_serve.core.views import View, calibrated_view
+
+        try:
+            forget = calibrated_view(View(name="calibrated", forget=forget), bundle.manifest.calibration).forget
+        except ValueError as exc:
+            raise SystemExit(f"view {view!r}: {exc}") from None
     return alter.model, lambda: alter.mixing("view", retain=1.0, forget=forget)
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from alter_serve.core.bundle import RETAIN_HEAD, AlterBundle, BaseModelRef, Calibration, EntropySpec, Heads, Manifest
 from alter_serve.core.fingerprint import fingerprint
+from alter_serve.core.views import View, calibrated_view
 
 from .alter_loop import AlterStepConfig, AlterSteps
 from .baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
@@ -166,8 +167,8 @@ class Trainer:
         views = {"retain-only": {}, "forget-all": {h: 1.0 for h in heads}}
         views.update({f"forget-{h}": {h: 1.0} for h in heads})
         if calibration is not None:
-            omega = calibration.weight_for(len(heads))
-            views["forget-all-calibrated"] = {h: omega for h in heads}
+            stacked = View(name="forget-all", forget=views["forget-all"])
+            views["forget-all-calibrated"] = calibrated_view(stacked, calibration).forget
         results = {}
         alter.eval()
         for name, forget in views.items():

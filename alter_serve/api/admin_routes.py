@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE, Manifest
+from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE
 from ..core.views import View, calibrated_view
 from ..registry import Limits, Principal
 from .auth import admin_principal
@@ -146,7 +146,7 @@ async def define_view(request: Request, name: str, body: ViewBody) -> dict:
     if body.calibrated:
         info = await registry_call(service.registry.get_bundle, body.bundle)
         try:
-            view = calibrated_view(view, Manifest.model_validate(info.manifest).calibration)
+            view = calibrated_view(view, info.calibration)
         except ValueError as exc:
             raise invalid(f"bundle {body.bundle!r}: {exc}", "calibrated") from None
     change = await registry_call(service.registry.define_view, view, body.bundle, replace=True)

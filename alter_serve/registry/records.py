@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, PositiveInt
 
+from ..core.bundle import Calibration
 from ..core.views import ComposedView, View
 from . import experiments
 from .experiments import Arm
@@ -49,6 +50,12 @@ class BundleInfo:
     @property
     def forget_heads(self) -> list[str]:
         return list(self.manifest.get("heads", {}).get("forget", []))
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The bundle's view calibration (train.calibration), if it was trained with one."""
+        raw = self.manifest.get("calibration")
+        return None if raw is None else Calibration.model_validate(raw)
 
 
 @dataclass(frozen=True, slots=True)
