@@ -16,23 +16,30 @@ from fastapi.responses import JSONResponse, Response
 from .. import metrics
 from ..service import AlterService
 from . import admin_routes, dashboard, openai_routes
-from .errors import install_error_handlers, too_large
+from .auth import ADMIN_STATE, bearer_key, check_admin
+from .errors import BodyTooLarge, OpenAIError, install_error_handlers, too_large
 
 log = logging.getLogger(__name__)
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes with 413, by header or while streaming in."""
+    """ASGI middleware: refuse bodies over their path's limit with 413, by the declared length or
+    while the body streams in (chunked uploads declare none). `limits` maps path prefixes to byte
+    limits (the first match wins); other paths get `default`."""
 
-    def __init__(self, app, limit: int, exempt_prefixes: tuple[str, ...] = ()):
-        self.app, self.limit, self.exempt = app, limit, exempt_prefixes
+    def __init__(self, app, default: int, limits: tuple[tuple[str, int], ...] = ()):
+        self.app, self.default, self.limits = app, default, limits
+
+    def limit_for(self, path: str) -> int:
+        return next((limit for prefix, limit in self.limits if path.startswith(prefix)), self.default)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"].startswith(self.exempt):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.limit_for(scope["path"])
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await too_large(self.limit).response()(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await too_large(limit).response()(scope, receive, send)
         seen = 0
 
         async def limited_receive():
@@ -40,18 +47,34 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
+                if seen > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         try:
             await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await too_large(self.limit).response()(scope, receive, send)
+        except BodyTooLarge as exc:  # raised outside a route (a route's own handler answers 413 itself)
+            await too_large(exc.limit).response()(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class AdminGate:
+    """ASGI middleware: authenticate `/admin/...` requests from their Authorization header before
+    anything reads their body. FastAPI parses (and spools uploads of) a body before it runs a
+    route's dependencies, so without this gate a caller with no key could make the server read a
+    bundle-sized body before being refused. The principal is left in the request state for
+    `auth.admin_principal`, so the route does not authenticate a second time."""
+
+    def __init__(self, app, service: AlterService):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (scope["path"] == "/admin" or scope["path"].startswith("/admin/")):
+            try:
+                principal = await check_admin(self.service, bearer_key(Request(scope)))
+            except OpenAIError as refused:
+                return await refused.response()(scope, receive, send)
+            scope.setdefault("state", {})[ADMIN_STATE] = principal
+        await self.app(scope, receive, send)
 
 
 def create_app(service: AlterService, *, start_engine: bool = True) -> FastAPI:
@@ -100,7 +123,11 @@ def create_app(service: AlterService, *, start_engine: bool = True) -> FastAPI:
         payload, content_type = metrics.render()
         return Response(payload, media_type=content_type)
 
-    app.add_middleware(BodyLimit, limit=service.config.max_body_bytes, exempt_prefixes=("/admin/bundles",))
+    # Bundle and head uploads are the only large bodies: a manifest (1 MiB at most) and the weights.
+    upload_limit = service.config.max_upload_bytes + (2 << 20)
+    # add_middleware wraps: the last added runs first, so the admin key is checked before any limit.
+    app.add_middleware(BodyLimit, default=service.config.max_body_bytes, limits=(("/admin/bundles", upload_limit),))
+    app.add_middleware(AdminGate, service=service)
     return app
 
 

@@ -33,8 +33,19 @@ async def tenant_principal(request: Request) -> Principal:
     return await request.app.state.service.authenticate(bearer_key(request))
 
 
-async def admin_principal(request: Request) -> Principal:
-    principal = await request.app.state.service.authenticate(bearer_key(request))
+ADMIN_STATE = "admin_principal"  # where `app.AdminGate` leaves the admin it authenticated
+
+
+async def check_admin(service, secret: str | None) -> Principal:
+    """The admin `secret` belongs to: 401 for no valid key, 403 for a tenant key."""
+    principal = await service.authenticate(secret)
     if not principal.is_admin:
         raise forbidden("This endpoint needs an admin key; tenant keys are refused.")
     return principal
+
+
+async def admin_principal(request: Request) -> Principal:
+    """The admin behind an /admin request: authenticated by `app.AdminGate` before the body was
+    read (taken from the request state), or here when the router runs without that middleware."""
+    principal = getattr(request.state, ADMIN_STATE, None)
+    return principal if principal is not None else await check_admin(request.app.state.service, bearer_key(request))

@@ -68,6 +68,16 @@ def conflict(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(409, message, "invalid_request_error", param, "conflict")
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while a request body streams in past `limit` bytes. An HTTPException, because
+    FastAPI re-raises those from body parsing as they are (any other error there becomes a 400
+    "error parsing the body"); the handler below answers it as the OpenAI-format 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413)
+        self.limit = limit
+
+
 def too_large(limit: int) -> OpenAIError:
     return OpenAIError(413, f"Request body exceeds the {limit}-byte limit.", "invalid_request_error", None, "request_too_large")
 
@@ -146,6 +156,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
+        if isinstance(exc, BodyTooLarge):
+            return too_large(exc.limit).response()
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return OpenAIError(exc.status_code, str(exc.detail), kind, None, code).response()
