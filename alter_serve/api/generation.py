@@ -66,6 +66,11 @@ class Outcome:
     started: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))  # one timestamp for every chunk, as OpenAI
 
+    def first_token(self) -> None:
+        """Record the time to first token, once: called on every engine output, kept on the first."""
+        if self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self.started
+
 
 class Generator:
     """Shapes completions and chat completions for one engine and its tokenizer."""
@@ -246,14 +251,12 @@ class Generator:
 
         if len(prompts) == 1:  # the common case: the engine's stream directly, no merging layer
             async for result in self.engine.generate(prompts[0].ids, params, target.lease.lora):
-                if outcome.ttft_s is None:
-                    outcome.ttft_s = time.perf_counter() - outcome.started
+                outcome.first_token()
                 for output in result.outputs:
                     yield render(0, output)
         else:
             async for prompt_index, output in self._merged(prompts, params, target):
-                if outcome.ttft_s is None:
-                    outcome.ttft_s = time.perf_counter() - outcome.started
+                outcome.first_token()
                 yield render(prompt_index, output)
         if body.include_usage_chunk:
             yield sse({"id": outcome.response_id, "object": "text_completion", "created": outcome.created,
@@ -324,8 +327,7 @@ class Generator:
         frame = ChunkFrame(outcome, "chat.completion.chunk", target)
 
         async for result in self.engine.generate(prompt.ids, params, target.lease.lora):
-            if outcome.ttft_s is None:
-                outcome.ttft_s = time.perf_counter() - outcome.started
+            outcome.first_token()
             for output in result.outputs:
                 outcome.completion_tokens += len(output.token_ids)
                 first = output.index not in started
