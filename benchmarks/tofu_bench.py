@@ -5,11 +5,10 @@
     python -m benchmarks.tofu_bench --scale gpu    # full TOFU (200 authors, forget01/05/10) on one GPU
     make bench-tofu
 
-On the lent GPU machine, which has torch/transformers/peft but no pydantic, rouge-score or nltk and no
-package registry: run `benchmarks/gpu_wheels.sh` here (fills the git-ignored .whl/), carry ".whl", and
-run there
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-    PYTHONUNBUFFERED=1 python3 -m benchmarks.tofu_bench --scale gpu --no-progress --out-dir $OUT
+On the lent GPU machine (torch, transformers and peft, but no pydantic, rouge-score or nltk, no
+package registry, and no ../shared beside the checkout): run `benchmarks/gpu_prepare.sh` here (fills
+the git-ignored .device/ with the wheels and a copy of the TOFU data), carry ".device", and run there
+`bash benchmarks/gpu_run.sh tofu` (results packed into $OUT/tofu-results.tar.gz).
 
 Protocol (TOFU's, scaled down; see `train.data.tofu_subset` and `train.tofu_models`):
 
