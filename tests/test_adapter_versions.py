@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from alter_serve.core.views import ComposedView
 from alter_serve.engine.adapters import AdapterManager
 
@@ -75,5 +77,35 @@ def test_new_content_always_gets_a_new_id():
         ids = [(await manager.publish(composed("bio", d))).lora.lora_int_id for d in "abcd"]
         assert len(set(ids)) == 4
         assert (await manager.publish(composed("bio", "d"))).lora.lora_int_id == ids[-1]  # same content: no-op
+
+    asyncio.run(scenario())
+
+
+def test_a_shared_short_hash_is_not_the_same_content():
+    """Two contents whose hashes share the 12-digit prefix (the `view@prefix` LoRA name) are
+    different versions: a swap between them is not a no-op, and never revives the other's LoRA."""
+    first, second = "a" * 64, "a" * 12 + "b" * 52
+    assert ComposedView("bio", first, Path("/x")).lora_name == ComposedView("bio", second, Path("/y")).lora_name
+
+    async def scenario():
+        engine = RecordingEngine()
+        manager = AdapterManager(engine)
+        v1 = await manager.publish(ComposedView("bio", first, Path("/x")))
+        # Same name in vLLM (LoRARequest equality is by name) but other weights: refused, v1 stays.
+        with pytest.raises(ValueError, match="short hashes collide"):
+            await manager.publish(ComposedView("bio", second, Path("/y")))
+        assert manager.current("bio") is v1 and len(engine.loaded) == 1
+
+        lease = manager.acquire("bio")
+        await manager.publish(composed("bio", "c"))  # v1 retired, draining under the lease
+        with pytest.raises(ValueError, match="short hashes collide"):
+            await manager.publish(ComposedView("bio", second, Path("/y")))  # must not revive v1
+        lease.release()
+        await settle()
+        v3 = await manager.publish(ComposedView("bio", second, Path("/y")))  # v1 drained: a fresh LoRA
+        assert v3 is not v1 and v3.content_hash == second and v3.lora.lora_int_id not in (v1.lora.lora_int_id,)
+        assert v3.lora.lora_path == "/y"
+        again = await manager.publish(ComposedView("bio", second, Path("/y")))
+        assert again is v3  # identical full hash: a no-op
 
     asyncio.run(scenario())

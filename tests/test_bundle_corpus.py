@@ -80,13 +80,64 @@ def huge_header(folder: Path) -> str:
     return "exceeds"
 
 
+def infinite_alpha(folder: Path) -> str:
+    bundle = make_bundle(8)
+    _write(folder, bundle, _tensors(bundle))
+    text = (folder / MANIFEST_FILE).read_text()
+    (folder / MANIFEST_FILE).write_text(text.replace('"alpha":16.0', '"alpha":1e309'))
+    return "alpha: Input should be a finite number"
+
+
+def huge_values(folder: Path) -> str:
+    bundle = make_bundle(9)
+    tensors = _tensors(bundle)
+    tensors[f"{MODULE}.B.forget.bio"] = torch.full_like(tensors[f"{MODULE}.B.forget.bio"], 3e38)
+    _write(folder, bundle, tensors)
+    return "|value| reaches 3e+38"
+
+
+def scalar_router_tensor(folder: Path) -> str:
+    bundle = make_bundle(10)
+    _write(folder, bundle, {**_tensors(bundle), "router.weight": torch.tensor(0.8)})
+    return "router.weight: must be at least 1-D"
+
+
+def duplicate_manifest_key(folder: Path) -> str:
+    bundle = make_bundle(11)
+    _write(folder, bundle, _tensors(bundle))
+    text = (folder / MANIFEST_FILE).read_text()
+    (folder / MANIFEST_FILE).write_text(text.replace('"rank":8', '"rank":8,"rank":8'))
+    return "key 'rank' appears more than once"
+
+
+def increasing_calibration(folder: Path) -> str:
+    bundle = make_bundle(12)
+    manifest = json.loads(bundle.manifest.model_dump_json())
+    manifest["calibration"] = {"min_retain_ratio": 0.9, "weights": {"1": 0.5, "2": 0.9}}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_tensors(bundle), str(folder / WEIGHTS_FILE))
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return "more forget heads never get a larger weight"
+
+
+def symlinked_manifest(folder: Path) -> str:
+    bundle = make_bundle(13)
+    _write(folder, bundle, _tensors(bundle))
+    outside = folder.parent / "elsewhere.json"
+    (folder / MANIFEST_FILE).rename(outside)
+    (folder / MANIFEST_FILE).symlink_to(outside)
+    return "manifest.json: is a symbolic link"
+
+
 def _write(folder: Path, bundle, tensors) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_FILE))
     (folder / MANIFEST_FILE).write_text(bundle.manifest.model_dump_json())
 
 
-CORPUS = [wrong_shapes, nan_and_inf, pickle_renamed, truncated, other_base_model, path_traversal_head, huge_header]
+CORPUS = [wrong_shapes, nan_and_inf, pickle_renamed, truncated, other_base_model, path_traversal_head, huge_header,
+          infinite_alpha, huge_values, scalar_router_tensor, duplicate_manifest_key, increasing_calibration,
+          symlinked_manifest]
 
 
 @pytest.mark.parametrize("make", CORPUS, ids=[f.__name__ for f in CORPUS])

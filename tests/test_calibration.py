@@ -128,7 +128,7 @@ def test_a_calibration_round_trips_through_the_manifest(tmp_path, tiny_model_dir
 
 def test_a_swapped_head_drops_the_calibration(tmp_path, tiny_model_dir) -> None:
     bundle = load_bundle(_bundle_with_calibration(tmp_path, tiny_model_dir,
-                                                  {"min_retain_ratio": 0.95, "weights": {"1": 1.0}}))
+                                                  {"min_retain_ratio": 0.95, "weights": {"1": 1.0, "2": 0.5}}))
     swapped = bundle.replace_head("a", bundle.head("b"))
     assert swapped.manifest.calibration is None  # measured with the old head: no longer true
 

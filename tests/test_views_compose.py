@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from alter_serve.core.bundle import AlterBundle, BaseModelRef, Heads, Manifest
+from alter_serve.core.bundle import AlterBundle, BaseModelRef, BundleError, Heads, Manifest
 from alter_serve.core.views import (
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,
@@ -115,3 +116,29 @@ def test_compose_writes_the_view_and_reuses_the_folder(tmp_path) -> None:
     assert again == first and (again.path / ADAPTER_WEIGHTS).stat().st_mtime_ns == mtime
     changed = compose(bundle, View(name="no-bio", forget={"bio": 0.5}), tmp_path)
     assert changed.content_hash != first.content_hash and changed.lora_name != first.lora_name
+
+
+def test_compose_refuses_a_view_that_overflows_fp16_and_writes_nothing(tmp_path) -> None:
+    """vLLM folds s = alpha/r into B_V and may hold it in fp16: s·|B_V| must stay ≤ 65504."""
+    bundle = make_bundle(torch.float32)  # s = 16 / 8 = 2
+    q, down = sorted(SHAPES)[1], sorted(SHAPES)[0]
+    bundle.retain[q] = torch.full_like(bundle.retain[q], 9000.0)
+    bundle.forget["bio"][q] = torch.full_like(bundle.forget["bio"][q], 9000.0)
+    bundle.forget["bio"][down] = torch.full_like(bundle.forget["bio"][down], 3e38)
+    bundle.forget["cyber"][down] = torch.full_like(bundle.forget["cyber"][down], 3e38)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the overflow is reported, not warned about
+        with pytest.raises(BundleError) as info:
+            compose(bundle, View(name="loud", retain=4.0, forget={"bio": 1.0, "cyber": 1.0}), tmp_path)
+    text = "\n".join(info.value.problems)
+    assert f"{q}: s·|B_V| = 2·4.5e+04 is not finite or exceeds the fp16 maximum 65504" in text
+    assert f"{down}: s·|B_V| = 2·inf" in text
+    assert len(info.value.problems) == 2
+    assert list(tmp_path.iterdir()) == []
+    # The same heads at a weight that fits are servable: B_V = 9000·1 + 9000·1, s·B_V = 36000.
+    bundle.forget["bio"][down] = bundle.forget["cyber"][down] = bundle.retain[down]
+    compose(bundle, View(name="fits", forget={"bio": 1.0}), tmp_path)
+
+
+def test_content_hash_accepts_any_tensor_shape() -> None:
+    assert len(content_hash({}, {"scalar": torch.tensor(1.0)})) == 64

@@ -14,20 +14,23 @@ Any ω still collapses exactly into one rank-r LoRA, so a calibrated view costs 
 
 Calibration picks, for every head count n = 1..k,
 
-    ω(n) = max { ω ∈ [0, 1] :  P_V(ω)(retain_cal) ≥ ρ · P_base(retain_cal) },
+    ω(n) = max { ω ∈ [0, ω(n−1)] :  P_V(ω)(retain_cal) ≥ ρ · P_base(retain_cal) },   ω(0) = 1,
     V(ω) = {retain: 1, forget: {d: ω for d in S}},  |S| = n,
 
 where P is the mean answer probability and `retain_cal` is a retain *calibration* set (never an
 evaluation set). ω(n) is found by bisection (the retain probability falls monotonically in ω in
-practice; both ends are checked first, so ω(n) = 1 when the full view already meets the bound
-and 0 when even the retain head alone does not). For n < k the head sets S are a few random
-subsets, and the smallest ω wins, so the bound holds for those sets with margin for others.
+practice; both ends are checked first, so ω(n) = ω(n−1) when that already meets the bound and 0
+when even the retain head alone does not). The cap ω(n−1) makes the weights non-increasing in n,
+as the bundle format requires (more heads never get a larger weight). For n < k the head sets S
+are a few random subsets, and the smallest ω wins, so the bound holds for those sets with margin
+for others.
 The result goes into the bundle manifest (`alter_serve.core.bundle.Calibration`) and is what a
 "calibrated" view uses.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +66,9 @@ def calibrate_views(
     heads = list(alter.forget_heads)
     with alter.mixing("off"):
         base = score(retain)
+    if not (math.isfinite(base) and base > 0.0):
+        raise ValueError(f"the base model's retain answer probability is {base}; a ratio to it is undefined, "
+                         "so the views cannot be calibrated on this retain set")
     floor = settings.min_retain_ratio * base
 
     def retain_at(subset: Sequence[str], omega: float) -> float:
@@ -72,23 +78,26 @@ def calibrate_views(
     rng = random.Random(seed)
     weights: dict[int, float] = {}
     ratios: dict[int, float] = {}
+    ceiling = 1.0
     for count in range(1, len(heads) + 1):
-        found = [_largest_weight(subset, retain_at, floor, settings.steps)
+        found = [_largest_weight(subset, retain_at, floor, settings.steps, ceiling)
                  for subset in _subsets(heads, count, settings.subsets_per_count, rng)]
         omega, kept = min(found)
-        weights[count], ratios[count] = omega, kept / base if base > 0 else 0.0
+        weights[count], ratios[count] = omega, kept / base
+        ceiling = omega
     return Calibration(min_retain_ratio=settings.min_retain_ratio, weights=weights,
                        retain_ratio={n: round(r, 6) for n, r in ratios.items()}, retain_examples=len(retain))
 
 
 def _largest_weight(subset: Sequence[str], retain_at: Callable[[Sequence[str], float], float],
-                    floor: float, steps: int) -> tuple[float, float]:
-    """(ω, retain probability at ω): the largest ω on the bisection grid with retain ≥ floor."""
-    at_one = retain_at(subset, 1.0)
-    if at_one >= floor:
-        return 1.0, at_one
+                    floor: float, steps: int, ceiling: float = 1.0) -> tuple[float, float]:
+    """(ω, retain probability at ω): the largest ω on the bisection grid of [0, ceiling] with
+    retain ≥ floor."""
+    at_top = retain_at(subset, ceiling)
+    if at_top >= floor or ceiling == 0.0:
+        return ceiling, at_top
     low, low_value = 0.0, retain_at(subset, 0.0)
-    high = 1.0
+    high = ceiling
     for _ in range(steps):
         middle = (low + high) / 2
         value = retain_at(subset, middle)

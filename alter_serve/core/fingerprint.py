@@ -56,10 +56,26 @@ def fingerprint(model_dir: str | Path) -> str:
     return _fingerprint_cached(str(root), stamp)
 
 
-def module_shapes(model_dir: str | Path) -> dict[str, tuple[int, int]]:
-    """`{module name: (out_features, in_features)}` for every 2-D `*.weight` in the folder.
+# Last name components of 2-D weights that are not linear projections: token and position
+# embeddings, output heads, norms. A LoRA on them is a different kind of adapter (vLLM would need
+# extra-vocabulary support and other shapes), so they are never adaptable modules of a bundle.
+_NOT_LINEAR = {"lm_head", "embed_out", "output", "score", "classifier", "wte", "wpe", "shared"}
 
-    Reads only the safetensors headers, so it is cheap even for a 7B model.
+
+def is_linear_projection(module: str) -> bool:
+    """Whether a base model's 2-D weight `module` (name without ".weight") is a linear projection
+    a bundle may adapt: not an embedding ("*embed*", wte, wpe), output head (lm_head, embed_out,
+    ...) or norm."""
+    last = module.rsplit(".", 1)[-1].lower()
+    return last not in _NOT_LINEAR and "embed" not in last and "norm" not in last
+
+
+def module_shapes(model_dir: str | Path) -> dict[str, tuple[int, int]]:
+    """`{module name: (out_features, in_features)}` for every linear projection of the base model:
+    each 2-D `*.weight` except embeddings, output heads and norms (`is_linear_projection`).
+
+    These are the modules a bundle may adapt (validation checks every bundle module against
+    them). Reads only the safetensors headers, so it is cheap even for a 7B model.
     """
     shapes: dict[str, tuple[int, int]] = {}
     for weights in sorted(Path(model_dir).glob("*.safetensors")):
@@ -67,7 +83,8 @@ def module_shapes(model_dir: str | Path) -> dict[str, tuple[int, int]]:
             for key in handle.keys():
                 if not key.endswith(".weight"):
                     continue
+                module = key[: -len(".weight")]
                 shape = handle.get_slice(key).get_shape()
-                if len(shape) == 2:
-                    shapes[key[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
+                if len(shape) == 2 and is_linear_projection(module):
+                    shapes[module] = (int(shape[0]), int(shape[1]))
     return shapes

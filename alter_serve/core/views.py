@@ -7,7 +7,13 @@ Because every head shares the same A, a view V = {w_r, w_d for d in V} is exactl
 `compose` writes that as a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors,
 lora_A = A, lora_B = B_V) that vLLM loads natively. The folder is content-addressed: its hash
 covers the config and every tensor, and the vLLM LoRA name is `view@hash[:12]`, so a changed head
-always yields a new LoRA name and an old cache entry can never serve new weights.
+always yields a new LoRA name and an old cache entry can never serve new weights. (The 12-digit
+prefix is for names and display; whether two versions are the same content is decided on the
+full hash.)
+
+vLLM folds s into B when it loads a LoRA and may hold it in fp16, so `compose` refuses a view
+whose s·|B_V| (or |A|) is not finite or exceeds the fp16 maximum, naming the modules, rather than
+publish an adapter that turns into Inf inside the engine.
 
 "original" is the empty view: the base model, no LoRA at all.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save_file
 
-from .bundle import HEAD_NAME_PATTERN, AlterBundle, Calibration, is_valid_head_name
+from .bundle import FP16_MAX, HEAD_NAME_PATTERN, AlterBundle, BundleError, Calibration, is_valid_head_name
 
 ORIGINAL_VIEW = "original"
 PEFT_PREFIX = "base_model.model."
@@ -108,17 +115,24 @@ def compose_b(bundle: AlterBundle, view: View) -> dict[str, torch.Tensor]:
     """
     check_view_fits(bundle, view)
     composed = {}
-    for module in bundle.modules:
-        acc = np.multiply(_float32_array(bundle.retain[module]), np.float32(view.retain))
-        scratch = np.empty_like(acc)
-        for head, weight in view.forget.items():
-            b = _float32_array(bundle.forget[head][module])
-            if weight == 1.0:  # 1·b is exact: skip the multiply pass
-                np.add(acc, b, out=acc)
-            else:
-                np.add(acc, np.multiply(b, np.float32(weight), out=scratch), out=acc)
-        composed[module] = torch.from_numpy(acc)
+    # An overflow is not an error here: fp16_range_problems reports it with the module's name.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for module in bundle.modules:
+            composed[module] = _weighted_sum(bundle, view, module)
     return composed
+
+
+def _weighted_sum(bundle: AlterBundle, view: View, module: str) -> torch.Tensor:
+    """One module's B_V (see compose_b for the rounding contract)."""
+    acc = np.multiply(_float32_array(bundle.retain[module]), np.float32(view.retain))
+    scratch = np.empty_like(acc)
+    for head, weight in view.forget.items():
+        b = _float32_array(bundle.forget[head][module])
+        if weight == 1.0:  # 1·b is exact: skip the multiply pass
+            np.add(acc, b, out=acc)
+        else:
+            np.add(acc, np.multiply(b, np.float32(weight), out=scratch), out=acc)
+    return torch.from_numpy(acc)
 
 
 def peft_tensors(bundle: AlterBundle, view: View, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -128,6 +142,25 @@ def peft_tensors(bundle: AlterBundle, view: View, dtype: torch.dtype = torch.flo
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = bundle.lora_a[module].to(dtype).contiguous()
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(dtype).contiguous()
     return tensors
+
+
+def fp16_range_problems(scale: float, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Modules of a PEFT state dict that vLLM could not hold in fp16: |A| or s·|B_V| not finite or
+    above FP16_MAX (vLLM multiplies lora_B by s = alpha/r when it loads the adapter)."""
+    problems = []
+    for name, tensor in sorted(tensors.items()):
+        if tensor.numel() == 0:
+            continue
+        array = _float32_array(tensor)  # NumPy, not torch: see compose_b on torch's thread pool
+        peak = float(max(array.max(), -array.min()))  # NaN propagates; no |x| copy
+        is_b = name.endswith(".lora_B.weight")
+        value = scale * peak if is_b else peak
+        if not (math.isfinite(value) and value <= FP16_MAX):
+            module = name[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0]
+            what = f"s·|B_V| = {scale:g}·{peak:.4g}" if is_b else f"|A| = {peak:.4g}"
+            problems.append(f"{module}: {what} is not finite or exceeds the fp16 maximum {FP16_MAX:g}; "
+                            "lower the view's head weights or fix the bundle's heads")
+    return problems
 
 
 def peft_config(bundle: AlterBundle) -> dict:
@@ -151,7 +184,7 @@ def content_hash(config: dict, tensors: dict[str, torch.Tensor]) -> str:
     for name, tensor in sorted(tensors.items()):
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         # The array's buffer is hashed in place: the same bytes as .tobytes(), without the copy.
-        digest.update(tensor.contiguous().view(torch.uint8).numpy())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -173,11 +206,17 @@ class ComposedView:
 
 
 def compose(bundle: AlterBundle, view: View, store_root: str | Path) -> ComposedView:
-    """Write the view's LoRA folder under `store_root/<hash>/` (atomically; reused if present)."""
+    """Write the view's LoRA folder under `store_root/<hash>/` (atomically; reused if present).
+
+    Raise `BundleError` naming every module whose composed LoRA would overflow fp16 in vLLM
+    (`fp16_range_problems`); nothing is written then."""
     if view.is_original:
         raise ValueError("the 'original' view is the base model itself and has no LoRA to compose")
     config = peft_config(bundle)
     tensors = peft_tensors(bundle, view)
+    problems = fp16_range_problems(bundle.manifest.scale, tensors)
+    if problems:
+        raise BundleError(f"for view {view.name!r}", problems)
     digest = content_hash(config, tensors)
     root = Path(store_root)
     final = root / digest

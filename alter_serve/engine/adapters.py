@@ -1,9 +1,12 @@
 """Which LoRA version serves each view, with hot-swap and drain.
 
 Each published view version gets a fresh `lora_int_id` (vLLM caches adapters by id, so an id is
-never reused for other weights) and the name `view@hash`. A request takes a *lease* on the view's
-current version and keeps it until it finishes, so a swap never changes the weights under a
+never reused for other weights) and the name `view@hash[:12]`. A request takes a *lease* on the
+view's current version and keeps it until it finishes, so a swap never changes the weights under a
 running request. A replaced version is removed from the engine when its last lease ends.
+
+Whether two versions hold the same weights is decided on the full content hash, never on the
+12-digit prefix in the name: a prefix match is not proof of equal content.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class ViewVersion:
-    """One loaded version of a view. `lora` is None for the original (base) model."""
+    """One loaded version of a view. `lora` is None for the original (base) model.
+    `version` is the short hash for labels; `content_hash` the full one (None for the original)."""
 
     view: str
     version: str
     lora: LoRARequest | None
+    content_hash: str | None = None
     active: int = 0
     retired: bool = False
 
@@ -83,28 +88,38 @@ class AdapterManager:
         """Make `composed` the version new requests of its view get. Loads it into the engine first."""
         async with self._lock:
             old = self._current.get(composed.name)
-            if old is not None and old.version == composed.version:
+            if old is not None and old.content_hash == composed.content_hash:
                 return old
-            new = self._revive(composed.lora_name)
+            new = self._revive(composed)
             if new is None:
+                self._check_name_free(composed)
                 # vLLM caches adapters by int id and matches them by name: one name, one id, ever loaded once.
                 lora = LoRARequest(composed.lora_name, next(self._ids), str(composed.path))
                 await self.engine.add_lora(lora)
-                new = ViewVersion(composed.name, composed.version, lora)
+                new = ViewVersion(composed.name, composed.version, lora, composed.content_hash)
             self._current[composed.name] = new
             if old is not None:
                 self._retire(old)
             log.info("published %s (lora id %d)", new.label, new.lora.lora_int_id)
             return new
 
-    def _revive(self, lora_name: str) -> ViewVersion | None:
-        """A still-draining version with this exact content (a swap back before it drained)."""
+    def _revive(self, composed: ComposedView) -> ViewVersion | None:
+        """A still-draining version of this view with this exact content (a swap back before it drained)."""
         for version in self._retired:
-            if version.lora is not None and version.lora.lora_name == lora_name:
+            if version.view == composed.name and version.content_hash == composed.content_hash:
                 self._retired.discard(version)
                 version.retired = False
                 return version
         return None
+
+    def _check_name_free(self, composed: ComposedView) -> None:
+        """vLLM tells LoRAs apart by name (LoRARequest equality), so a live version of other content
+        under the same `view@prefix` name must not coexist with this one (a 48-bit prefix collision)."""
+        for version in [*self._current.values(), *self._retired]:
+            if version.lora is not None and version.lora.lora_name == composed.lora_name:
+                raise ValueError(f"LoRA name {composed.lora_name} is already loaded for other content "
+                                 f"({version.content_hash} vs {composed.content_hash}); the short hashes "
+                                 "collide, so this version cannot be published until that one drains")
 
     async def unpublish(self, view: str) -> None:
         async with self._lock:
