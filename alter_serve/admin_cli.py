@@ -10,7 +10,8 @@ database directly, so the commands work against any replica, local or remote.
     alter-serve tenants list --json
 
 Output is a table (or `--json`). A refused call prints the server's own error message (the OpenAI
-error body's `message`) and exits 1; a usage mistake exits 2.
+error body's `message`) and exits 1; a usage mistake exits 2. Names given on the command line go
+into URL paths escaped (`admin_path`), so a name can never reach another route.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 if TYPE_CHECKING:  # httpx is imported when a command runs, so `alter-serve serve` never needs it
     import httpx
@@ -43,6 +45,14 @@ class AdminError(Exception):
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------------
+
+
+def admin_path(*segments: object) -> str:
+    """`/admin/<segment>/...` with every segment escaped as one path segment: '/', '?', '#', '%' and
+    the like percent-encoded (`quote(safe="")`), and a segment '.' or '..' spelled with %2E, which
+    HTTP clients and proxies would otherwise resolve as a step up the path."""
+    escaped = [quote(str(segment), safe="") for segment in segments]
+    return "/admin/" + "/".join(e.replace(".", "%2E") if e in (".", "..") else e for e in escaped)
 
 
 class AdminClient:
@@ -66,9 +76,15 @@ class AdminClient:
         except httpx.TransportError as exc:
             raise AdminError(f"cannot reach the server at {self.url} ({exc}); is it running? "
                              f"Pass --url or set {URL_ENV}") from exc
-        if response.is_success:
+        if not response.is_success:
+            raise AdminError(_error_message(response))
+        try:
             return response.json()
-        raise AdminError(_error_message(response))
+        except ValueError:
+            kind = response.headers.get("content-type") or "no content type"
+            raise AdminError(f"the server at {self.url} answered {method} {path} with HTTP {response.status_code} "
+                             f"but not with JSON ({kind}); is {self.url} an alter-serve server? Pass --url or set "
+                             f"{URL_ENV}") from None
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)
@@ -256,12 +272,12 @@ def tenants_update(client: AdminClient, args: argparse.Namespace) -> Output:
         body["limits"] = {**_find_tenant(client, args.name)["limits"], **given}
     if args.disabled is not None:
         body["disabled"] = args.disabled
-    tenant = client.request("PATCH", f"/admin/tenants/{args.name}", json=body)
+    tenant = client.request("PATCH", admin_path("tenants", args.name), json=body)
     return Output(tenant, TENANT_COLUMNS, [_tenant_row(tenant)])
 
 
 def tenants_delete(client: AdminClient, args: argparse.Namespace) -> Output:
-    return Output(client.request("DELETE", f"/admin/tenants/{args.name}"))
+    return Output(client.request("DELETE", admin_path("tenants", args.name)))
 
 
 # ---- keys -----------------------------------------------------------------------------------------------------
@@ -275,12 +291,12 @@ def keys_list(client: AdminClient, args: argparse.Namespace) -> Output:
 
 
 def keys_create(client: AdminClient, args: argparse.Namespace) -> Output:
-    created = client.request("POST", f"/admin/tenants/{args.tenant}/keys")
+    created = client.request("POST", admin_path("tenants", args.tenant, "keys"))
     return Output(created, note="Store this key now; it is not shown again.")
 
 
 def keys_revoke(client: AdminClient, args: argparse.Namespace) -> Output:
-    return Output(client.request("DELETE", f"/admin/keys/{args.id}"))
+    return Output(client.request("DELETE", admin_path("keys", args.id)))
 
 
 # ---- views ------------------------------------------------------------------------------------------------------
@@ -301,14 +317,14 @@ def views_list(client: AdminClient, args: argparse.Namespace) -> Output:
 
 def views_define(client: AdminClient, args: argparse.Namespace) -> Output:
     body = {"bundle": args.bundle, "retain": args.retain, "forget": dict(args.forget), "calibrated": args.calibrated}
-    result = client.request("PUT", f"/admin/views/{args.name}", json=body)
+    result = client.request("PUT", admin_path("views", args.name), json=body)
     spec = result["view"]["spec"]  # the weights in effect (calibrated ones differ from the given)
     return Output(result, ["view", "bundle", "heads", "version (loaded as)"],
                   [[args.name, args.bundle, {"retain": spec["retain"], "forget": spec["forget"]}, result["version"]]])
 
 
 def views_delete(client: AdminClient, args: argparse.Namespace) -> Output:
-    return Output(client.request("DELETE", f"/admin/views/{args.name}"))
+    return Output(client.request("DELETE", admin_path("views", args.name)))
 
 
 # ---- experiments --------------------------------------------------------------------------------------------------
@@ -328,7 +344,7 @@ def experiments_list(client: AdminClient, args: argparse.Namespace) -> Output:
 
 
 def experiments_show(client: AdminClient, args: argparse.Namespace) -> Output:
-    experiment = client.get(f"/admin/experiments/{args.name}")
+    experiment = client.get(admin_path("experiments", args.name))
     return Output(experiment, EXPERIMENT_COLUMNS, [_experiment_row(experiment)])
 
 
@@ -340,7 +356,7 @@ def experiments_create(client: AdminClient, args: argparse.Namespace) -> Output:
 
 
 def _patch_experiment(client: AdminClient, name: str, body: Mapping[str, Any]) -> Output:
-    experiment = client.request("PATCH", f"/admin/experiments/{name}", json=body)
+    experiment = client.request("PATCH", admin_path("experiments", name), json=body)
     return Output(experiment, EXPERIMENT_COLUMNS, [_experiment_row(experiment)])
 
 
@@ -357,7 +373,7 @@ def _set_status(status: str) -> Handler:
 
 
 def experiments_delete(client: AdminClient, args: argparse.Namespace) -> Output:
-    return Output(client.request("DELETE", f"/admin/experiments/{args.name}"))
+    return Output(client.request("DELETE", admin_path("experiments", args.name)))
 
 
 def _p(test: Mapping[str, Any] | None) -> str:
@@ -387,7 +403,7 @@ RESULT_COLUMNS = ["arm", "view", "requests", "errors", "error rate [CI]", "p50 m
 
 
 def experiments_results(client: AdminClient, args: argparse.Namespace) -> Output:
-    report = client.get(f"/admin/experiments/{args.name}/results", params={"confidence": args.confidence})
+    report = client.get(admin_path("experiments", args.name, "results"), params={"confidence": args.confidence})
     rows = []
     for a in report["arms"]:
         cmp = a["vs_control"] or {}
@@ -403,7 +419,7 @@ def experiments_results(client: AdminClient, args: argparse.Namespace) -> Output
 
 
 def experiments_probes(client: AdminClient, args: argparse.Namespace) -> Output:
-    data = client.get(f"/admin/experiments/{args.name}/probes")["data"]
+    data = client.get(admin_path("experiments", args.name, "probes"))["data"]
     rows = [[p["created_at"], p["arm"], p["view"], (p["view_version"] or "base")[:12], p["samples"], p["metrics"]]
             for p in data]
     return Output(data, ["measured", "arm", "view", "version", "n", "metrics"], rows)
@@ -456,11 +472,11 @@ def bundles_upload(client: AdminClient, args: argparse.Namespace) -> Output:
 def bundles_replace_head(client: AdminClient, args: argparse.Namespace) -> Output:
     with _open_file(Path(args.file)) as weights:
         files = {"weights": ("head.safetensors", weights, "application/octet-stream")}
-        return _bundle_update(client.request("PUT", f"/admin/bundles/{args.name}/heads/{args.head}", files=files))
+        return _bundle_update(client.request("PUT", admin_path("bundles", args.name, "heads", args.head), files=files))
 
 
 def bundles_delete(client: AdminClient, args: argparse.Namespace) -> Output:
-    return Output(client.request("DELETE", f"/admin/bundles/{args.name}"))
+    return Output(client.request("DELETE", admin_path("bundles", args.name)))
 
 
 # ---- parser ----------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ an admin's change applies to the next request):
 
 - `max_tokens_cap`: a request may not ask for more completion tokens than this. Asking for more is
   the caller's mistake, not load, so it is a 400 naming `max_tokens`; a request that names no
-  `max_tokens` gets the cap as its limit.
+  `max_tokens` runs with its endpoint's default lowered to the cap (the permit's `max_tokens`; the
+  generator lowers it further to the room the prompt leaves in the context).
 - `max_concurrent`: requests of the tenant in flight at once. One more answers 429.
 - `tokens_per_minute`: completion tokens over a sliding 60-second window. Admission *reserves* the
   request's worst case (`max_tokens × sequences`, at most the whole budget) until it finishes and
@@ -41,7 +42,7 @@ from .registry import Limits, Principal
 
 WINDOW_S = 60.0
 # Reservation of a request that names no max_tokens and has no cap: the server's largest default
-# completion length (chat requests default to at most 1024 tokens, see api/generation.py).
+# completion length (chat requests default to at most 1024 tokens, see api/schemas.py).
 DEFAULT_RESERVATION = 1024
 _BUSY_RETRY_S = 1
 
@@ -134,17 +135,17 @@ class TenantLimiter:
         """`acquire` for a validated OpenAI request body: the token limit the client sent
         (`max_completion_tokens` or `max_tokens`) and the sequence count (`n` × prompts).
 
-        A body that sends no limit runs with its schema default (completions: 16; chat: none),
-        lowered to the tenant's cap and written into `max_tokens`, so the engine never generates
-        past the cap and a default is never refused as if the client had asked for it."""
+        A body that sends no limit is never refused for it: it runs with its endpoint's default
+        (`default_max_tokens`: completions 16, chat 1024) lowered to the tenant's cap, which the
+        permit's `max_tokens` carries (the engine never generates past the cap). The body is left
+        as the client sent it, so nothing downstream mistakes that limit for one the client asked."""
         prompts = getattr(body, "prompt", None)
         sequences = int(getattr(body, "n", 1) or 1) * (len(prompts) if isinstance(prompts, list) else 1)
         requested = _sent_max_tokens(body)
         if requested is None:
-            requested = getattr(body, "max_tokens", None)  # the schema default, if it has one
-            cap = principal.limits.max_tokens_cap
-            if cap is not None and (requested is None or requested > cap):
-                requested = body.max_tokens = cap
+            bounds = [x for x in (getattr(body, "default_max_tokens", None), principal.limits.max_tokens_cap)
+                      if x is not None]
+            requested = min(bounds) if bounds else None  # within the cap: never a 400
         return self.acquire(principal, requested, sequences=sequences)
 
     def usage(self, tenant_id: int) -> dict[str, int]:

@@ -30,6 +30,8 @@ REJECTED = Counter("alter_rejected_requests", "Requests refused before reaching 
 FEEDBACK = Summary("alter_feedback_rating", "Feedback ratings received.", ("tenant", "experiment", "arm"))
 ENGINE_READY = Gauge("alter_engine_ready", "1 when the vLLM engine accepts requests.")
 ENGINE_RESTARTS = Counter("alter_engine_restarts", "vLLM engine restarts after a crash.")
+REQUEST_LOG_DROPPED = Counter("alter_request_log_dropped_rows",
+                              "Request-log rows dropped because the registry could not be written for too long.")
 
 
 @contextmanager

@@ -7,6 +7,8 @@ Replicas:      every `registry_poll_s` each replica reads the registry's views r
                query); when another replica changed a view, it publishes the new versions to its own
                engine and unpublishes deleted views (`sync_views`). A request for a view that is in
                the registry but not loaded here yet starts its load at once and gets 503 + Retry-After.
+Request log:   buffered in memory and written in batches (`request_log_flush_s`); a batch the
+               registry refuses is kept for the next flush (up to `MAX_PENDING_LOG_ROWS` rows).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .api.errors import OpenAIError, model_not_found, unauthorized, unavailable
@@ -26,7 +29,22 @@ from .engine.adapters import AdapterManager, UnknownView
 from .engine.vllm_engine import VllmEngine
 from .limits import TenantLimiter
 from . import metrics
-from .registry import NotFound, Principal, Registry, RequestContext, RequestLogEntry, ViewChange, ViewInfo
+from .registry import (
+    Conflict,
+    KeyInfo,
+    NotFound,
+    Principal,
+    Registry,
+    RequestContext,
+    RequestLogEntry,
+    ViewChange,
+    ViewInfo,
+)
+from .registry.experiments import RUNNING
+
+# Called with (the experiment's sticky kind, the request's API key id); returns the value the arm
+# is hashed from (`registry.experiments.sticky_value`).
+StickyLookup = Callable[[str, int], str | None]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +57,8 @@ class Routed:
 
 
 class AlterService:
+    MAX_PENDING_LOG_ROWS = 100_000  # request-log rows kept in memory while the registry cannot be written
+
     def __init__(self, config: ServeConfig, model_dir: str | Path):
         self.config = config
         self.model_dir = Path(model_dir).resolve()
@@ -51,6 +71,7 @@ class AlterService:
         self.generator = Generator(self.engine)
         self.limiter = TenantLimiter()  # per-tenant concurrency / tokens-per-minute / max_tokens limits
         self._log_rows: list[RequestLogEntry] = []
+        self.dropped_log_rows = 0  # rows given up on while the registry could not be written
         self._background: list[asyncio.Task] = []
         # Serializes every change of what this engine serves (admin apply, registry sync, on-demand
         # loads), so a sync that read the registry before an admin change cannot publish its older
@@ -98,7 +119,7 @@ class AlterService:
         if composed is None:  # "original": the base model, always served
             return None
         current = self.adapters.current(view.name)
-        if current is not None and current.version == composed.version:
+        if current is not None and current.content_hash == composed.content_hash:
             return None
         if not (composed.path / ADAPTER_WEIGHTS).is_file():
             composed = await asyncio.to_thread(self.registry.ensure_composed, view.name)
@@ -190,8 +211,7 @@ class AlterService:
         metrics.REJECTED.labels("auth").inc()
         return unauthorized()
 
-    async def authorize(self, secret: str | None, model: str,
-                        sticky: Callable[[str], str | None]) -> tuple[Principal, Routed]:
+    async def authorize(self, secret: str | None, model: str, sticky: StickyLookup) -> tuple[Principal, Routed]:
         """Authenticate a model request's key and resolve its model name, in ONE registry read (one
         worker-thread hop, one transaction): 401 for a bad key, 404 for a model it may not use.
         Nothing is cached, so a revoked key, a changed grant or limit applies to the next request."""
@@ -200,21 +220,30 @@ class AlterService:
             raise self.unauthenticated()
         return context.principal, self._route(context, sticky)
 
-    def _route(self, context: RequestContext, sticky: Callable[[str], str | None]) -> Routed:
-        """The tenant's model name: an experiment alias first, then a granted view."""
-        experiment = context.experiment
+    def _route(self, context: RequestContext, sticky: StickyLookup) -> Routed:
+        """The tenant's model name: an experiment alias first, then a granted view. Either way only
+        a view granted to the tenant is served: the registry refuses experiments whose arms are not
+        granted, and this checks again against the grants read with the request."""
+        experiment, principal = context.experiment, context.principal
         if experiment is not None:
-            arm = experiment.choose_arm(sticky(experiment.sticky))
-            return Routed(arm.view, experiment.name, arm.name)
+            arm = experiment.choose_arm(sticky(experiment.sticky, principal.key_id))
+            if arm.view not in principal.views:
+                raise self._model_not_found(context.model)
+            # Paused: the control arm's view, but outside the arms (not a randomized sample).
+            return Routed(arm.view, experiment.name, arm.name if experiment.status == RUNNING else None)
         if context.view is None:
-            metrics.REJECTED.labels("model_not_found").inc()
-            raise model_not_found(context.model)
+            raise self._model_not_found(context.model)
         composed = context.composed
         if composed is not None:
             loaded = self.adapters.current(context.view)
-            if loaded is None or loaded.version != composed.version:
+            if loaded is None or loaded.content_hash != composed.content_hash:
                 self._load_soon(context.view)  # another replica changed it since our last poll
         return Routed(context.view)
+
+    @staticmethod
+    def _model_not_found(model: str | None) -> OpenAIError:
+        metrics.REJECTED.labels("model_not_found").inc()
+        return model_not_found(model)
 
     def target(self, model: str, routed: Routed) -> Target:
         if not self.ready:
@@ -228,15 +257,37 @@ class AlterService:
         return Target(model, lease, routed.experiment, routed.arm)
 
     def log_request(self, row: RequestLogEntry) -> None:
-        self._log_rows.append(row)
+        # Stamped now, not when its batch is written (maybe much later, after a failed write): the
+        # statistics count an experiment's rows from its creation time (`Registry._samples_of`).
+        self._log_rows.append(row if row.created_at is not None else replace(row, created_at=datetime.now(timezone.utc)))
 
     async def flush_request_log(self) -> None:
         await self._write_log_rows()
 
     async def _write_log_rows(self) -> None:
         rows, self._log_rows = self._log_rows, []
-        if rows:
+        if not rows:
+            return
+        try:
             await asyncio.to_thread(self.registry.log_requests, rows)
+        except Exception:
+            self._keep_for_retry(rows)
+            raise
+
+    def _keep_for_retry(self, rows: list[RequestLogEntry]) -> None:
+        """Put a batch the registry refused back before the rows logged since, for the next flush.
+        Bounded: beyond `MAX_PENDING_LOG_ROWS` the oldest rows are dropped, counted and logged, so an
+        unreachable registry costs request history, never the server's memory."""
+        pending = rows + self._log_rows
+        overflow = len(pending) - self.MAX_PENDING_LOG_ROWS
+        if overflow > 0:
+            self.dropped_log_rows += overflow
+            metrics.REQUEST_LOG_DROPPED.inc(overflow)
+            log.error("request log: %d rows are waiting for the registry, more than the %d kept; dropped the "
+                      "%d oldest (%d since start)", len(pending), self.MAX_PENDING_LOG_ROWS, overflow,
+                      self.dropped_log_rows)
+            pending = pending[overflow:]
+        self._log_rows = pending
 
     async def _flush_request_log(self) -> None:
         # Batched off the request path: one executemany per interval, not one write per request.
@@ -252,19 +303,36 @@ class AlterService:
     # ---- bootstrap ----------------------------------------------------------------------------
     def ensure_admin_key(self) -> str | None:
         """Make sure an admin can log in. A configured key (ALTER_SERVE_ADMIN_KEY) is imported once;
-        otherwise, when no admin key is active, one is created. Returns a secret to show, or None."""
+        otherwise, when no admin key is active, one is created. Returns a secret to show, or None.
+        Raises ValueError saying what to do when the configured key exists but cannot be an admin key."""
         configured = self.config.admin_key.get_secret_value() if self.config.admin_key else None
         if configured is not None:
-            known = self.registry.authenticate(configured)
+            known = self.registry.find_key(configured)
             if known is None:
-                self.registry.create_key(None, "admin", secret=configured)
-            elif not known.is_admin:
-                raise ValueError("the configured admin key belongs to a tenant; choose another secret")
+                try:
+                    self.registry.create_key(None, "admin", secret=configured)
+                    return None
+                except Conflict:  # another replica imported it at the same moment: check what it stored
+                    known = self.registry.find_key(configured)
+                    if known is None:
+                        raise
+            _check_configured_admin_key(known)
             return None
         if any(k.role == "admin" and k.active for k in self.registry.list_keys()):
             return None
         _, secret = self.registry.create_key(None, "admin")
         return secret
+
+
+def _check_configured_admin_key(key: KeyInfo) -> None:
+    """The configured admin key is stored already: fine if it is an active admin key."""
+    where = f"the configured admin key (ALTER_SERVE_ADMIN_KEY, key id {key.id}, prefix {key.prefix})"
+    if key.role != "admin":
+        raise ValueError(f"{where} is an API key of tenant {key.tenant!r}, not an admin key; set "
+                         "ALTER_SERVE_ADMIN_KEY to another secret (or unset it to have one created)")
+    if not key.active:
+        raise ValueError(f"{where} was revoked at {key.revoked_at.isoformat()}, and a revoked key stays revoked; set "
+                         "ALTER_SERVE_ADMIN_KEY to a new secret (or unset it to have one created)")
 
 
 async def _every(interval_s: float, action: Callable[[], Awaitable[object]], failure: str) -> None:

@@ -135,11 +135,15 @@ def test_bundles_views_and_hot_swap(cli, app, tmp_path):
 
 
 def test_experiments_lifecycle_and_results_table(cli, app):
-    ok(cli("tenants", "create", "initech", "--view", "original"))
     if "no-x" not in {v.name for v in app.service.registry.list_views()}:
         folder = store_random_bundle(app.service, "rnd2", ["x"], seed=6)
         ok(cli("bundles", "upload", "rnd2", str(folder)))
         ok(cli("views", "define", "no-x", "--bundle", "rnd2", "--forget", "x=1"))
+    ok(cli("tenants", "create", "initech", "--view", "original"))
+    code, _, err = cli("experiments", "create", "ab", "--alias", "chat", "--tenant", "initech",
+                       "--arm", "control=original", "--arm", "forget=no-x:3")
+    assert code == 1 and "tenant 'initech' is not granted view 'no-x'" in err
+    ok(cli("tenants", "update", "initech", "--grant", "no-x"))
     created = as_json(cli("experiments", "create", "ab", "--alias", "chat", "--tenant", "initech",
                           "--arm", "control=original", "--arm", "forget=no-x:3", "--json"))
     assert [(a["name"], a["view"], a["weight"]) for a in created["arms"]] == [("control", "original", 1.0),
@@ -171,3 +175,39 @@ def test_experiments_lifecycle_and_results_table(cli, app):
     assert as_json(cli("experiments", "delete", "ab", "--json")) == {"deleted": "ab"}
     code, _, err = cli("experiments", "results", "ab")
     assert code == 1 and "experiment 'ab' not found" in err
+
+
+def test_names_are_escaped_in_url_paths(cli, app):
+    """A name is one path segment, whatever it contains: `views delete ../bundles/NAME` must not
+    delete a bundle."""
+    folder = store_random_bundle(app.service, "victim", ["x"], seed=7)
+    ok(cli("bundles", "upload", "victim", str(folder)))
+    for name in ("../bundles/victim", "..", ".", "victim?x=1", "%2e%2e"):
+        code, _, err = cli("views", "delete", name)
+        assert code == 1 and "HTTP 404" in err, (name, err)
+    assert "victim" in {b.name for b in app.service.registry.list_bundles()}
+    ok(cli("bundles", "delete", "victim"))
+
+
+def test_every_path_segment_is_quoted_and_a_non_json_answer_is_a_clear_error():
+    from argparse import Namespace
+
+    from alter_serve.admin_cli import AdminClient, AdminError, admin_path, experiments_show, run_command
+
+    assert admin_path("views", "../bundles/prod") == "/admin/views/..%2Fbundles%2Fprod"
+    assert admin_path("tenants", "acme?x=1#f") == "/admin/tenants/acme%3Fx%3D1%23f"
+    assert admin_path("experiments", "..", "results") == "/admin/experiments/%2E%2E/results"
+    assert admin_path("keys", 12) == "/admin/keys/12" and admin_path("views", "a.b") == "/admin/views/a.b"
+    seen = []
+
+    def proxy_page(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.raw_path.decode())
+        return httpx.Response(200, text="<html>login</html>", headers={"content-type": "text/html"})
+
+    client = AdminClient("http://proxy", "as-x", transport=httpx.MockTransport(proxy_page))
+    with pytest.raises(AdminError, match=r"answered GET /admin/experiments/%2E%2E with HTTP 200 but not with JSON "
+                                         r"\(text/html\); is http://proxy an alter-serve server\?"):
+        client.get(admin_path("experiments", ".."))
+    args = Namespace(url="http://proxy", admin_key="as-x", timeout=5.0, json=False, name="a/b")
+    assert run_command(experiments_show, args, httpx.MockTransport(proxy_page)) == 1
+    assert seen == ["/admin/experiments/%2E%2E", "/admin/experiments/a%2Fb"]

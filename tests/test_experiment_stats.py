@@ -14,6 +14,7 @@ from scipy import stats as sps
 
 from alter_serve.registry import ArmSamples, ExperimentInfo, InvalidInput, Registry, RequestLogEntry
 from alter_serve.registry.experiments import Arm
+from alter_serve.registry.models import FeedbackRow
 from alter_serve.registry.stats import (
     distribution,
     error_rate_test,
@@ -150,6 +151,93 @@ def test_registry_report_from_logged_requests_and_feedback(reg):
         sps.ttest_ind([4, 5, 5, 4], [1, 2, 2, 3], equal_var=False).pvalue)
     assert treat.vs_control.errors.test == "fisher_exact" and treat.vs_control.errors.difference == pytest.approx(-0.1)
     assert control.probe is None and treat.probe is None
+
+
+def _two_arms(reg: Registry, name: str = "ab") -> None:
+    reg.create_experiment(name, alias="chat", tenants=["acme"], control_arm="control",
+                          arms=[{"name": "control", "view": "original", "weight": 1},
+                                {"name": "treat", "view": "original", "weight": 1}])
+
+
+def test_a_recreated_experiment_does_not_inherit_the_old_ones_log(reg):
+    """The request log and feedback name experiments by name: a new experiment of a deleted one's
+    name counts only what was logged since it was created."""
+    reg.create_tenant("acme", views=["original"])
+    _two_arms(reg)
+    _log(reg, "treat", [5000.0] * 6, [500] * 6)
+    for i in range(6):
+        reg.record_feedback("acme", f"treat-{i}", 1.0)
+    reg.delete_experiment("ab")
+    _two_arms(reg)
+    assert [(a.arm, a.requests, a.errors, a.feedback_count) for a in reg.experiment_results("ab")] == [
+        ("control", 0, 0, 0), ("treat", 0, 0, 0)]
+    reg.log_requests([RequestLogEntry("new-0", "acme", "chat", "original", 200, 10.0, None, "ab", "treat")])
+    reg.record_feedback("acme", "new-0", 5.0)
+    reg.record_feedback("acme", "treat-0", 2.0)  # re-rating an old response does not bring it back
+    treat = reg.experiment_report("ab").arms[1]
+    assert (treat.requests, treat.errors, treat.latency_ms.p50, treat.feedback.n, treat.feedback.mean) == (
+        1, 0, 10.0, 1, 5.0)
+
+
+def test_each_response_counts_once_with_its_latest_rating(reg):
+    """Rating one response many times is one sample (its latest rating), not many: otherwise the
+    Welch t-test would see a fake sample size."""
+    reg.create_tenant("acme", views=["original"])
+    _two_arms(reg)
+    _log(reg, "control", [10.0] * 3, [200] * 3)
+    _log(reg, "treat", [10.0] * 3, [200] * 3)
+    for i, rating in enumerate([1, 2, 1]):
+        reg.record_feedback("acme", f"control-{i}", rating)
+    for _ in range(30):
+        reg.record_feedback("acme", "treat-0", 5.0)
+    last = reg.record_feedback("acme", "treat-0", 4.0, comment="changed my mind")
+    reg.record_feedback("acme", "treat-1", 5.0)
+    assert [(f.id, f.rating, f.comment) for f in reg.list_feedback(tenant="acme") if f.response_id == "treat-0"] == [
+        (last.id, 4.0, "changed my mind")]
+    # Two rows for one response (two replicas storing at the same moment): only the newest counts.
+    with reg.engine.begin() as conn:
+        conn.execute(FeedbackRow.__table__.insert().values(response_id="treat-1", tenant="acme", rating=3.0,
+                                                           created_at=datetime.now(timezone.utc)))
+    control, treat = reg.experiment_report("ab").arms
+    assert (treat.feedback.n, treat.feedback.mean) == (2, 3.5)
+    assert [(a.arm, a.feedback_count, a.mean_rating) for a in reg.experiment_results("ab")] == [
+        ("control", 3, pytest.approx(4 / 3)), ("treat", 2, 3.5)]
+    assert treat.vs_control.feedback.p_value == pytest.approx(
+        sps.ttest_ind([4.0, 3.0], [1.0, 2.0, 1.0], equal_var=False).pvalue)
+
+
+def test_ratings_are_attributed_through_the_request_log_when_counted(reg):
+    """A rating stored before its response is logged (served by another replica, or rated during a
+    flush) counts once the log has it; a rating of a response never served, or of another tenant's
+    response, never counts."""
+    reg.create_tenant("acme", views=["original"])
+    reg.create_tenant("globex", views=["original"])
+    _two_arms(reg)
+    early = reg.record_feedback("acme", "treat-0", 5.0)
+    ghost = reg.record_feedback("acme", "never-served", 1.0)
+    assert not early.attributed and not ghost.attributed
+    assert reg.experiment_report("ab").arms[1].feedback.n == 0
+    _log(reg, "treat", [10.0, 10.0], [200, 200])  # the other replica's flush
+    reg.log_requests([RequestLogEntry("g-0", "globex", "chat", "original", 200, 1.0, None, "ab", "treat")])
+    with reg.engine.begin() as conn:  # a rating stored under another tenant never joins acme's response
+        conn.execute(FeedbackRow.__table__.insert().values(response_id="treat-1", tenant="globex", rating=1.0,
+                                                           created_at=datetime.now(timezone.utc)))
+    treat = reg.experiment_report("ab").arms[1]
+    assert (treat.requests, treat.feedback.n, treat.feedback.mean) == (3, 1, 5.0)
+
+
+def test_paused_traffic_is_logged_outside_the_arms(reg):
+    """A paused experiment serves the control view to everyone; those requests are logged with the
+    experiment but no arm, and stay out of every arm's numbers (they were not randomized)."""
+    reg.create_tenant("acme", views=["original"])
+    _two_arms(reg)
+    _log(reg, "control", [10.0, 20.0], [200, 200])
+    reg.log_requests([RequestLogEntry(f"p{i}", "acme", "chat", "original", 500, 999.0, None, "ab", None)
+                      for i in range(5)])
+    reg.record_feedback("acme", "p0", 1.0)
+    control, treat = reg.experiment_report("ab").arms
+    assert (control.requests, control.errors, control.latency_ms.mean, control.feedback.n) == (2, 0, 15.0, 0)
+    assert [a.arm for a in reg.experiment_results("ab")] == ["control", "treat"]
 
 
 def test_probe_results_are_validated_stored_and_the_latest_counts(reg):

@@ -24,6 +24,7 @@ from alter_serve.registry.experiments import (
     assign,
     choose_arm,
     normalize_sticky,
+    sticky_value,
     unit_hash,
 )
 
@@ -177,8 +178,27 @@ def test_sticky_kinds_and_arm_validation():
     twice = (Arm(name="a", view="v", weight=1), Arm(name="a", view="w", weight=1))
     assert arm_problems(twice, "a") == ["arm names must be unique; repeated: ['a']"]
     assert arm_problems(arms(0, 0), "a") == ["arm weights must not all be zero"]
+    assert arm_problems(arms(1e6, 1e6 + 1, 1e308), "a") == [
+        "arm weights must be at most 1e+06 (only their ratios matter); too large: ['b', 'c']"]
     assert arm_problems(arms(1), "zzz") == ["control arm 'zzz' is not one of the arms ['a']"]
     for bad in ({"name": "A", "view": "v", "weight": 1}, {"name": "a", "view": "v", "weight": -1},
                 {"name": "a", "view": "v", "weight": float("nan")}, {"name": "a\n", "view": "v", "weight": 1}):
         with pytest.raises(ValueError):
             Arm.model_validate(bad)
+
+
+def test_sticky_user_falls_back_to_the_api_key():
+    """Sticky 'user' hashes the request's `user`, or its API key when it sends none: one client keeps
+    one arm instead of drawing a fresh one per request."""
+    headers = {"x-session": "s1"}
+    assert sticky_value("user", user="alice", headers=headers, key_id=7) == "alice"
+    assert sticky_value("user", user=None, headers=headers, key_id=7) == "api-key:7"
+    assert sticky_value("user", user="", headers=headers, key_id=7) == "api-key:7"
+    assert sticky_value("header:x-session", user="alice", headers=headers, key_id=7) == "s1"
+    assert sticky_value("header:x-other", user="alice", headers=headers, key_id=7) is None
+    assert sticky_value("random", user="alice", headers=headers, key_id=7) is None
+    experiment = Exp(arms(1, 1, 1))
+    no_user = [choose_arm(experiment, sticky_value("user", user=None, headers={}, key_id=7)).name for _ in range(50)]
+    assert len(set(no_user)) == 1
+    per_key = {choose_arm(experiment, sticky_value("user", user=None, headers={}, key_id=k)).name for k in range(200)}
+    assert per_key == {"a", "b", "c"}

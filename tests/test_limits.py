@@ -13,7 +13,7 @@ import pytest
 
 from alter_serve import metrics
 from alter_serve.api.errors import OpenAIError
-from alter_serve.api.schemas import ChatCompletionRequest, CompletionRequest
+from alter_serve.api.schemas import CHAT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 from alter_serve.limits import DEFAULT_RESERVATION, TenantLimiter
 from alter_serve.registry import Limits, Principal
 
@@ -54,11 +54,12 @@ def test_max_tokens_cap_is_a_400_naming_max_tokens():
     assert limiter.acquire(acme, None).max_tokens == 64  # no max_tokens asked: the cap applies
 
 
-def test_admit_reads_the_body_and_writes_the_cap_into_an_unbounded_one():
+def test_admit_reads_the_body_and_gives_an_unbounded_one_the_cap():
     limiter, acme = TenantLimiter(), tenant(1, max_tokens_cap=50, tokens_per_minute=1000)
     chat = SimpleNamespace(max_tokens=None, max_completion_tokens=None, n=2)
     permit = limiter.admit(acme, chat)
-    assert chat.max_tokens == 50 and permit.reservation == 100  # cap × n
+    assert permit.max_tokens == 50 and permit.reservation == 100  # cap × n
+    assert chat.max_tokens is None  # the body stays as sent: the limit is the permit's
     completion = SimpleNamespace(max_tokens=20, prompt=["a", "b", "c"], n=1)
     assert limiter.admit(acme, completion).reservation == 60  # max_tokens × prompts
     assert refused(limiter.admit, acme, SimpleNamespace(max_tokens=None, max_completion_tokens=51, n=1)).status == 400
@@ -66,18 +67,20 @@ def test_admit_reads_the_body_and_writes_the_cap_into_an_unbounded_one():
 
 def test_admit_applies_the_cap_to_schema_defaults_but_refuses_what_was_sent():
     limiter = TenantLimiter()
-    capped, free = tenant(1, max_tokens_cap=8, tokens_per_minute=1000), tenant(2, tokens_per_minute=1000)
-    default = CompletionRequest(model="m", prompt="x")  # max_tokens defaults to 16, not sent
-    assert limiter.admit(capped, default).max_tokens == 8 and default.max_tokens == 8
+    capped, free = tenant(1, max_tokens_cap=8, tokens_per_minute=1000), tenant(2, tokens_per_minute=10_000)
+    default = CompletionRequest(model="m", prompt="x")  # max_tokens not sent: 16
+    assert limiter.admit(capped, default).max_tokens == 8 and default.token_limit is None
     sent = CompletionRequest(model="m", prompt="x", max_tokens=16)
     assert refused(limiter.admit, capped, sent).param == "max_tokens"
     assert limiter.admit(free, CompletionRequest(model="m", prompt=["a", "b"])).reservation == 32  # 16 × 2 prompts
     chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
-    assert limiter.admit(capped, chat).max_tokens == 8 and chat.token_limit == 8
-    assert limiter.admit(free, chat).reservation == 8  # the body now carries the cap it ran with
+    assert limiter.admit(capped, chat).max_tokens == 8 and chat.token_limit is None  # not taken for a sent limit
+    assert limiter.admit(free, chat).reservation == CHAT_MAX_TOKENS  # the chat default, not another admission's cap
     unbounded = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
     roomy = tenant(3, tokens_per_minute=10 * DEFAULT_RESERVATION)
-    assert limiter.admit(roomy, unbounded).reservation == DEFAULT_RESERVATION and unbounded.max_tokens is None
+    assert limiter.admit(roomy, unbounded).reservation == CHAT_MAX_TOKENS and unbounded.max_tokens is None
+    scoring = CompletionRequest(model="m", prompt="x", echo=True, max_tokens=0)  # echo only: generates nothing
+    assert limiter.admit(capped, scoring).reservation == 0
 
 
 def test_concurrency_limit_is_a_429_until_a_request_finishes():

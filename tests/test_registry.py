@@ -381,14 +381,17 @@ def test_define_view_composes_the_weighted_heads(alpha, tmp_path):
 def test_remove_view_refuses_views_in_use(alpha):
     reg = alpha
     reg.create_tenant("acme", views=["original", "no-bio"])
-    reg.create_tenant("globex", views=["original"])
+    reg.create_tenant("globex", views=["original", "no-cyber"])
     reg.create_experiment("cyber-test", alias="chat", tenants=["globex"],
                           arms=[{"name": "base", "view": "original", "weight": 1},
                                 {"name": "forget", "view": "no-cyber", "weight": 1}])
     with pytest.raises(Conflict, match=r"view 'no-bio' is granted to tenant\(s\) \['acme'\]; revoke"):
         reg.remove_view("no-bio")
-    with pytest.raises(Conflict, match=r"view 'no-cyber' is an arm of experiment\(s\) \['cyber-test'\]"):
+    with pytest.raises(Conflict, match=r"view 'no-cyber' is granted to tenant\(s\) \['globex'\]; revoke"):
         reg.remove_view("no-cyber")
+    with pytest.raises(Conflict, match=r"view 'no-cyber' is an arm of experiment\(s\) \['cyber-test'\] of tenant "
+                                       "'globex'; stop them or change their arms first"):
+        reg.revoke_view("globex", "no-cyber")
     with pytest.raises(Conflict, match="cannot be removed"):
         reg.remove_view("original")
     with pytest.raises(NotFound, match="view 'nope' not found"):
@@ -398,6 +401,7 @@ def test_remove_view_refuses_views_in_use(alpha):
     removed = reg.remove_view("no-bio")
     assert removed.name == "no-bio" and removed.path.is_dir()  # the folder outlives the row until pruned
     reg.update_experiment("cyber-test", status="stopped")
+    reg.revoke_view("globex", "no-cyber")
     reg.remove_view("no-cyber")
     assert [v.name for v in reg.list_views()] == ["original"]
     composed = store_listing(reg.data_dir / "views")
@@ -644,8 +648,8 @@ def test_request_context_is_authenticate_plus_routing_in_one_read(alpha):
 
 def test_experiment_crud(alpha):
     reg = alpha
-    reg.create_tenant("acme", views=["original"])
-    reg.create_tenant("globex", views=["original"])
+    reg.create_tenant("acme", views=["original", "no-bio"])
+    reg.create_tenant("globex", views=["original", "no-bio"])
     arms = [{"name": "control", "view": "original", "weight": 3}, {"name": "forget", "view": "no-bio", "weight": 1}]
     created = reg.create_experiment("bio-ab", alias="chat", tenants=["acme", "globex"], arms=arms,
                                     sticky="header:X-User", salt="fixed")
@@ -689,12 +693,117 @@ def test_experiment_crud(alpha):
         reg.get_experiment("bio-ab")
 
 
+def test_experiment_arms_must_be_granted_to_its_tenants(alpha):
+    """An unstopped experiment serves its arms' views through its alias, so every tenant must be
+    granted every arm's view: checked on create, on every update that could break it, and on revoke."""
+    reg = alpha
+    reg.create_tenant("acme", views=["original"])
+    reg.create_tenant("globex", views=["original", "no-bio"])
+    arms = [{"name": "control", "view": "original", "weight": 1}, {"name": "forget", "view": "no-bio", "weight": 1},
+            {"name": "cyber", "view": "no-cyber", "weight": 1}]
+    with pytest.raises(InvalidInput, match="would serve its tenants views they are not granted") as caught:
+        reg.create_experiment("ab", alias="chat", tenants=["globex", "acme"], arms=arms)
+    assert caught.value.problems == ["tenant 'acme' is not granted view 'no-bio'",
+                                     "tenant 'acme' is not granted view 'no-cyber'",
+                                     "tenant 'globex' is not granted view 'no-cyber'"]
+    assert reg.list_experiments() == []
+
+    # Stopped, it serves nothing, so it may wait for its grants; starting it is checked.
+    reg.create_experiment("ab", alias="chat", tenants=["globex"], arms=arms[:2], status="stopped")
+    with pytest.raises(InvalidInput, match="tenant 'globex' is not granted view 'no-cyber'"):
+        reg.update_experiment("ab", arms=arms, status="paused")
+    assert reg.update_experiment("ab", status="running").status == "running"
+    with pytest.raises(InvalidInput, match="tenant 'globex' is not granted view 'no-cyber'"):
+        reg.update_experiment("ab", arms=arms)
+    with pytest.raises(InvalidInput, match="tenant 'acme' is not granted view 'no-bio'"):
+        reg.update_experiment("ab", tenants=["globex", "acme"])
+    after = reg.get_experiment("ab")
+    assert (after.tenants, len(after.arms)) == (("globex",), 2)  # the refused updates changed nothing
+    assert reg.update_experiment("ab", tenants=["globex", "globex"]).tenants == ("globex",)  # deduplicated
+
+    # While it runs (or is paused) its tenants keep its views; stopped, they can be revoked.
+    for status in ("running", "paused"):
+        reg.update_experiment("ab", status=status)
+        with pytest.raises(Conflict, match=r"view 'no-bio' is an arm of experiment\(s\) \['ab'\] of tenant 'globex'"):
+            reg.revoke_view("globex", "no-bio")
+    reg.revoke_view("acme", "original")  # acme is not in the experiment
+    reg.update_experiment("ab", status="stopped")
+    assert reg.revoke_view("globex", "no-bio").views == ("original",)
+
+
+def test_update_tenant_applies_a_patch_in_one_transaction(alpha):
+    reg = alpha
+    reg.create_tenant("acme", views=["original"], default_view="original")
+    # grants first, then the default, then revokes: one call moves the tenant to a new view.
+    moved = reg.update_tenant("acme", grant=["no-bio"], default_view="no-bio", revoke=["original"],
+                              limits=Limits(max_concurrent=2), disabled=True)
+    assert (moved.views, moved.default_view, moved.limits.max_concurrent, moved.disabled) == (
+        ("no-bio",), "no-bio", 2, True)
+    # All or nothing: a failing revoke leaves the grant (and everything else) undone.
+    with pytest.raises(NotFound, match="has no grant for view 'original'"):
+        reg.update_tenant("acme", grant=["no-cyber"], revoke=["original"], limits=Limits(), disabled=False)
+    assert reg.get_tenant("acme") == moved
+    with pytest.raises(Conflict, match="default view of tenant 'acme'"):
+        reg.update_tenant("acme", grant=["original"], revoke=["no-bio"])
+    with pytest.raises(InvalidInput, match="view 'no-cyber' is not granted to tenant 'acme'"):
+        reg.update_tenant("acme", default_view="no-cyber")
+    with pytest.raises(NotFound, match=r"view\(s\) \['ghost'\] not found"):
+        reg.update_tenant("acme", grant=["original", "ghost"])
+    assert reg.get_tenant("acme") == moved
+    # UNCHANGED (the default) leaves the default view; None clears it.
+    assert reg.update_tenant("acme", grant=["original"]).default_view == "no-bio"
+    cleared = reg.update_tenant("acme", default_view=None, revoke=["no-bio"])
+    assert (cleared.default_view, cleared.views) == (None, ("original",))
+
+
+def test_out_of_range_numbers_are_refused_not_overflowed(alpha):
+    reg = alpha
+    for key_id in (10**20, 2**31, 0, -1):
+        with pytest.raises(NotFound, match=f"API key {key_id} not found"):
+            reg.revoke_key(key_id)
+    for field in ("max_concurrent", "tokens_per_minute", "max_tokens_cap"):
+        with pytest.raises(ValueError, match="less than or equal to 2147483647"):
+            Limits(**{field: 2**31})
+        assert getattr(Limits(**{field: 2**31 - 1}), field) == 2**31 - 1
+    reg.create_tenant("acme", views=["original", "no-bio"])
+    with pytest.raises(InvalidInput, match=r"arm weights must be at most 1e\+06 .*too large: \['a', 'b'\]"):
+        reg.create_experiment("ab", alias="chat", tenants=["acme"], arms=[
+            {"name": "a", "view": "original", "weight": 1e308}, {"name": "b", "view": "no-bio", "weight": 1e308}])
+    reg.create_experiment("ab", alias="chat", tenants=["acme"], arms=[
+        {"name": "a", "view": "original", "weight": 1e6}, {"name": "b", "view": "no-bio", "weight": 1e6}])
+    with pytest.raises(InvalidInput, match="samples 2147483648 must be an integer from 0 to 2147483647"):
+        reg.record_probe_results("ab", [{"arm": "a", "view": "original", "samples": 2**31, "metrics": {"x": 1.0}}])
+
+
+def test_a_limit_stored_before_the_bound_still_reads(sqlite_reg):
+    """SQLite stores 64-bit integers: a tenant limited to more than 2**31 - 1 before the bound existed
+    must still authenticate (limits read back are not validated again)."""
+    reg = sqlite_reg
+    reg.create_tenant("acme", views=["original"])
+    _, secret = reg.create_key("acme")
+    with reg.engine.begin() as conn:
+        conn.execute(text("UPDATE tenants SET tokens_per_minute = :big"), {"big": 2**40})
+    assert reg.authenticate(secret).limits.tokens_per_minute == 2**40
+    assert reg.get_tenant("acme").limits.tokens_per_minute == 2**40
+
+
+def test_find_key_explains_a_key_that_does_not_authenticate(reg):
+    reg.create_tenant("acme", views=["original"])
+    key_id, secret = reg.create_key("acme")
+    reg.set_disabled("acme", True)
+    reg.revoke_key(key_id)
+    found = reg.find_key(secret)
+    assert reg.authenticate(secret) is None
+    assert (found.id, found.tenant, found.role, found.active) == (key_id, "acme", "tenant", False)
+    assert reg.find_key(secret + "x") is None and reg.find_key("not-a-key") is None
+
+
 # ---- request log, feedback, results ---------------------------------------------------------------
 
 
 def test_log_requests_is_one_executemany_and_feeds_results(alpha):
     reg = alpha
-    reg.create_tenant("acme", views=["original"])
+    reg.create_tenant("acme", views=["original", "no-bio"])
     reg.create_tenant("globex", views=["original"])
     reg.create_experiment("bio-ab", alias="chat", tenants=["acme"],
                           arms=[{"name": "control", "view": "original", "weight": 1},
@@ -718,21 +827,27 @@ def test_log_requests_is_one_executemany_and_feeds_results(alpha):
 
     feedback = reg.record_feedback("acme", "r3", 4.5, comment="good")
     assert (feedback.experiment, feedback.arm, feedback.view, feedback.rating) == ("bio-ab", "forget", "no-bio", 4.5)
+    assert feedback.attributed
     reg.record_feedback("acme", "r1", 2)
     with pytest.raises(NotFound, match="response 'r4' not found for tenant 'acme'"):
         reg.record_feedback("acme", "r4", 1.0)
     with pytest.raises(InvalidInput, match="must be a finite number"):
         reg.record_feedback("acme", "r1", float("nan"))
-    unlogged = reg.record_feedback("acme", "later", 3.0, experiment="bio-ab", arm="forget", view="no-bio")
-    assert unlogged.arm == "forget"
-    assert [f.response_id for f in reg.list_feedback(experiment="bio-ab")] == ["later", "r1", "r3"]
+    # A response another replica served and has not logged yet: stored, attributed once it is logged.
+    unlogged = reg.record_feedback("acme", "later", 3.0)
+    assert (unlogged.attributed, unlogged.experiment, unlogged.arm) == (False, None, None)
+    assert [f.response_id for f in reg.list_feedback(experiment="bio-ab")] == ["r1", "r3"]
+    assert [(a.requests, a.feedback_count) for a in reg.experiment_results("bio-ab")] == [(2, 1), (1, 1)]
+    reg.log_requests([RequestLogEntry("later", "acme", "chat", "no-bio", 200, 70.0, version, "bio-ab", "forget")])
+    assert [(f.response_id, f.arm, f.attributed) for f in reg.list_feedback(experiment="bio-ab")] == [
+        ("later", "forget", True), ("r1", "control", True), ("r3", "forget", True)]
 
     control, forget = reg.experiment_results("bio-ab")
     assert (control.arm, control.view, control.requests, control.errors) == ("control", "original", 2, 1)
     assert control.mean_latency_ms == pytest.approx(200.0) and control.mean_ttft_ms == pytest.approx(20.0)
     assert (control.prompt_tokens, control.completion_tokens) == (20, 5)
     assert (control.feedback_count, control.mean_rating) == (1, 2.0)
-    assert (forget.arm, forget.view, forget.requests, forget.errors) == ("forget", "no-bio", 1, 0)
+    assert (forget.arm, forget.view, forget.requests, forget.errors) == ("forget", "no-bio", 2, 0)
     assert (forget.feedback_count, forget.mean_rating) == (2, pytest.approx(3.75))
 
 

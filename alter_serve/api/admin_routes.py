@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE
 from ..core.views import View, calibrated_view
-from ..registry import Limits, Principal
+from ..registry import UNCHANGED, Limits, Principal
+from ..registry.experiments import MAX_ARM_WEIGHT
+from ..registry.models import INT32_MAX
 from .auth import admin_principal
 from .errors import invalid, registry_call, too_large
 
@@ -179,9 +181,13 @@ class TenantBody(BaseModel):
 
 
 class TenantPatch(BaseModel):
+    """Applied in one transaction, all or nothing (`Registry.update_tenant`): grants, then the
+    default view, then revokes, then limits (all of them replaced) and disabled. An absent field
+    changes nothing; `"default_view": null` clears the default."""
+
     model_config = ConfigDict(extra="forbid")
-    grant: list[str] = Field(default_factory=list)
-    revoke: list[str] = Field(default_factory=list)
+    grant: list[str] = Field(default_factory=list, max_length=1000)
+    revoke: list[str] = Field(default_factory=list, max_length=1000)
     default_view: str | None = None
     limits: Limits | None = None
     disabled: bool | None = None
@@ -201,18 +207,10 @@ async def list_tenants(request: Request) -> dict:
 
 @router.patch("/tenants/{name}")
 async def update_tenant(request: Request, name: str, body: TenantPatch) -> dict:
-    registry = _service(request).registry
-    for view in body.grant:
-        await registry_call(registry.grant_view, name, view)
-    for view in body.revoke:
-        await registry_call(registry.revoke_view, name, view)
-    if body.default_view is not None:
-        await registry_call(registry.set_default_view, name, body.default_view)
-    if body.limits is not None:
-        await registry_call(registry.set_limits, name, body.limits)
-    if body.disabled is not None:
-        await registry_call(registry.set_disabled, name, body.disabled)
-    return _jsonable(await registry_call(registry.get_tenant, name))
+    default_view = body.default_view if "default_view" in body.model_fields_set else UNCHANGED
+    tenant = await registry_call(_service(request).registry.update_tenant, name, grant=body.grant, revoke=body.revoke,
+                                 default_view=default_view, limits=body.limits, disabled=body.disabled)
+    return _jsonable(tenant)
 
 
 @router.delete("/tenants/{name}")
@@ -242,7 +240,7 @@ class ArmBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     view: str
-    weight: float = Field(ge=0, allow_inf_nan=False)
+    weight: float = Field(ge=0, le=MAX_ARM_WEIGHT, allow_inf_nan=False)
 
 
 class ExperimentBody(BaseModel):
@@ -312,7 +310,7 @@ class ProbeArmBody(BaseModel):
     view: str = Field(min_length=1, max_length=63)
     view_version: str | None = Field(default=None, max_length=64)
     metrics: dict[str, float | None] = Field(min_length=1, max_length=64)
-    samples: int = Field(default=0, ge=0)
+    samples: int = Field(default=0, ge=0, le=INT32_MAX)
 
 
 class ProbeBody(BaseModel):

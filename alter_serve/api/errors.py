@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from vllm.exceptions import VLLMClientError
 
 from ..core.bundle import BundleError
 from ..engine.vllm_engine import EngineUnavailable
@@ -110,6 +111,36 @@ def error_body(exc: OpenAIError) -> dict:
     return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
 
 
+def as_openai_error(exc: BaseException) -> OpenAIError | None:
+    """What a request's failure tells the client, or None for a server fault (a 500):
+    EngineUnavailable is a 503 with Retry-After, and an error vLLM blames on the request
+    (VLLMClientError, e.g. a prompt it will not take) is a 400, as in vLLM's own server."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, EngineUnavailable):
+        return unavailable(str(exc), exc.retry_after_s)
+    if isinstance(exc, VLLMClientError):
+        return invalid(str(exc), getattr(exc, "parameter", None))
+    return None
+
+
+# pydantic names the member of a union a value was tried against in an error's location
+# ("prompt", "list[int]", 0): those are types, not parameters. Field names here are lowercase
+# identifiers, so a part that is not one (or names a builtin type, or a model class) is a tag.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "none", "list", "dict", "tuple", "set"})
+
+
+def _param(loc: tuple) -> str | None:
+    """An error location as the OpenAI `param`: field names and list indexes ('messages.0.content')."""
+    parts = list(loc[1:] if loc[:1] == ("body",) else loc)
+    kept = [str(p) for p in parts if isinstance(p, int) or not _is_union_tag(p)]
+    return ".".join(kept) or None
+
+
+def _is_union_tag(part: str) -> bool:
+    return not part.isidentifier() or part in _TYPE_TAGS or part[:1].isupper()
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -117,12 +148,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request: " + str(first.get("ctx", {}).get("error", first.get("msg"))), None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    param = _param(tuple(first.get("loc", ())))
     message = f"{first.get('msg', 'invalid value')}" + (f" (parameter '{param}')" if param else "")
-    if len(errors) > 1:
-        others = ", ".join(".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors[1:4])
-        message += f"; also invalid: {others}"
+    others = list(dict.fromkeys(_param(tuple(e.get("loc", ()))) or "body" for e in errors[1:]))
+    others = [p for p in others if p != (param or "body")][:3]
+    if others:
+        message += f"; also invalid: {', '.join(others)}"
     return message, param
 
 
@@ -151,8 +182,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return invalid(message, param).response()
 
     @app.exception_handler(EngineUnavailable)
-    async def _engine(_: Request, exc: EngineUnavailable):
-        return unavailable(str(exc), exc.retry_after_s).response()
+    @app.exception_handler(VLLMClientError)
+    async def _engine(_: Request, exc: Exception):
+        return as_openai_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
@@ -160,7 +192,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return too_large(exc.limit).response()
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return OpenAIError(exc.status_code, str(exc.detail), kind, None, code).response()
+        # Its headers too: a 405's Allow, a 401's WWW-Authenticate.
+        return OpenAIError(exc.status_code, str(exc.detail), kind, None, code, headers=exc.headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -1,18 +1,21 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/feedback."""
+"""OpenAI-compatible routes: /v1/models, /v1/models/{id}, /v1/completions, /v1/chat/completions,
+/v1/feedback."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import metrics
-from ..registry import Principal, RequestLogEntry
+from ..registry import Principal, RequestLogEntry, experiments
 from .auth import model_request_key, tenant_principal
-from .errors import OpenAIError, not_found, registry_call
+from ..engine.vllm_engine import cancel_and_wait
+from .errors import as_openai_error, model_not_found, not_found, registry_call
 from .generation import Outcome, Target, new_response_id, sse_stream
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 
@@ -25,42 +28,74 @@ KEY_AFTER_BODY = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 @router.get("/v1/models")
 async def list_models(request: Request, principal: Tenant) -> dict:
-    service = request.app.state.service
-    views = {v.name: v for v in await asyncio.to_thread(service.registry.list_views)}
-    cards = []
-    for name in sorted(principal.views):
-        view = views.get(name)
+    cards = await _model_cards(request.app.state.service, principal)
+    return {"object": "list", "data": [cards[name] for name in sorted(cards)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(request: Request, model_id: str, principal: Tenant) -> dict:
+    """One model of the caller's; anything else is the same 404 as a completion for it."""
+    card = (await _model_cards(request.app.state.service, principal)).get(model_id)
+    if card is None:
+        raise model_not_found(model_id)
+    return card
+
+
+def _catalog(registry, principal: Principal) -> tuple[list, list]:
+    """Every view, and the unstopped experiments of the principal's tenant (one worker-thread hop)."""
+    exps = registry.list_experiments(tenant=principal.tenant_name) if principal.tenant_name else []
+    return registry.list_views(), [e for e in exps if e.status != experiments.STOPPED]
+
+
+async def _model_cards(service, principal: Principal) -> dict[str, dict]:
+    """The model names `principal` may send, as OpenAI model objects by id: its granted views, and
+    the aliases of its tenant's unstopped experiments (routed before a view of the same name, so
+    the alias's card wins)."""
+    views, running = await registry_call(_catalog, service.registry, principal)
+    by_name = {v.name: v for v in views}
+    base = service.model_dir.name
+    cards: dict[str, dict] = {}
+    for name in principal.views:
+        view = by_name.get(name)
         if view is None:
             continue
         loaded = service.adapters.current(name)
-        cards.append({
+        cards[name] = {
             "id": name, "object": "model", "created": int(view.created_at.timestamp()), "owned_by": "alter-serve",
-            "root": str(service.model_dir.name), "parent": None,
+            "root": str(base), "parent": None,
             "lineage": {
-                "base_model": service.model_dir.name,
+                "base_model": base,
                 "base_fingerprint": service.registry.base_fingerprint,
                 "bundle": view.bundle,
                 "heads": view.spec.spec_dict() if not view.is_original else {},
                 "version": view.version or "base",
                 "loaded": loaded is not None and service.ready,
             },
-        })
-    return {"object": "list", "data": cards}
+        }
+    for exp in running:
+        cards[exp.alias] = {
+            "id": exp.alias, "object": "model", "created": int(exp.created_at.timestamp()), "owned_by": "alter-serve",
+            "root": str(base), "parent": None,
+            # The arms' names are in every response's headers; the views behind them are not shown.
+            "experiment": {"name": exp.name, "status": exp.status, "arms": [arm.name for arm in exp.arms]},
+        }
+    return cards
 
 
 def _sticky_lookup(request: Request, user: str | None):
-    def lookup(kind: str) -> str | None:
-        if kind == "user":
-            return user
-        if kind.startswith("header:"):
-            return request.headers.get(kind.split(":", 1)[1])
-        return None  # random
+    """The request's sticky value for an experiment's sticky kind and the key id (see
+    `registry.experiments.sticky_value`: `user`, else the API key; a header; or random)."""
+    def lookup(kind: str, key_id: int) -> str | None:
+        return experiments.sticky_value(kind, user=user, headers=request.headers, key_id=key_id)
     return lookup
 
 
 class FinishingStreamingResponse(StreamingResponse):
     """A StreamingResponse that always runs `finish`, even when the client leaves before the body
-    iterator starts (then the iterator's own `finally` never runs and the lease would leak)."""
+    iterator starts (then the iterator's own `finally` never runs and the lease would leak).
+
+    A client that leaves while a chunk is being sent leaves the body iterator suspended, not
+    closed; it is closed here, so its engine requests are aborted before the lease is released."""
 
     def __init__(self, content, finish, **kwargs):
         super().__init__(content, **kwargs)
@@ -70,7 +105,37 @@ class FinishingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._finish(499)
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self._finish(499)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its (non-streaming) response was ready."""
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await `work` unless the client disconnects first: then cancel it (its engine requests are
+    aborted, and have been once this returns) and raise ClientGone. The request body has been read
+    by now, so the next ASGI message is `http.disconnect` (what StreamingResponse waits for too)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.create_task(_disconnected(request))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request itself was cancelled
+        await cancel_and_wait((task, watch))
+        raise
+    if task.done():
+        await cancel_and_wait((watch,))
+        return task.result()
+    await cancel_and_wait((task,))
+    raise ClientGone
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, once, stream):
@@ -78,7 +143,7 @@ async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, on
     principal, routed = await service.authorize(secret, body.model, _sticky_lookup(request, body.user))
     permit = service.limiter.admit(principal, body)  # 400 over the max_tokens cap, 429 over a tenant limit
     try:
-        plan = plan_fn(body)
+        plan = await plan_fn(body, permit.max_tokens)  # tokenised in a worker thread
         target: Target = service.target(body.model, routed)
     except BaseException:
         permit.release(0)
@@ -112,12 +177,18 @@ async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, on
                                           media_type="text/event-stream",
                                           headers={**headers, "Cache-Control": "no-cache"})
     try:
-        payload = await once(body, plan, target, outcome)
-    except OpenAIError as exc:
-        finish(exc.status)
-        raise
+        payload = await _unless_disconnected(request, once(body, plan, target, outcome))
+    except ClientGone:
+        finish(499)
+        return Response(status_code=499)  # nobody reads it
+    except Exception as exc:
+        error = as_openai_error(exc)
+        finish(500 if error is None else error.status)
+        if error is None or error is exc:
+            raise
+        raise error from exc
     except BaseException:
-        finish(500)
+        finish(499)
         raise
     finish(200)
     return JSONResponse(payload, headers=headers)
@@ -140,9 +211,13 @@ async def feedback(request: Request, body: FeedbackRequest, principal: Tenant) -
     service = request.app.state.service
     if principal.tenant_name is None:
         raise not_found("Feedback is recorded for tenant responses; admin keys have none.", "response_id")
-    await service.flush_request_log()  # a rating right after its response must find the response's arm
+    # The statistics attribute a rating through the request log whenever it is written; flushing ours
+    # first only lets this reply (and the metric) name the arm of a response this replica just served.
+    # So a failed flush does not fail the rating (the periodic flush logs it and retries the rows).
+    with contextlib.suppress(Exception):
+        await service.flush_request_log()
     info = await registry_call(service.registry.record_feedback, principal.tenant_name, body.response_id,
                                body.rating, comment=body.comment)
     metrics.FEEDBACK.labels(principal.tenant_name, info.experiment or "", info.arm or "").observe(body.rating)
-    return {"object": "feedback", "id": info.id, "response_id": info.response_id, "experiment": info.experiment,
-            "arm": info.arm, "view": info.view}
+    return {"object": "feedback", "id": info.id, "response_id": info.response_id, "attributed": info.attributed,
+            "experiment": info.experiment, "arm": info.arm, "view": info.view}

@@ -1,32 +1,54 @@
 """Request bodies of the OpenAI-compatible routes, validated by pydantic.
 
-Unknown fields are refused (a typo must not silently change sampling). Bounds follow the OpenAI API.
+Unknown fields are refused (a typo must not silently change sampling). Bounds follow the OpenAI API,
+and so does null: an explicit `null` on an optional field means its default.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOP = 4
 MAX_PROMPTS = 64
+MAX_LOGPROBS = 5  # completions `logprobs` (OpenAI's legacy limit)
+MAX_TOP_LOGPROBS = 20  # chat `top_logprobs` (OpenAI's limit; at most engine.vllm_engine.MAX_LOGPROBS)
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+CHAT_MAX_TOKENS = 1024  # this server's default for chat (lowered to the room the prompt leaves)
 
 Probability = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+TokenId = Annotated[int, Field(strict=True, ge=0)]  # strict: `true` or 1.5 is not a token id
 
 
-class StreamOptions(BaseModel):
+class Body(BaseModel):
+    """A request body (or part of one): unknown fields refused, null on an optional field = default."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        # The OpenAI API (and its clients' typed params) treat `"temperature": null` as "not sent".
+        # Required fields keep their null, so it is refused with their name.
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+
+
+class StreamOptions(Body):
     include_usage: bool = False
+    # Sent by newer openai clients: random padding against length side channels. Accepted, ignored.
+    include_obfuscation: bool = True
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Body):
     """Options shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=256)
     temperature: Temperature = 1.0
     top_p: Probability = 1.0
@@ -42,6 +64,9 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
 
+    # The completion-token limit of a request that sends none (before the tenant's cap and the context).
+    default_max_tokens: ClassVar[int]
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, stop: str | list[str] | None) -> list[str] | None:
@@ -54,16 +79,26 @@ class SamplingFields(BaseModel):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, options: StreamOptions | None, info: ValidationInfo):
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return options
+
     @property
     def include_usage_chunk(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    echo: bool = False  # before max_tokens: its check reads it
+    max_tokens: int | None = Field(default=None, ge=0, description=(
+        f"default {COMPLETION_MAX_TOKENS}; 0 only with echo (the prompt back, with its logprobs: scoring)"))
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    default_max_tokens: ClassVar[int] = COMPLETION_MAX_TOKENS
 
     @field_validator("prompt")
     @classmethod
@@ -81,25 +116,29 @@ class CompletionRequest(SamplingFields):
         for item in prompts:
             if isinstance(item, str) and item == "":
                 raise ValueError("prompt must not be an empty string")
-            if isinstance(item, list) and (not item or any(t < 0 for t in item)):
+            if isinstance(item, list) and not item:
                 raise ValueError("token prompts must be non-empty lists of non-negative token ids")
         return prompts
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self):
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
+    @field_validator("max_tokens")
+    @classmethod
+    def _nothing_to_generate_needs_echo(cls, max_tokens: int | None, info: ValidationInfo) -> int | None:
+        if max_tokens == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens must be at least 1; 0 is allowed only with echo (the prompt back)")
+        return max_tokens
+
+    @property
+    def token_limit(self) -> int | None:
+        """The completion-token limit the client sent (None: not sent)."""
+        return self.max_tokens
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextPart(Body):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = Field(default=None, max_length=64)
@@ -112,19 +151,21 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: bool = False  # before top_logprobs: its check reads it
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.top_logprobs is not None and not self.logprobs:
+    default_max_tokens: ClassVar[int] = CHAT_MAX_TOKENS
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return top
 
     @property
     def token_limit(self) -> int | None:
+        """The completion-token limit the client sent (None: not sent)."""
         return self.max_completion_tokens or self.max_tokens
 
 

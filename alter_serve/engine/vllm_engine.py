@@ -7,8 +7,9 @@
   prompt logprobs crashes the engine for good (punica_cpu.bgmv_shrink, "einsum(): subscript b has
   size 2 ... previously seen size 14") — with two such sequences, and also with one beside a LoRA
   sequence. Prompt logprobs are therefore computed by dedicated one-sequence scoring calls that run
-  *alone*: a scoring call waits for the requests in flight to finish, and new requests wait for it
-  (`ExclusiveGate`). Generation itself never asks vLLM for prompt logprobs.
+  *alone*: a scoring call waits for the requests in the engine to finish, and new requests wait for
+  it (`ExclusiveGate`). Generation itself never asks vLLM for prompt logprobs. The fault is in the
+  CPU backend's LoRA kernels (`punica_cpu`), so the gate is used on that backend only.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import aclosing, asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -38,22 +39,34 @@ from .config import EngineConfig
 log = logging.getLogger(__name__)
 EngineState = Literal["stopped", "starting", "ready", "dead", "restarting"]
 ENGINE_PROCESS_PREFIX = "VLLM::EngineCore"
+# The most logprobs per token a request may ask for: OpenAI's chat `top_logprobs` limit (vLLM's
+# default too; api.schemas.MAX_TOP_LOGPROBS must not exceed it, a test checks).
+MAX_LOGPROBS = 20
+# How long a scoring call waits for the engine to itself before it answers 503 (see ExclusiveGate).
+SCORING_WAIT_S = 30.0
+_END = object()
 
 
 class EngineUnavailable(RuntimeError):
-    """The engine cannot take the request now (starting, restarting or dead). Retry later."""
+    """The engine cannot take the request now (starting, restarting, dead or busy). Retry later."""
 
-    def __init__(self, state: str, retry_after_s: int = 5):
+    def __init__(self, state: str, retry_after_s: int = 5, message: str | None = None):
         self.state = state
         self.retry_after_s = retry_after_s
-        super().__init__(f"the model engine is {state}; retry in {retry_after_s} s")
+        super().__init__(message or f"the model engine is {state}; retry in {retry_after_s} s")
 
 
 class ExclusiveGate:
     """Many shared holders at once, or one exclusive holder alone; a waiting exclusive holder goes
-    first (new shared holders queue behind it), so scoring calls cannot starve."""
+    first (new shared holders queue behind it), so scoring calls cannot starve.
 
-    def __init__(self) -> None:
+    An exclusive holder waits at most `exclusive_wait_s` for the shared holders to leave, then gives
+    up with EngineUnavailable (503 + Retry-After). A waiter that gives up or is cancelled wakes the
+    shared holders queued behind it."""
+
+    def __init__(self, exclusive_wait_s: float = SCORING_WAIT_S, retry_after_s: int = 5) -> None:
+        self.exclusive_wait_s = exclusive_wait_s
+        self.retry_after_s = retry_after_s
         self._cond = asyncio.Condition()
         self._shared = 0
         self._exclusive = False
@@ -75,10 +88,20 @@ class ExclusiveGate:
     async def exclusive(self):
         async with self._cond:
             self._waiting += 1
+            acquired = False
             try:
-                await self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                async with asyncio.timeout(self.exclusive_wait_s):
+                    await self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                acquired = True
+            except TimeoutError:
+                raise EngineUnavailable(
+                    "busy", self.retry_after_s,
+                    f"the model engine did not free up for a prompt-logprobs (echo + logprobs) request within "
+                    f"{self.exclusive_wait_s:g} s; retry in {self.retry_after_s} s") from None
             finally:
                 self._waiting -= 1
+                if not acquired:  # timed out or cancelled: the shared holders queued behind us may go
+                    self._cond.notify_all()
             self._exclusive = True
         try:
             yield
@@ -99,7 +122,8 @@ class VllmEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._llm: AsyncLLM | None = None
         self._loras: dict[int, LoRARequest] = {}
-        self._gate = ExclusiveGate()
+        # None where prompt logprobs may share a batch (no gate, no output pump: see generate()).
+        self._gate = ExclusiveGate() if _prompt_logprobs_must_run_alone() else None
         self._watchdog: asyncio.Task | None = None
         self._restart_listeners: list[Callable[[], None]] = []
         self._tuned = False
@@ -123,6 +147,7 @@ class VllmEngine:
             tensor_parallel_size=c.tensor_parallel_size,
             enforce_eager=c.enforce_eager,
             seed=c.seed,
+            max_logprobs=MAX_LOGPROBS,
             disable_log_stats=False,
         )
 
@@ -220,32 +245,62 @@ class VllmEngine:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, lora: LoRARequest | None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutputs for one prompt. Raises EngineUnavailable on death.
-        (It iterates vLLM's stream itself: one async-generator layer less for every streamed token.)"""
-        self._require_ready()
+        """Stream RequestOutputs for one prompt. Raises EngineUnavailable on death; closing or
+        cancelling the iterator aborts the engine request (and has, once it returns).
+
+        With the gate, the request holds its shared side while it is *in the engine*, not while the
+        caller reads: a task pumps vLLM's outputs into a queue and leaves the gate when the engine
+        has finished the request. So a slow reader (a stream to a slow client) never keeps a scoring
+        call, and every request queued behind that call, waiting. Without the gate the caller
+        iterates vLLM's stream itself: one task hop less for every streamed token."""
+        llm = self._require_ready()
+        if self._gate is None:
+            with _engine_errors(llm):
+                async with aclosing(self._stream(llm, prompt_ids, params, lora)) as stream:
+                    async for output in stream:
+                        yield output
+            return
+        outputs: asyncio.Queue = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(prompt_ids, params, lora, outputs.put_nowait))
+        pump.add_done_callback(lambda _: outputs.put_nowait(_END))
+        try:
+            while (output := await outputs.get()) is not _END:
+                yield output
+            pump.result()  # the engine's failure, if it failed
+        finally:
+            await cancel_and_wait([pump])
+
+    async def _pump(self, prompt_ids: list[int], params: SamplingParams, lora: LoRARequest | None,
+                    put: Callable[[RequestOutput], None]) -> None:
         async with self._gate.shared():
             llm = self._require_ready()
             with _engine_errors(llm):
-                async for output in llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex,
-                                                 lora_request=lora):
-                    yield output
+                async with aclosing(self._stream(llm, prompt_ids, params, lora)) as stream:
+                    async for output in stream:
+                        put(output)
+
+    @staticmethod
+    def _stream(llm: AsyncLLM, prompt_ids: list[int], params: SamplingParams,
+                lora: LoRARequest | None) -> AsyncIterator[RequestOutput]:
+        return llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex, lora_request=lora)
 
     async def prompt_logprobs(
         self, prompt_ids: list[int], top_k: int, lora: LoRARequest | None
     ) -> list[dict | None]:
         """Logprob of every prompt token given its prefix (first is None), plus the top-k.
 
-        Alone in the engine (see module docstring): nothing else is batched with it.
+        Alone in the engine where the gate is needed (see module docstring): nothing else is batched
+        with it. Raises EngineUnavailable (503) when the engine does not free up in time.
         """
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=max(top_k, 1), detokenize=False)
         self._require_ready()
-        async with self._gate.exclusive():
+        async with self._gate.exclusive() if self._gate is not None else nullcontext():
             llm = self._require_ready()
             final = None
             with _engine_errors(llm):
-                async for output in llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex,
-                                                 lora_request=lora):
-                    final = output
+                async with aclosing(self._stream(llm, prompt_ids, params, lora)) as stream:
+                    async for final in stream:
+                        pass
         return list(final.prompt_logprobs)
 
 
@@ -259,6 +314,22 @@ def _engine_errors(llm: AsyncLLM) -> Iterator[None]:
         if llm.errored:
             raise EngineUnavailable("restarting after a crash") from exc
         raise
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task]) -> None:
+    """Cancel `tasks` and wait until they have ended (their engine requests aborted, their gates
+    left), whatever they ended with: what a caller releases next must not still be in use."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _prompt_logprobs_must_run_alone() -> bool:
+    """Whether this build has the batched prompt-logprobs fault (module docstring): the CPU backend."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def _tune_serving_process() -> None:

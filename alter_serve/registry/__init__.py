@@ -25,7 +25,7 @@ from .records import (
     ViewChange,
     ViewInfo,
 )
-from .store import Registry
+from .store import UNCHANGED, Registry
 
 __all__ = [
     "Arm",
@@ -48,6 +48,7 @@ __all__ = [
     "RequestContext",
     "RequestLogEntry",
     "TenantInfo",
+    "UNCHANGED",
     "ViewChange",
     "ViewInfo",
     "choose_arm",

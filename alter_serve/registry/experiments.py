@@ -13,7 +13,17 @@ Why this shape:
 - *Monotone*: each arm owns one interval of [0, 1). Changing weights moves only the boundaries, so
   the users that switch arm are exactly those whose u falls between an old and a new boundary
   (for two arms going from 50/50 to 40/60, the 10% with u ∈ [0.4, 0.5), all from a_1 to a_2).
-- A paused or stopped experiment sends everyone to the control arm.
+- A paused or stopped experiment sends everyone to the control arm's view. Paused traffic is served
+  *outside* the arms: it is logged with the experiment but no arm, so it never enters the arm
+  statistics (it was not randomized; counting it as control would bias the control sample).
+
+The sticky value k of kind 'user' is the request's `user` field, or, when a request has none, its
+API key (`api-key:<id>`), so a client that never sends `user` still keeps one arm; 'header:<name>'
+is that header's value; 'random' (or an absent header) draws a fresh arm per request.
+
+Every arm's view must be granted to every tenant of an unstopped experiment (`Registry` refuses the
+experiment otherwise, and the request path checks it again): an alias never serves a view its
+tenant could not name directly.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +41,8 @@ from ..core.bundle import HEAD_NAME_PATTERN
 RUNNING, PAUSED, STOPPED = "running", "paused", "stopped"
 STATUSES = (RUNNING, PAUSED, STOPPED)
 STICKY_USER, STICKY_RANDOM, STICKY_HEADER_PREFIX = "user", "random", "header:"
+# Bounded so that the sum of weights stays finite (1e308 + 1e308 is inf, and u < w / inf never holds).
+MAX_ARM_WEIGHT = 1e6
 _HEADER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
 # pydantic checks `pattern` with Rust regex, which has no \Z; there `$` (no multi-line flag) is end of text.
 _FIELD_PATTERN = "^" + HEAD_NAME_PATTERN + "$"
@@ -73,7 +85,11 @@ def arm_problems(arms: Sequence[Arm], control_arm: str | None) -> list[str]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         problems.append(f"arm names must be unique; repeated: {duplicates}")
-    if sum(a.weight for a in arms) <= 0:
+    too_heavy = [a.name for a in arms if a.weight > MAX_ARM_WEIGHT]
+    if too_heavy:
+        problems.append(f"arm weights must be at most {MAX_ARM_WEIGHT:g} (only their ratios matter); "
+                        f"too large: {too_heavy}")
+    elif sum(a.weight for a in arms) <= 0:
         problems.append("arm weights must not all be zero")
     if control_arm is not None and control_arm not in names:
         problems.append(f"control arm {control_arm!r} is not one of the arms {names}")
@@ -108,9 +124,20 @@ def control(experiment: _Experiment) -> Arm:
     return next(a for a in experiment.arms if a.name == experiment.control_arm)
 
 
+def sticky_value(kind: str, *, user: str | None, headers: Mapping[str, str], key_id: int) -> str | None:
+    """The sticky value k one request hashes under sticky `kind` (see the module docstring): its
+    `user` (else `api-key:<key_id>`), the named header's value (`headers` as the request's:
+    case-insensitive), or None for a fresh random arm."""
+    if kind == STICKY_USER:
+        return user if user else f"api-key:{key_id}"
+    if kind.startswith(STICKY_HEADER_PREFIX):
+        return headers.get(kind[len(STICKY_HEADER_PREFIX):])
+    return None
+
+
 def choose_arm(experiment: _Experiment, sticky_value: str | None) -> Arm:
-    """The arm for one request. `sticky_value` is the user id or header value the experiment's
-    sticky kind names; None (sticky 'random', or the value is absent) draws a fresh random arm.
+    """The arm for one request. `sticky_value` is the value the experiment's sticky kind names
+    (`sticky_value`); None (sticky 'random', or the header is absent) draws a fresh random arm.
     Paused and stopped experiments always give the control arm."""
     if experiment.status != RUNNING:
         return control(experiment)

@@ -37,6 +37,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAME_LEN = 63
 HASH_LEN = 64
+INT32_MAX = 2**31 - 1  # an Integer column's range on PostgreSQL (SQLite's is 64-bit)
 
 
 def utcnow() -> datetime:
@@ -197,7 +198,10 @@ class ExperimentRow(Base):
 
 
 class FeedbackRow(Base):
-    """A rating of one response, attributed to the view (and experiment arm) that produced it."""
+    """A tenant's rating of one response: one row per (tenant, response_id), a new rating replacing
+    the old (no unique constraint, so a race may leave two; the newest counts). Statistics attribute
+    it to an experiment arm by joining `response_id` to `request_log` when they are computed;
+    `experiment`, `arm` and `view` only record what the log said when the rating was stored."""
 
     __tablename__ = "feedback"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -9,26 +9,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.bundle import Calibration
 from ..core.views import ComposedView, View
 from . import experiments
 from .experiments import Arm
+from .models import INT32_MAX
 
 Role = Literal["tenant", "admin"]
 ROLES: tuple[str, ...] = ("tenant", "admin")
 
 
+# A limit is stored in an Integer column: 32-bit on PostgreSQL, so a larger value could not be written.
+LimitValue = Annotated[int, Field(gt=0, le=INT32_MAX)]
+
+
 class Limits(BaseModel):
-    """Per-tenant limits; None means unlimited. Enforced by the API layer, stored here."""
+    """Per-tenant limits; None means unlimited. Enforced by the API layer, stored here.
+    Each is a positive integer of at most 2**31 - 1 (far above any meaningful limit)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    max_concurrent: PositiveInt | None = None
-    tokens_per_minute: PositiveInt | None = None
-    max_tokens_cap: PositiveInt | None = None
+    max_concurrent: LimitValue | None = None
+    tokens_per_minute: LimitValue | None = None
+    max_tokens_cap: LimitValue | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +230,13 @@ class RequestLogEntry:
 
 @dataclass(frozen=True, slots=True)
 class FeedbackInfo:
+    """A rating of one response (the latest one: rating a response again replaces its rating).
+    `experiment`, `arm` and `view` are those the request log has for the response; `attributed`
+    says whether the response is logged (for this tenant) at all. A rating of a response not logged
+    yet — served by a replica that has not flushed its log, or never served — is kept and counts in
+    the experiment statistics once its response is logged, since those join ratings to the request
+    log when they are computed."""
+
     id: int
     response_id: str
     tenant: str
@@ -233,12 +246,14 @@ class FeedbackInfo:
     rating: float
     comment: str | None
     created_at: datetime
+    attributed: bool
 
 
 @dataclass(frozen=True, slots=True)
 class ArmResult:
-    """Per-arm totals of an experiment, from `request_log` and `feedback`.
-    `errors` counts responses with status ≥ 400; means are None when there is nothing to average."""
+    """Per-arm totals of an experiment, from `request_log` and `feedback` (see
+    `Registry.experiment_results` for which rows count). `errors` counts responses with status
+    ≥ 400; means are None when there is nothing to average."""
 
     arm: str
     view: str | None

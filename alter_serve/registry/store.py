@@ -28,6 +28,7 @@ Consistency rules kept here:
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 import sqlite3
@@ -39,21 +40,22 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Table, bindparam, case, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Table, and_, bindparam, case, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql import ColumnElement, Subquery
 
 from ..core.bundle import (
     HEAD_NAME_PATTERN,
     AlterBundle,
     BundleError,
-    _read_safetensors,
     is_valid_head_name,
     load_bundle,
+    read_safetensors,
     validate_contents,
 )
 from ..core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW, ComposedView, View, check_view_fits, compose
@@ -62,6 +64,7 @@ from . import files, keys, stats
 from .errors import Conflict, InvalidInput, NotFound
 from .experiments import Arm
 from .models import (
+    INT32_MAX,
     ApiKeyRow,
     Base,
     BundleRow,
@@ -107,6 +110,14 @@ MAX_PROBE_METRICS = 64
 MAX_PROBE_SOURCE_CHARS = 2000
 _METRIC_NAME_RE = re.compile(r"[a-z][a-z0-9_./-]{0,63}\Z")
 _CREATE_LOCK_ID = 0x616C7465  # PostgreSQL advisory lock key held while creating tables ("alte")
+
+
+class _Unchanged(enum.Enum):
+    UNCHANGED = "unchanged"
+
+
+# An update argument that leaves its field as it is, where None would clear it (`update_tenant`).
+UNCHANGED = _Unchanged.UNCHANGED
 
 
 # The request path's one statement (`Registry.request_context`), built once: key, tenant, the
@@ -435,7 +446,7 @@ class Registry:
         if not path.is_file():
             raise InvalidInput(f"head weights file {path} does not exist; upload a .safetensors file")
         problems: list[str] = []
-        tensors = _read_safetensors(path, problems)
+        tensors = read_safetensors(path, problems)
         if tensors is None:
             raise InvalidInput(f"head weights file {path} could not be read:", problems)
         label = "B.retain" if head == "retain" else f"B.forget.{head}"
@@ -710,53 +721,82 @@ class Registry:
         with self._reading() as s:
             return [self._tenant_info(s, r) for r in s.scalars(select(TenantRow).order_by(TenantRow.name))]
 
-    def set_limits(self, name: str, limits: Limits) -> TenantInfo:
+    def update_tenant(
+        self,
+        name: str,
+        *,
+        grant: Sequence[str] = (),
+        revoke: Sequence[str] = (),
+        default_view: str | None | _Unchanged = UNCHANGED,
+        limits: Limits | None = None,
+        disabled: bool | None = None,
+    ) -> TenantInfo:
+        """Change tenant `name` in one transaction, all or nothing, in this order: grant the views
+        `grant` (idempotent); set `default_view` (a granted view, or None to clear it; UNCHANGED
+        leaves it); revoke the views `revoke`; replace its limits (None leaves them); set `disabled`
+        (None leaves it; a disabled tenant's keys stop authenticating at once). The order lets one
+        call grant a new view, make it the default and revoke the old one.
+
+        Every change applies to the tenant's next request. A revoke is refused (Conflict) for the
+        default view and for a view that an unstopped experiment of the tenant serves as an arm
+        (the experiment's alias would still serve it); revoking a view not granted is NotFound."""
+        new_default = [default_view] if isinstance(default_view, str) else []
         with self._writing(f"tenant {name!r}") as s:
-            row = self._tenant_row(s, name)
-            for field, value in limits.model_dump().items():
-                setattr(row, field, value)
+            row = self._tenant_row(s, name, lock=True)
+            view_ids = self._view_ids(s, [*grant, *new_default, *revoke])
+            for view in grant:
+                # Idempotent also when two replicas grant the same view at once (PostgreSQL does not
+                # serialize writers the way SQLite's database lock does).
+                _insert_ignore(s, grants, {"tenant_id": row.id, "view_id": view_ids[view], "created_at": utcnow()})
+            for view in new_default:
+                if not self._granted(s, row.id, view_ids[view]):
+                    raise InvalidInput(f"view {view!r} is not granted to tenant {name!r}; grant it before making it "
+                                       "the default")
+            if default_view is not UNCHANGED:
+                row.default_view_id = view_ids[default_view] if default_view is not None else None
+            for view in revoke:
+                self._revoke(s, row, view, view_ids[view])
+            if limits is not None:
+                for field, value in limits.model_dump().items():
+                    setattr(row, field, value)
+            if disabled is not None:
+                row.disabled = bool(disabled)
             return self._tenant_info(s, row)
+
+    def _revoke(self, s: Session, row: TenantRow, view: str, view_id: int) -> None:
+        if row.default_view_id == view_id:
+            raise Conflict(f"view {view!r} is the default view of tenant {row.name!r}; set another default first")
+        serving = sorted(e.name for e in self._live_experiments(s, tenant_id=row.id)
+                         if any(a["view"] == view for a in e.arms))
+        if serving:
+            raise Conflict(f"view {view!r} is an arm of experiment(s) {serving} of tenant {row.name!r}; stop them or "
+                           "change their arms first")
+        if not s.execute(delete(grants).where(grants.c.tenant_id == row.id, grants.c.view_id == view_id)).rowcount:
+            raise NotFound(f"tenant {row.name!r} has no grant for view {view!r}")
+
+    @staticmethod
+    def _granted(s: Session, tenant_id: int, view_id: int) -> bool:
+        query = select(grants.c.view_id).where(grants.c.tenant_id == tenant_id, grants.c.view_id == view_id)
+        return s.scalar(query) is not None
+
+    def set_limits(self, name: str, limits: Limits) -> TenantInfo:
+        return self.update_tenant(name, limits=limits)
 
     def set_disabled(self, name: str, disabled: bool) -> TenantInfo:
         """Disable or re-enable a tenant. A disabled tenant's keys stop authenticating at once."""
-        with self._writing(f"tenant {name!r}") as s:
-            row = self._tenant_row(s, name)
-            row.disabled = bool(disabled)
-            return self._tenant_info(s, row)
+        return self.update_tenant(name, disabled=disabled)
 
     def set_default_view(self, name: str, view: str | None) -> TenantInfo:
-        with self._writing(f"tenant {name!r}") as s:
-            row = self._tenant_row(s, name)
-            if view is None:
-                row.default_view_id = None
-            else:
-                view_id = self._view_ids(s, [view])[view]
-                if s.scalar(select(grants.c.view_id).where(grants.c.tenant_id == row.id, grants.c.view_id == view_id)) is None:
-                    raise InvalidInput(f"view {view!r} is not granted to tenant {name!r}; grant it before making it the default")
-                row.default_view_id = view_id
-            return self._tenant_info(s, row)
+        """Make granted view `view` the tenant's default (None: no default)."""
+        return self.update_tenant(name, default_view=view)
 
     def grant_view(self, tenant: str, view: str) -> TenantInfo:
         """Let `tenant` use `view` as a model name (idempotent)."""
-        with self._writing(f"grant of view {view!r} to tenant {tenant!r}") as s:
-            row = self._tenant_row(s, tenant)
-            view_id = self._view_ids(s, [view])[view]
-            # Idempotent also when two replicas grant the same view at once (PostgreSQL does not
-            # serialize writers the way SQLite's database lock does).
-            _insert_ignore(s, grants, {"tenant_id": row.id, "view_id": view_id, "created_at": utcnow()})
-            return self._tenant_info(s, row)
+        return self.update_tenant(tenant, grant=[view])
 
     def revoke_view(self, tenant: str, view: str) -> TenantInfo:
-        """Take `view` away from `tenant`; effective for its next request. Refused for its default view."""
-        with self._writing(f"grant of view {view!r} to tenant {tenant!r}") as s:
-            row = self._tenant_row(s, tenant)
-            view_id = self._view_ids(s, [view])[view]
-            if row.default_view_id == view_id:
-                raise Conflict(f"view {view!r} is the default view of tenant {tenant!r}; set another default first")
-            gone = s.execute(delete(grants).where(grants.c.tenant_id == row.id, grants.c.view_id == view_id)).rowcount
-            if not gone:
-                raise NotFound(f"tenant {tenant!r} has no grant for view {view!r}")
-            return self._tenant_info(s, row)
+        """Take `view` away from `tenant` (see `update_tenant` for when that is refused)."""
+        return self.update_tenant(tenant, revoke=[view])
 
     def delete_tenant(self, name: str) -> None:
         """Delete a tenant with its grants, API keys and experiment memberships (keys fail at once)."""
@@ -792,7 +832,8 @@ class Registry:
     def revoke_key(self, key_id: int) -> KeyInfo:
         """Revoke a key; the next `authenticate` with it fails. Revoking twice keeps the first time."""
         with self._writing(f"API key {key_id}") as s:
-            row = s.get(ApiKeyRow, key_id)
+            # An id beyond the column's range names no key (and would overflow the driver's integer).
+            row = s.get(ApiKeyRow, key_id) if 0 < key_id <= INT32_MAX else None
             if row is None:
                 raise NotFound(f"API key {key_id} not found; see list_keys")
             if row.revoked_at is None:
@@ -806,6 +847,15 @@ class Registry:
             if tenant is not None:
                 query = query.where(ApiKeyRow.tenant_id == self._tenant_row(s, tenant).id)
             return [self._key_info(s, r) for r in s.scalars(query)]
+
+    def find_key(self, secret: str) -> KeyInfo | None:
+        """The key whose secret is `secret`, revoked or not and whatever its tenant's state, or None:
+        to explain why a known secret does not authenticate (e.g. an operator-configured admin key)."""
+        if not keys.looks_like_secret(secret):
+            return None
+        with self._reading() as s:
+            row = s.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash == keys.hash_secret(secret)))
+            return None if row is None or not keys.hashes_match(row.key_hash, secret) else self._key_info(s, row)
 
     def authenticate(self, secret: str) -> Principal | None:
         """The principal a key secret belongs to, or None (unknown, malformed, revoked, or the
@@ -838,9 +888,7 @@ class Registry:
                 experiment = self._experiment_info_core(conn, row.experiment_id)
         granted = frozenset(row.granted.split(_GRANT_SEPARATOR)) if row.granted else frozenset()
         principal = Principal(row.key_id, "tenant", row.tenant_id, row.tenant_name, granted,
-                              row.default_view if row.default_view in granted else None,
-                              Limits(max_concurrent=row.max_concurrent, tokens_per_minute=row.tokens_per_minute,
-                                     max_tokens_cap=row.max_tokens_cap))
+                              row.default_view if row.default_view in granted else None, self._limits(row))
         view = composed = None
         if name is not None and row.view_name == name:  # exact: no case folding, no stripping
             view = name
@@ -883,7 +931,8 @@ class Registry:
         status: str = exp.RUNNING,
     ) -> ExperimentInfo:
         """An A/B test: for `tenants`, model name `alias` is served by one of `arms`.
-        `control_arm` defaults to the first arm; `salt` to a fresh random one."""
+        `control_arm` defaults to the first arm; `salt` to a fresh random one. Unless it is created
+        stopped, every arm's view must be granted to every tenant (see `_check_can_run`)."""
         _check_name("experiment", name)
         _check_name("experiment alias", alias)
         parsed = self._parse_arms(name, arms, control_arm)
@@ -899,15 +948,14 @@ class Registry:
             if s.scalar(select(ExperimentRow.id).where(ExperimentRow.name == name)) is not None:
                 raise Conflict(f"experiment {name!r} already exists; choose another name or update it")
             self._view_ids(s, sorted({a.view for a in parsed}))
-            tenant_ids = {t: self._tenant_row(s, t).id for t in tenants}
+            tenant_ids = self._tenant_ids(s, tenants)
             row = ExperimentRow(name=name, alias=alias, arms=[a.model_dump() for a in parsed], sticky=sticky,
                                 salt=salt if salt is not None else exp.new_salt(), status=status, control_arm=control_name)
             if status != exp.STOPPED:
-                self._check_alias_free(s, row, tenant_ids.values())
+                self._check_can_run(s, row, tenant_ids)
             s.add(row)
             s.flush()
-            for tenant_id in tenant_ids.values():
-                s.execute(insert(experiment_tenants).values(experiment_id=row.id, tenant_id=tenant_id))
+            self._add_tenants(s, row, tenant_ids)
             return _as_experiment_info(s, row)
 
     def update_experiment(
@@ -920,7 +968,9 @@ class Registry:
         status: str | None = None,
     ) -> ExperimentInfo:
         """Change arms (weights), control arm, tenants or status; None leaves a field as it is.
-        The salt never changes, so users stay put except those a weight change must move."""
+        The salt never changes, so users stay put except those a weight change must move. The
+        result, unless stopped, must be able to run as `create_experiment` requires: this is checked
+        on every change (new arms, new tenants, or a stopped experiment started again)."""
         with self._writing(f"experiment {name!r}") as s:
             row = self._experiment_row(s, name)
             if arms is not None or control_arm is not None:
@@ -935,15 +985,14 @@ class Registry:
             if tenants is not None:
                 if not tenants:
                     raise InvalidInput(f"experiment {name!r} needs at least one tenant")
-                tenant_ids = [self._tenant_row(s, t).id for t in tenants]
+                tenant_ids = self._tenant_ids(s, tenants)
                 s.execute(delete(experiment_tenants).where(experiment_tenants.c.experiment_id == row.id))
-                for tenant_id in tenant_ids:
-                    s.execute(insert(experiment_tenants).values(experiment_id=row.id, tenant_id=tenant_id))
+                self._add_tenants(s, row, tenant_ids)
             else:
                 tenant_ids = list(s.scalars(select(experiment_tenants.c.tenant_id).where(experiment_tenants.c.experiment_id == row.id)))
             if row.status != exp.STOPPED:
                 self._view_ids(s, sorted({a["view"] for a in row.arms}))  # its views may be gone since it stopped
-                self._check_alias_free(s, row, tenant_ids)
+                self._check_can_run(s, row, tenant_ids)
             row.updated_at = utcnow()
             s.flush()
             return _as_experiment_info(s, row)
@@ -965,7 +1014,8 @@ class Registry:
             return [_as_experiment_info(s, r) for r in s.scalars(query)]
 
     def delete_experiment(self, name: str) -> None:
-        """Delete an experiment (its request log and feedback rows stay, keyed by name)."""
+        """Delete an experiment. Its request log and feedback rows stay (history, keyed by name); a
+        later experiment of the same name does not count them (see `experiment_results`)."""
         with self._writing(f"experiment {name!r}") as s:
             s.delete(self._experiment_row(s, name))
 
@@ -1003,6 +1053,38 @@ class Registry:
         if status not in exp.STATUSES:
             raise InvalidInput(f"experiment {name!r}: status {status!r} must be one of {list(exp.STATUSES)}")
 
+    def _tenant_ids(self, s: Session, names: Sequence[str]) -> list[int]:
+        """The ids of tenants `names` (each once, in order); NotFound for a missing one."""
+        return [self._tenant_row(s, name).id for name in dict.fromkeys(names)]
+
+    @staticmethod
+    def _add_tenants(s: Session, row: ExperimentRow, tenant_ids: Iterable[int]) -> None:
+        for tenant_id in tenant_ids:
+            s.execute(insert(experiment_tenants).values(experiment_id=row.id, tenant_id=tenant_id))
+
+    def _check_can_run(self, s: Session, row: ExperimentRow, tenant_ids: Sequence[int]) -> None:
+        """What an unstopped experiment needs: its alias free for each of its tenants, and each arm's
+        view granted to each of them (the alias must not serve a view the tenant may not name)."""
+        self._check_alias_free(s, row, tenant_ids)
+        self._check_arms_granted(s, row, tenant_ids)
+
+    @staticmethod
+    def _check_arms_granted(s: Session, row: ExperimentRow, tenant_ids: Sequence[int]) -> None:
+        # The tenant rows are locked (PostgreSQL) as a grant change locks them (`update_tenant`), so a
+        # revoke cannot slip in between this check and the commit.
+        tenants = dict(s.execute(select(TenantRow.id, TenantRow.name).where(TenantRow.id.in_(tenant_ids))
+                                 .order_by(TenantRow.id).with_for_update()).all())
+        views = sorted({a["view"] for a in row.arms})
+        granted = set(s.execute(
+            select(grants.c.tenant_id, ViewRow.name).join(ViewRow, ViewRow.id == grants.c.view_id)
+            .where(grants.c.tenant_id.in_(tenant_ids), ViewRow.name.in_(views))
+        ).all())
+        missing = [f"tenant {tenants[t]!r} is not granted view {v!r}"
+                   for t in sorted(tenants, key=tenants.__getitem__) for v in views if (t, v) not in granted]
+        if missing:
+            raise InvalidInput(f"experiment {row.name!r} would serve its tenants views they are not granted; grant "
+                               "them first (or leave the experiment stopped):", missing)
+
     def _check_alias_free(self, s: Session, row: ExperimentRow, tenant_ids: Iterable[int]) -> None:
         """One unstopped experiment per (tenant, alias): otherwise a request could match two."""
         clash = s.execute(
@@ -1016,54 +1098,61 @@ class Registry:
             raise Conflict(f"experiment {clash[0]!r} already takes over model name {row.alias!r} for tenant "
                            f"{clash[1]!r}; stop it first")
 
-    def _live_experiments(self, s: Session) -> list[ExperimentRow]:
-        return list(s.scalars(select(ExperimentRow).where(ExperimentRow.status != exp.STOPPED)))
+    @staticmethod
+    def _live_experiments(s: Session, *, tenant_id: int | None = None) -> list[ExperimentRow]:
+        """The unstopped experiments (of one tenant, if given)."""
+        query = select(ExperimentRow).where(ExperimentRow.status != exp.STOPPED)
+        if tenant_id is not None:
+            query = query.join(experiment_tenants, experiment_tenants.c.experiment_id == ExperimentRow.id).where(
+                experiment_tenants.c.tenant_id == tenant_id)
+        return list(s.scalars(query))
 
     # ---- feedback, request log, results ---------------------------------------------------------
 
-    def record_feedback(
-        self,
-        tenant: str,
-        response_id: str,
-        rating: float,
-        *,
-        comment: str | None = None,
-        experiment: str | None = None,
-        arm: str | None = None,
-        view: str | None = None,
-    ) -> FeedbackInfo:
-        """Store a rating of one response. Experiment, arm and view not given are taken from the
-        request log when the response is already logged; a response logged for another tenant is
-        reported as not found (a tenant cannot rate, or learn of, another tenant's responses)."""
+    def record_feedback(self, tenant: str, response_id: str, rating: float, *, comment: str | None = None) -> FeedbackInfo:
+        """Store `tenant`'s rating of one response. Rating a response again replaces its rating (one
+        response is one sample; a race that leaves two rows is settled when counting: the newest
+        wins). A response the request log has for another tenant is not found (a tenant cannot rate,
+        or learn of, another tenant's responses); one it has not (yet) is stored all the same and
+        counts once it is logged, because statistics attribute ratings through the request log when
+        they are computed (see `FeedbackInfo`)."""
         if not isinstance(response_id, str) or not 0 < len(response_id) <= MAX_RESPONSE_ID_CHARS:
             raise InvalidInput(f"response id must be 1 to {MAX_RESPONSE_ID_CHARS} characters")
         if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
             raise InvalidInput(f"rating {rating!r} of response {response_id!r} must be a finite number")
         if comment is not None and len(comment) > MAX_COMMENT_CHARS:
             raise InvalidInput(f"comment on response {response_id!r} is {len(comment)} characters; the limit is {MAX_COMMENT_CHARS}")
+        log, fb = RequestLogRow, FeedbackRow
         with self._writing(f"feedback on response {response_id!r}") as s:
-            logged = s.scalar(select(RequestLogRow).where(RequestLogRow.response_id == response_id).limit(1))
-            if logged is not None:
-                if logged.tenant != tenant:
-                    raise NotFound(f"response {response_id!r} not found for tenant {tenant!r}")
-                experiment = experiment if experiment is not None else logged.experiment
-                arm = arm if arm is not None else logged.arm
-                view = view if view is not None else logged.view
-            row = FeedbackRow(response_id=response_id, tenant=tenant, experiment=experiment, arm=arm, view=view,
-                              rating=float(rating), comment=comment)
-            s.add(row)
+            logged = s.execute(select(log.tenant, log.experiment, log.arm, log.view)
+                               .where(log.response_id == response_id).limit(1)).first()
+            if logged is not None and logged.tenant != tenant:
+                raise NotFound(f"response {response_id!r} not found for tenant {tenant!r}")
+            row = s.scalar(select(fb).where(fb.tenant == tenant, fb.response_id == response_id)
+                           .order_by(fb.id.desc()).limit(1).with_for_update())
+            if row is None:
+                row = FeedbackRow(response_id=response_id, tenant=tenant)
+                s.add(row)
+            row.rating, row.comment, row.created_at = float(rating), comment, utcnow()
             s.flush()
-            return self._feedback_info(row)
+            info = self._feedback_info(row, logged)
+            # What the log says now, for the record; statistics and listings join the log again.
+            row.experiment, row.arm, row.view = info.experiment, info.arm, info.view
+            return info
 
     def list_feedback(self, *, experiment: str | None = None, tenant: str | None = None, limit: int = 1000) -> list[FeedbackInfo]:
-        """Feedback, newest first, optionally for one experiment and/or tenant."""
+        """Feedback, newest first, optionally for one experiment and/or tenant, each attributed
+        through the request log as it is now."""
+        log, fb = RequestLogRow, FeedbackRow
         with self._reading() as s:
-            query = select(FeedbackRow).order_by(FeedbackRow.id.desc()).limit(limit)
+            query = (select(fb, log.id.label("log_id"), log.experiment, log.arm, log.view)
+                     .outerjoin(log, and_(log.tenant == fb.tenant, log.response_id == fb.response_id))
+                     .order_by(fb.id.desc()).limit(limit))
             if experiment is not None:
-                query = query.where(FeedbackRow.experiment == experiment)
+                query = query.where(log.experiment == experiment)
             if tenant is not None:
-                query = query.where(FeedbackRow.tenant == tenant)
-            return [self._feedback_info(r) for r in s.scalars(query)]
+                query = query.where(fb.tenant == tenant)
+            return [self._feedback_info(r.FeedbackRow, r if r.log_id is not None else None) for r in s.execute(query)]
 
     def log_requests(self, rows: Iterable[RequestLogEntry | Mapping[str, Any]]) -> int:
         """Append a batch of request records in one transaction and one executemany. Blocking: the
@@ -1084,10 +1173,33 @@ class Registry:
             s.execute(insert(RequestLogRow.__table__), values)  # a list of params: DBAPI executemany
         return len(values)
 
-    def experiment_results(self, name: str) -> list[ArmResult]:
-        """Per-arm totals of an experiment from the request log and feedback; the current arms first
-        (in their order), then any arm that only appears in the logs (it was removed later)."""
+    @staticmethod
+    def _samples_of(row: ExperimentRow) -> tuple[ColumnElement[bool], ...]:
+        """Which request-log rows are samples of experiment `row`: logged under its name, on an arm
+        (paused traffic is logged without one: it was not randomized, see `experiments`), and not
+        older than the experiment (the log keys experiments by name, so an earlier experiment of the
+        same name, deleted since, left rows under it too)."""
+        log = RequestLogRow
+        return log.experiment == row.name, log.arm.is_not(None), log.created_at >= row.created_at
+
+    def _ratings_of(self, row: ExperimentRow) -> Subquery:
+        """`(id, arm, rating)` of each rated sample of experiment `row`. A rating is attributed here,
+        by joining it to its response's request-log row (same tenant and response id), so it counts
+        whichever replica served the response and whenever that replica wrote its log; and only the
+        newest rating of each (tenant, response) counts, so one response is one sample for the
+        t-test however often it was rated."""
         log, fb = RequestLogRow, FeedbackRow
+        samples = select(log.tenant, log.response_id, log.arm).where(*self._samples_of(row)).distinct().subquery()
+        same_response = and_(fb.tenant == samples.c.tenant, fb.response_id == samples.c.response_id)
+        newest = select(func.max(fb.id)).select_from(fb).join(samples, same_response).group_by(fb.tenant, fb.response_id)
+        return (select(fb.id, samples.c.arm, fb.rating).select_from(fb).join(samples, same_response)
+                .where(fb.id.in_(newest)).subquery())
+
+    def experiment_results(self, name: str) -> list[ArmResult]:
+        """Per-arm totals of an experiment from the request log and feedback (the rows of
+        `_samples_of` and `_ratings_of`); the current arms first (in their order), then any arm that
+        only appears in the logs (it was removed later)."""
+        log = RequestLogRow
         with self._reading() as s:
             row = self._experiment_row(s, name)
             arms = [Arm.model_validate(a) for a in row.arms]
@@ -1102,18 +1214,19 @@ class Registry:
                         func.avg(log.ttft_ms).label("ttft"),
                         func.coalesce(func.sum(log.prompt_tokens), 0).label("prompt"),
                         func.coalesce(func.sum(log.completion_tokens), 0).label("completion"),
-                    ).where(log.experiment == name).group_by(log.arm)
+                    ).where(*self._samples_of(row)).group_by(log.arm)
                 )
             }
+            rated = self._ratings_of(row)
             ratings = {
                 r.arm: r
                 for r in s.execute(
-                    select(fb.arm, func.count().label("n"), func.avg(fb.rating).label("mean"))
-                    .where(fb.experiment == name).group_by(fb.arm)
+                    select(rated.c.arm, func.count().label("n"), func.avg(rated.c.rating).label("mean"))
+                    .group_by(rated.c.arm)
                 )
             }
         views = {a.name: a.view for a in arms}
-        order = [a.name for a in arms] + sorted((set(requests) | set(ratings)) - set(views), key=str)
+        order = [a.name for a in arms] + sorted((set(requests) | set(ratings)) - set(views))
         results = []
         for arm in order:
             req, rat = requests.get(arm), ratings.get(arm)
@@ -1141,30 +1254,27 @@ class Registry:
         first token and ratings of each arm."""
         totals = self.experiment_results(name)
         with self._reading() as s:
-            weights = {a.name: a.weight for a in map(Arm.model_validate, self._experiment_row(s, name).arms)}
+            row = self._experiment_row(s, name)
+            weights = {a.name: a.weight for a in map(Arm.model_validate, row.arms)}
+            rated = self._ratings_of(row)
             samples = []
             for total in totals:
-                latency, ttft = self._arm_timings(s, name, total.arm)
+                latency, ttft = self._arm_timings(s, row, total.arm)
+                ratings = tuple(s.scalars(select(rated.c.rating).where(rated.c.arm == total.arm)
+                                          .order_by(rated.c.id.desc()).limit(self.MAX_STAT_SAMPLES)))
                 samples.append(ArmSamples(
                     arm=total.arm, view=total.view, weight=weights.get(total.arm), requests=total.requests,
                     errors=total.errors, prompt_tokens=total.prompt_tokens, completion_tokens=total.completion_tokens,
-                    feedback_count=total.feedback_count, latency_ms=latency, ttft_ms=ttft,
-                    ratings=self._arm_ratings(s, name, total.arm)))
+                    feedback_count=total.feedback_count, latency_ms=latency, ttft_ms=ttft, ratings=ratings))
         return samples
 
-    def _arm_timings(self, s: Session, experiment: str, arm: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def _arm_timings(self, s: Session, row: ExperimentRow, arm: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
         rows = s.execute(
             select(RequestLogRow.latency_ms, RequestLogRow.ttft_ms)
-            .where(RequestLogRow.experiment == experiment, RequestLogRow.arm == arm)
+            .where(*self._samples_of(row), RequestLogRow.arm == arm)
             .order_by(RequestLogRow.id.desc()).limit(self.MAX_STAT_SAMPLES)
         ).all()
         return tuple(r.latency_ms for r in rows), tuple(r.ttft_ms for r in rows if r.ttft_ms is not None)
-
-    def _arm_ratings(self, s: Session, experiment: str, arm: str) -> tuple[float, ...]:
-        return tuple(s.scalars(
-            select(FeedbackRow.rating).where(FeedbackRow.experiment == experiment, FeedbackRow.arm == arm)
-            .order_by(FeedbackRow.id.desc()).limit(self.MAX_STAT_SAMPLES)
-        ))
 
     def experiment_report(self, name: str, *, confidence: float = stats.DEFAULT_CONFIDENCE) -> stats.ExperimentReport:
         """Per-arm statistics of experiment `name` — requests, errors (rate with interval), latency
@@ -1204,8 +1314,8 @@ class Registry:
         if view != views[arm]:
             raise InvalidInput(f"probe result {index}: arm {arm!r} serves view {views[arm]!r} now, not {view!r}; probe again")
         samples = result.get("samples", 0)
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-            raise InvalidInput(f"probe result {index}: samples {samples!r} must be a non-negative integer")
+        if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples <= INT32_MAX:
+            raise InvalidInput(f"probe result {index}: samples {samples!r} must be an integer from 0 to {INT32_MAX}")
         version = result.get("view_version")
         if version is not None and (not isinstance(version, str) or len(version) > 64):
             raise InvalidInput(f"probe result {index}: view_version must be a content hash (at most 64 characters)")
@@ -1238,8 +1348,11 @@ class Registry:
         return row
 
     @staticmethod
-    def _tenant_row(s: Session, name: str) -> TenantRow:
-        row = s.scalar(select(TenantRow).where(TenantRow.name == name))
+    def _tenant_row(s: Session, name: str, *, lock: bool = False) -> TenantRow:
+        """The row of tenant `name`; `lock` as in `_bundle_row`. Changes of a tenant's grants lock it,
+        and so does an experiment check of its grants, so the two never interleave (PostgreSQL)."""
+        query = select(TenantRow).where(TenantRow.name == name)
+        row = s.scalar(query.with_for_update() if lock else query)
         if row is None:
             raise NotFound(f"tenant {name!r} not found; see list_tenants")
         return row
@@ -1288,9 +1401,11 @@ class Registry:
         )
 
     @staticmethod
-    def _limits(row: TenantRow) -> Limits:
-        return Limits(max_concurrent=row.max_concurrent, tokens_per_minute=row.tokens_per_minute,
-                      max_tokens_cap=row.max_tokens_cap)
+    def _limits(row: Any) -> Limits:
+        """The limits of a tenant row (ORM or Core: same column names). Not validated again: they were
+        when written, and a value stored before a bound existed must not make the tenant unreadable."""
+        return Limits.model_construct(max_concurrent=row.max_concurrent, tokens_per_minute=row.tokens_per_minute,
+                                      max_tokens_cap=row.max_tokens_cap)
 
     def _tenant_info(self, s: Session, row: TenantRow) -> TenantInfo:
         s.flush()
@@ -1308,9 +1423,11 @@ class Registry:
         return KeyInfo(row.id, tenant, row.role, row.prefix, row.created_at, row.revoked_at)
 
     @staticmethod
-    def _feedback_info(row: FeedbackRow) -> FeedbackInfo:
-        return FeedbackInfo(row.id, row.response_id, row.tenant, row.experiment, row.arm, row.view, row.rating,
-                            row.comment, row.created_at)
+    def _feedback_info(row: FeedbackRow, logged: Any | None) -> FeedbackInfo:
+        """A rating with the attribution of `logged` (its response's request-log row, or None)."""
+        experiment, arm, view = (logged.experiment, logged.arm, logged.view) if logged is not None else (None,) * 3
+        return FeedbackInfo(row.id, row.response_id, row.tenant, experiment, arm, view, row.rating, row.comment,
+                            row.created_at, logged is not None)
 
 
 def _as_experiment_info(executor: Any, row: Any) -> ExperimentInfo:

@@ -26,9 +26,9 @@ def experiment(live_server):
     return "ab-swap"
 
 
-def _ask(http, user: str):
-    response = http.post("/v1/completions", json={"model": "assistant", "prompt": PROMPT, "max_tokens": 6,
-                                                  "temperature": 0, "user": user})
+def _ask(http, user: str | None):
+    body = {"model": "assistant", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+    response = http.post("/v1/completions", json=body if user is None else {**body, "user": user})
     assert response.status_code == 200, response.text
     return response
 
@@ -44,6 +44,8 @@ def test_arms_are_sticky_and_labelled(live_server, experiment):
             expected_view = "original@" if arm == "control" else "swap@"
             assert first.headers["x-alter-view"].startswith(expected_view)
             arms[user] = arm
+        # Without a `user`, the API key is the sticky key: one client keeps one arm.
+        assert len({_ask(http, None).headers["x-alter-arm"] for _ in range(4)}) == 1
     assert set(arms.values()) == {"control", "forget"}  # 24 users, two equal arms
 
 
@@ -52,6 +54,7 @@ def test_results_feedback_pause_and_hot_swap_mid_experiment(live_server, experim
         response = _ask(http, "rater")
         rated = http.post("/v1/feedback", json={"response_id": response.json()["id"], "rating": 4.0})
         assert rated.status_code == 200 and rated.json()["arm"] == response.headers["x-alter-arm"]
+        assert rated.json()["attributed"] is True
         forget_user = next(u for u in (f"u{i}" for i in range(100)) if _ask(http, u).headers["x-alter-arm"] == "forget")
         before = _ask(http, forget_user).headers["x-alter-view"]
 
@@ -62,7 +65,9 @@ def test_results_feedback_pause_and_hot_swap_mid_experiment(live_server, experim
 
         with live_server.http("admin") as admin:
             assert admin.patch(f"/admin/experiments/{experiment}", json={"status": "paused"}).status_code == 200
-            assert _ask(http, forget_user).headers["x-alter-arm"] == "control"  # paused: everyone on control
+            # Paused: everyone gets the control view, outside the arms (logged without one, not counted).
+            paused = _ask(http, forget_user)
+            assert paused.headers["x-alter-arm"] == "" and paused.headers["x-alter-view"].startswith("original@")
             assert admin.patch(f"/admin/experiments/{experiment}", json={"status": "running"}).status_code == 200
             assert _ask(http, forget_user).headers["x-alter-arm"] == "forget"
             time.sleep(1.5)  # the request log is written in batches every 0.5 s

@@ -35,8 +35,8 @@ def test_completion_string_and_list_prompts_with_usage(live_server):
     assert sorted(c.index for c in many.choices) == [0, 1, 2, 3]
     assert many.usage.prompt_tokens > one.usage.prompt_tokens
     assert 4 <= many.usage.completion_tokens <= 16
-    with pytest.raises(openai.BadRequestError, match="greedy"):
-        client.completions.create(model="original", prompt=PROMPT, temperature=0, n=2)
+    greedy = client.completions.create(model="original", prompt=PROMPT, max_tokens=8, temperature=0, n=2)
+    assert [c.text for c in greedy.choices] == [one.choices[0].text] * 2  # n greedy choices, as OpenAI
 
 
 def test_greedy_is_deterministic_and_seed_reproduces_sampling(live_server):
@@ -70,6 +70,43 @@ def test_echo_logprobs_cover_prompt_and_completion(live_server):
     assert all(len(top) >= 2 for top in lp.top_logprobs[1:])
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(live_server):
+    client = live_server.client()
+    scored = client.completions.create(model="forget-all", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    one = client.completions.create(model="forget-all", prompt=PROMPT, max_tokens=1, echo=True, logprobs=1)
+    choice = scored.choices[0]
+    assert choice.text == PROMPT and scored.usage.completion_tokens == 0
+    assert "".join(choice.logprobs.tokens) == PROMPT
+    assert choice.logprobs.token_logprobs == pytest.approx(one.choices[0].logprobs.token_logprobs[:-1], abs=1e-5)
+
+
+def test_token_prompts_with_multi_byte_characters_echo_exactly(live_server):
+    from transformers import AutoTokenizer
+
+    text = "Question: Où est né l'auteur — 東京?\nAnswer:"
+    ids = AutoTokenizer.from_pretrained(live_server.model_dir)(text)["input_ids"]
+    out = live_server.client().completions.create(model="original", prompt=ids, max_tokens=0, echo=True,
+                                                  logprobs=2).choices[0]
+    assert out.text == text and "".join(out.logprobs.tokens) == text
+    assert [text[o:o + len(t)] for o, t in zip(out.logprobs.text_offset, out.logprobs.tokens)] == out.logprobs.tokens
+    keys = [k for top in out.logprobs.top_logprobs[1:] for k in top]
+    assert "\ufffd" not in "".join(keys)  # a partial character is shown as bytes:\x.., never as U+FFFD
+
+
+def test_explicit_nulls_mean_defaults(live_server):
+    nulls = {k: None for k in ("temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
+                               "frequency_penalty", "echo", "logprobs", "user", "stream_options")}
+    with live_server.http() as http:
+        completion = http.post("/v1/completions", json={"model": "original", "prompt": PROMPT, "max_tokens": 2,
+                                                        **nulls})
+        chat = http.post("/v1/chat/completions", json={"model": "original", "max_tokens": None, "logprobs": None,
+                                                        "top_logprobs": None, "n": None, "temperature": None,
+                                                        "messages": [{"role": "user", "content": "Hi"}]})
+    assert completion.status_code == 200, completion.text
+    assert len(completion.json()["choices"]) == 1 and completion.json()["usage"]["completion_tokens"] <= 2
+    assert chat.status_code == 200, chat.text
+
+
 def test_streaming_completion_is_sse_and_ends_with_done(live_server):
     body = {"model": "original", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -96,9 +133,35 @@ def test_chat_completion_uses_the_chat_template(live_server):
     assert chat.usage.prompt_tokens > 0 and chat.system_fingerprint.startswith("alter:original@")
 
 
+def test_chat_logprobs_top_k_by_rank_and_exact_bytes(live_server):
+    client = live_server.client()
+    messages = [{"role": "user", "content": "What genre does the author write?"}]
+    chat = client.chat.completions.create(model="original", temperature=0, max_tokens=4, logprobs=True,
+                                          top_logprobs=20, messages=messages)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for token in content:
+        values = [t.logprob for t in token.top_logprobs]
+        assert len(values) == 20 and values == sorted(values, reverse=True)
+        assert token.logprob == pytest.approx(values[0], abs=1e-5)  # greedy: the chosen token ranks first
+    assert b"".join(bytes(t.bytes) for t in content).decode().startswith(chat.choices[0].message.content)
+    bare = client.chat.completions.create(model="original", temperature=0, max_tokens=2, logprobs=True,
+                                          messages=messages)
+    assert all(t.top_logprobs == [] for t in bare.choices[0].logprobs.content)
+
+
+def test_models_can_be_retrieved_one_by_one(live_server):
+    client = live_server.client()
+    assert client.models.retrieve("forget-all").id == "forget-all"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("rnd-x")  # another tenant's
+    assert info.value.body["code"] == "model_not_found"
+
+
 def test_chat_streaming_with_usage(live_server):
     stream = live_server.client().chat.completions.create(
-        model="forget-all", temperature=0, max_tokens=5, stream=True, stream_options={"include_usage": True},
+        model="forget-all", temperature=0, max_tokens=5, stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False},  # newer clients send the latter
         messages=[{"role": "user", "content": "What genre does the author write?"}])
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
