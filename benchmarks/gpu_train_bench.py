@@ -8,20 +8,29 @@ Model: random-init LlamaForCausalLM, hidden 2048, 28 layers, 16 query / 8 key-va
 enough: the cost of a training step does not depend on what the weights are. Data are random token
 ids with the first 64 positions of each sequence as the (unlabelled) prompt.
 
-Methods, each one optimizer step as the trainer runs it (train.alter_loop / train.baseline_loop):
+Methods, each one optimizer step exactly as the trainer runs it (the same step classes,
+train.alter_loop / train.baseline_loop, and the same optimizer step, train.optim.optimizer_step:
+gradient clipping at --grad-clip, the trainer's default 1.0, then AdamW):
 
     alter     AsymLoRA rank 8 on q/k/v/o/gate/up/down, 2 forget heads, Phase II step: one forget
-              step per head (IHL, B_d only) + one retain step (NLL, B_r only); frozen bf16 base
+              step per head (IHL, B_d only) + one retain step (NLL, B_r only), per-head clipping;
+              frozen bf16 base
     lora_npo  PEFT LoRA rank 8, same targets; NPO on a forget batch (reference = adapter disabled)
               + NLL on a retain batch; frozen bf16 base
     full_npo  all parameters (fp32 master weights, AdamW), bf16 autocast; NPO + retain NLL; the
-              reference is a frozen bf16 copy
+              reference is a frozen copy made directly in bf16 (train.baseline_loop.Reference with
+              the trainer's compute dtype; no transient fp32 copy)
 
-Every step processes B x T tokens per batch; "tokens" counts the batches a step trains on (ALTER:
-2 forget + 1 retain batch; NPO: 1 forget + 1 retain batch; NPO's reference pass is extra work, not
-counted). Output: one JSON line per timed step and one summary line per method with the median step
-time, tokens/s and peak memory (CUDA: torch.cuda.max_memory_allocated since the method started).
-Nothing but torch, transformers and peft is needed (no vLLM).
+Batches are built on the host and handed to the steps, which copy them to the GPU asynchronously
+(as in the trainer). Every step processes B x T tokens per batch; "tokens" counts the batches a step
+trains on (ALTER: 2 forget + 1 retain batch; NPO: 1 forget + 1 retain batch; NPO's reference pass is
+extra work, not counted). Output: one JSON line per timed step and one summary line per method with
+the median step time, tokens/s and peak memory (CUDA: torch.cuda.max_memory_allocated since the
+method started; CPU: the RSS high-water mark since then, see train.runtime). On CUDA the summary
+also counts the host syncs of one extra, untimed step (torch.cuda.set_sync_debug_mode("warn"):
+every blocking copy, .item() or device-to-host read in the step is one warning); a step that
+never waits for the GPU counts 0.
+Nothing but torch, transformers, peft and safetensors is needed (no vLLM).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,23 +81,26 @@ def make_model(shape: Shape, device: torch.device, dtype: torch.dtype):
     return model
 
 
-def random_batch(shape: Shape, device: torch.device, generator: torch.Generator, head: int = 0):
+def random_batch(shape: Shape, generator: torch.Generator, head: int = 0):
+    """A host batch (the steps copy it to the device), unpadded like the trainer's full-length rows."""
     from train.examples import Batch
 
-    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=generator).to(device)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=generator)
     labels = ids.clone()
     labels[:, : min(PROMPT_TOKENS, shape.seq // 2)] = -100
-    entropy = torch.rand(shape.batch, shape.seq - 1, generator=generator).to(device) * 2.0
-    heads = torch.full((shape.batch,), head, dtype=torch.long, device=device)
-    return Batch(ids, torch.ones_like(ids), labels, heads, entropy)
+    entropy = torch.rand(shape.batch, shape.seq - 1, generator=generator) * 2.0
+    heads = torch.full((shape.batch,), head, dtype=torch.long)
+    return Batch(ids, torch.ones_like(ids), labels, heads, entropy, padded=False)
 
 
 # ---- one optimizer step per method -------------------------------------------------------------
 
 
-def alter_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckpt: bool, heads: int):
+def alter_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckpt: bool, heads: int,
+                  grad_clip: float | None):
     from train.alter_loop import AlterStepConfig, AlterSteps
     from train.modeling import inject
+    from train.optim import optimizer_step
 
     model = make_model(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     names = [f"d{i}" for i in range(heads)]
@@ -108,28 +121,29 @@ def alter_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_c
     def step() -> int:
         tokens = 0
         for i, name in enumerate(names):
-            batch = random_batch(shape, device, generator, head=i + 1)
+            batch = random_batch(shape, generator, head=i + 1)
             steps.forget(batch, name)
             tokens += batch.num_tokens
-        batch = random_batch(shape, device, generator)
+        batch = random_batch(shape, generator)
         steps.retain(batch)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, params, grad_clip, per_head=True)
         return tokens + batch.num_tokens
 
     trainable = sum(p.numel() for p in params)
     return step, trainable, (alter, optimizer)
 
 
-def npo_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckpt: bool, full: bool):
+def npo_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckpt: bool, full: bool,
+                grad_clip: float | None):
     from train.baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
+    from train.optim import optimizer_step
 
     on_cuda = device.type == "cuda"
-    model = make_model(shape, device, torch.float32 if full or not on_cuda else torch.bfloat16)
+    compute_dtype = torch.bfloat16 if on_cuda else torch.float32  # the trainer's, under bf16 autocast
+    model = make_model(shape, device, torch.float32 if full else compute_dtype)
     model = make_full_model(model) if full else make_lora_model(model, 8, 16.0, TARGETS)
-    reference = Reference(model, "full" if full else "lora", needed=True)
-    if full and on_cuda:
-        reference.frozen.to(torch.bfloat16)  # the reference only runs forward passes
+    # As the trainer does: the frozen reference is copied straight into the compute dtype.
+    reference = Reference(model, "full" if full else "lora", needed=True, dtype=compute_dtype)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -139,10 +153,9 @@ def npo_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckp
     generator = torch.Generator().manual_seed(0)
 
     def step() -> int:
-        forget, retain = random_batch(shape, device, generator), random_batch(shape, device, generator)
+        forget, retain = random_batch(shape, generator), random_batch(shape, generator)
         steps.step(forget, retain)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, params, grad_clip)
         return forget.num_tokens + retain.num_tokens
 
     return step, sum(p.numel() for p in params), (model, reference, optimizer)
@@ -151,8 +164,24 @@ def npo_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckp
 # ---- measuring ------------------------------------------------------------------------------------
 
 
+def count_host_syncs(step: Callable[[], int], device: torch.device) -> int | None:
+    """Host syncs in one call of `step` (CUDA only: None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(device)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def bench_method(method: str, shape: Shape, device: torch.device, steps: int, warmup: int,
-                 grad_ckpt: bool, heads: int, emit: Callable[[dict], None]) -> dict:
+                 grad_ckpt: bool, heads: int, emit: Callable[[dict], None], grad_clip: float | None = 1.0) -> dict:
     from train.runtime import autocast as bf16_autocast, peak_memory_bytes, reset_peak_memory, synchronize
 
     if device.type == "cuda":
@@ -162,9 +191,9 @@ def bench_method(method: str, shape: Shape, device: torch.device, steps: int, wa
     torch.manual_seed(0)
     started = time.perf_counter()
     if method == "alter":
-        step, trainable, keep = alter_step_fn(shape, device, autocast, grad_ckpt, heads)
+        step, trainable, keep = alter_step_fn(shape, device, autocast, grad_ckpt, heads, grad_clip)
     else:
-        step, trainable, keep = npo_step_fn(shape, device, autocast, grad_ckpt, full=method == "full_npo")
+        step, trainable, keep = npo_step_fn(shape, device, autocast, grad_ckpt, method == "full_npo", grad_clip)
     setup_s = time.perf_counter() - started
     times, tokens = [], 0
     for index in range(warmup + steps):
@@ -178,10 +207,12 @@ def bench_method(method: str, shape: Shape, device: torch.device, steps: int, wa
             emit({"method": method, "step": index - warmup, "step_s": round(elapsed, 4),
                   "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1)})
     median = statistics.median(times)
+    syncs = count_host_syncs(step, device)
     summary = {"method": method, "summary": True, "median_step_s": round(median, 4),
                "tokens_per_step": tokens, "tokens_per_s": round(tokens / median, 1),
                "peak_memory_gib": round(peak_memory_bytes(device) / 2**30, 3), "trainable_parameters": trainable,
-               "setup_s": round(setup_s, 2), "steps": steps, "warmup": warmup, "gradient_checkpointing": grad_ckpt}
+               "setup_s": round(setup_s, 2), "steps": steps, "warmup": warmup, "gradient_checkpointing": grad_ckpt,
+               "grad_clip": grad_clip, "host_syncs_per_step": syncs}
     emit(summary)
     del step, keep
     gc.collect()
@@ -198,6 +229,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing for every method")
+    parser.add_argument("--grad-clip", type=float, default=1.0,
+                        help="gradient clipping as the trainer's optim.grad_clip (default 1.0; 0: none)")
     parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
     args = parser.parse_args(argv)
     shape = TINY if args.tiny else FULL
@@ -219,7 +252,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     summaries = []
     for method in methods:
         try:
-            summaries.append(bench_method(method, shape, device, steps, warmup, args.grad_ckpt, args.heads, emit))
+            summaries.append(bench_method(method, shape, device, steps, warmup, args.grad_ckpt, args.heads, emit,
+                                          args.grad_clip or None))
         except torch.cuda.OutOfMemoryError as exc:  # report and go on with the next method
             emit({"method": method, "summary": True, "error": f"out of memory: {exc}"})
             gc.collect()

@@ -142,8 +142,8 @@ def test_retain_step_forward_includes_the_sampled_forget_heads(alter) -> None:
     """The detached forget heads change the retain loss (so B_r learns under the served views)."""
     set_phase(alter, a=False, b=True)
     batch, _ = make_batch(6)
-    with_heads = steps_for(alter, head_prob=1.0).retain(batch)["nll"]
-    without = steps_for(alter, head_prob=0.0).retain(batch)["nll"]
+    with_heads = float(steps_for(alter, head_prob=1.0).retain(batch)["nll"])
+    without = float(steps_for(alter, head_prob=0.0).retain(batch)["nll"])
     assert with_heads != pytest.approx(without, abs=1e-6)
 
 
@@ -199,3 +199,68 @@ def test_top_directions_of_a_wide_layer_match_the_svd() -> None:
     assert torch.allclose((found.double().T @ expected).abs().diagonal(), torch.ones(5, dtype=torch.float64), atol=1e-4)
     assert torch.allclose(found.T @ found, torch.eye(5), atol=1e-5)
     assert float((exclude.T @ found).abs().max()) < 1e-5
+
+
+def test_phase2_steps_read_no_tensor_value(alter) -> None:
+    """A Phase II step queues its work and returns device tensors: nothing waits for the GPU (the
+    losses used to come back through .item(), and every adapted layer tested a device mask)."""
+    from tests.test_modeling import no_device_reads
+
+    set_phase(alter, a=False, b=True)
+    batch, _ = make_batch(3, head=1)
+    assert batch.padded is False and batch.model_mask is None
+    steps = steps_for(alter, head_prob=0.5)
+    with no_device_reads():
+        forget = steps.forget(batch, "bio")
+        retain = steps.retain(batch)
+    for value in (*forget.values(), *retain.values()):
+        assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad
+
+
+def _one_clipped_step(alter, retain_grad_scale: float, per_head: bool) -> torch.Tensor:
+    """B after one AdamW step on fixed gradients, the retain head's scaled; returns B_bio."""
+    from train.optim import optimizer_step
+
+    params = alter.lora_B_parameters()
+    generator = torch.Generator().manual_seed(7)
+    for p in params:
+        grad = torch.randn(p.shape, generator=generator)
+        grad[:, 0] *= retain_grad_scale
+        p.grad = grad
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    optimizer_step(optimizer, params, max_norm=1e-3, per_head=per_head)
+    return torch.stack([p[:, 1].detach().clone() for p in params])
+
+
+def test_per_head_clipping_keeps_a_heads_update_independent_of_the_others(base) -> None:
+    """One norm over the stacked B (the old clipping) scales B_bio's gradient by the retain
+    head's gradient norm; per-head clipping does not."""
+    def fresh():
+        model = inject(copy.deepcopy(base), TARGETS, 8, 16.0, HEADS)
+        with torch.no_grad():
+            for layer in model.layers.values():
+                layer.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        return model
+
+    small = _one_clipped_step(fresh(), 1.0, per_head=True)
+    large = _one_clipped_step(fresh(), 1000.0, per_head=True)
+    assert torch.equal(small, large)
+    coupled_small = _one_clipped_step(fresh(), 1.0, per_head=False)
+    coupled_large = _one_clipped_step(fresh(), 1000.0, per_head=False)
+    assert not torch.equal(coupled_small, coupled_large)
+
+
+def test_clip_head_grad_norms_clips_each_head_to_the_bound_across_layers() -> None:
+    from train.optim import clip_head_grad_norms
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(6, 3, 2)), torch.nn.Parameter(torch.zeros(4, 3, 2))]
+    for p, scale in zip(params, (1.0, 2.0)):
+        p.grad = torch.randn(p.shape) * scale
+        p.grad[:, 2] *= 1e-3  # head 2 is below the bound: left as it is
+    head2 = [p.grad[:, 2].clone() for p in params]
+    norms = clip_head_grad_norms(params, max_norm=0.5)
+    after = torch.stack([sum(p.grad[:, h].pow(2).sum() for p in params).sqrt() for h in range(3)])
+    assert bool((norms[:2] > 0.5).all()) and float(norms[2]) < 0.5
+    assert torch.allclose(after[:2], torch.full((2,), 0.5), atol=1e-5)
+    assert all(torch.equal(p.grad[:, 2], g) for p, g in zip(params, head2))

@@ -13,6 +13,8 @@ from train.entropy import (
     DEFAULT_THRESHOLD,
     EntropySplit,
     cached_example_entropies,
+    check_reachable_threshold,
+    entropy_cache_key,
     example_entropies,
     high_entropy_mask,
     low_entropy_mask,
@@ -67,6 +69,14 @@ def test_default_q_can_cross_the_paper_threshold() -> None:
     assert max_tsallis_entropy(128256, 2.0) < DEFAULT_THRESHOLD
 
 
+def test_a_threshold_no_distribution_can_exceed_is_refused_with_the_numbers() -> None:
+    check_reachable_threshold(DEFAULT_THRESHOLD, DEFAULT_Q, 32000)  # max 1.989: fine
+    with pytest.raises(ValueError, match=r"threshold 1.2 can never be exceeded: with q = 2.0 .*32000 tokens.* = 1,"):
+        check_reachable_threshold(1.2, 2.0, 32000)
+    with pytest.raises(ValueError, match="1.9"):  # q = 1.5, n = 400: max 2 · (1 − 1/20) = 1.9
+        check_reachable_threshold(1.95, 1.5, 400)
+
+
 def test_split_threshold_and_quantile() -> None:
     ent = torch.tensor([[0.1, 1.3, 1.2, 2.0]])
     valid = torch.tensor([[True, True, True, False]])
@@ -119,6 +129,44 @@ def test_entropies_are_computed_once_and_cached(tmp_path) -> None:
     cached_example_entropies(model, seqs, "model-x", tmp_path, q=2.0)  # another q is another entry
     assert model.calls > calls
     assert len(list(tmp_path.glob("entropy-*.safetensors"))) == 2
+
+
+def test_the_cache_key_separates_weight_dtype_and_device_type(tmp_path) -> None:
+    """bf16-on-CUDA and fp32-on-CPU entropies differ near the threshold: they must not share an entry."""
+    model = _Counting(_tiny_llama())
+    seqs = [[1, 2, 3, 4], [5, 6, 7]]
+    cached_example_entropies(model, seqs, "model-x", tmp_path, q=1.5)
+    calls = model.calls
+    cached_example_entropies(model.double(), seqs, "model-x", tmp_path, q=1.5)
+    assert model.calls > calls
+    assert len(list(tmp_path.glob("entropy-*.safetensors"))) == 2
+    keys = {entropy_cache_key("m", 1.5, seqs, dtype, device)
+            for dtype in (torch.float32, torch.bfloat16) for device in ("cpu", "cuda")}
+    assert len(keys) == 4
+
+
+def test_two_writers_of_one_entry_both_succeed(tmp_path, monkeypatch) -> None:
+    """Two processes computing the same entry (the TOFU benchmark's parallel methods) used to share
+    one temporary name: the second rename found the file gone. Here the second writer runs between
+    the first one's write and its rename."""
+    import train.entropy as entropy_module
+
+    model, seqs = _tiny_llama(), [[1, 2, 3, 4], [5, 6, 7]]
+    real_save = entropy_module.save_file
+    nested: list = []
+    started = []
+
+    def save_then_let_another_writer_finish(tensors, filename):
+        real_save(tensors, filename)
+        if not started:
+            started.append(True)
+            nested.append(cached_example_entropies(model, seqs, "model-x", tmp_path, q=1.5))
+
+    monkeypatch.setattr(entropy_module, "save_file", save_then_let_another_writer_finish)
+    first = cached_example_entropies(model, seqs, "model-x", tmp_path, q=1.5)
+    assert all(torch.equal(a, b) for a, b in zip(first, nested[0]))
+    assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("entropy-*.safetensors")]
+    assert len(list(tmp_path.iterdir())) == 1  # no temporary file left behind
 
 
 def test_histogram_png(tmp_path) -> None:

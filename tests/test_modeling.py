@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -217,3 +218,58 @@ def test_retain_head_name_matches_the_bundle_format() -> None:
     from train.modeling import RETAIN_HEAD as LAYER_RETAIN_HEAD
 
     assert LAYER_RETAIN_HEAD == RETAIN_HEAD
+
+
+# ---- GPU-readiness: no host sync in a layer's forward; the mixing tensors follow the module ------
+
+
+@contextlib.contextmanager
+def no_device_reads():
+    """Fail on any Python-level read of a tensor's value: on CUDA each is a host sync."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor value was read back (a host sync on CUDA)")
+
+    names = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, refuse)
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.parametrize("grad_heads", [None, ["bio"], ["retain", "bio", "cyber"]])
+def test_an_adapted_layers_forward_and_backward_read_no_tensor_value(alter, grad_heads) -> None:
+    """`_isolate` used to test `bool(grad_heads.all())` in every layer's forward: on CUDA, one
+    host sync per adapted layer per forward. The decision is now a Python flag set with the heads."""
+    layer = alter.layers["model.layers.0.mlp.down_proj"]
+    x = torch.randn(2, 5, 256)
+    with alter.mixing("view", forget={"bio": 1.0, "cyber": 1.0}, grad_heads=grad_heads):
+        assert alter.mix.isolate == (grad_heads == ["bio"])
+        with no_device_reads():
+            layer(x).pow(2).sum().backward()
+    grad = layer.lora_B.grad
+    assert torch.count_nonzero(grad[:, 1]) > 0
+    if grad_heads == ["bio"]:
+        assert torch.count_nonzero(grad[:, 0]) == 0 and torch.count_nonzero(grad[:, 2]) == 0
+
+
+def test_the_mixing_tensors_move_and_cast_with_the_module(base, batch) -> None:
+    """The view weights set at injection lived wherever the model was then: after a later move
+    they stayed behind (e.g. on the CPU after from_bundle(...).to("cuda"))."""
+    alter = inject(copy.deepcopy(base), TARGETS, RANK, ALPHA, HEADS)
+    randomise_heads(alter)
+    with torch.no_grad():
+        before = alter(**batch).logits
+    alter.set_grad_heads(["bio"])
+    alter.to(torch.float64)
+    assert alter.mix.weights.dtype == torch.float64 and alter.mix.keep.dtype == torch.bool
+    with torch.no_grad():
+        after = alter(**batch).logits
+    assert after.dtype == torch.float64 and torch.allclose(after.float(), before, atol=1e-4)
+    # Moving only the wrapped model (as the evaluation CLI does) carries them too.
+    alter.model.to("meta")
+    assert alter.mix.weights.device.type == "meta" and alter.mix.keep.device.type == "meta"
+    assert not any(name.endswith(("mix.weights", "mix.keep")) for name in alter.state_dict())

@@ -13,9 +13,11 @@ from alter_serve.core.fingerprint import fingerprint, module_shapes
 from alter_serve.core.views import View, compose
 from tests.tiny_model import build_tiny_model
 from train import checkpoint as checkpoint_module
+from train import trainer as trainer_module
 from train.config import TrainConfig, load_config
 from train.data.synthetic import generate
-from train.trainer import run
+from train.examples import answer_tokens
+from train.trainer import Trainer, run
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -47,8 +49,14 @@ def tiny_config(model_dir, data_dir, out, **overrides) -> TrainConfig:
     return TrainConfig.model_validate(raw)
 
 
-def test_alter_run_writes_bundle_report_and_plots(model_dir, data_dir, tmp_path) -> None:
-    result = run(tiny_config(model_dir, data_dir, tmp_path / "run"))
+def test_alter_run_writes_bundle_report_and_plots(model_dir, data_dir, tmp_path, monkeypatch) -> None:
+    import train.optim as optim_module
+
+    clipped = []
+    real_clip = optim_module.clip_head_grad_norms
+    monkeypatch.setattr(optim_module, "clip_head_grad_norms", lambda *a, **k: clipped.append(1) or real_clip(*a, **k))
+    # A router budget far below the retain set's tokens (the retain set comes first in the data).
+    result = run(tiny_config(model_dir, data_dir, tmp_path / "run", optim={"router_tokens_per_label": 120}))
     for name in ("report.json", "loss_curve.png", "entropy_hist.png", "checkpoint/state.pt"):
         assert (result.run_dir / name).is_file(), name
     bundle = load_bundle(result.bundle_dir, module_shapes(model_dir), fingerprint(model_dir))
@@ -65,6 +73,21 @@ def test_alter_run_writes_bundle_report_and_plots(model_dir, data_dir, tmp_path)
     assert set(report["summary"]["per_view"]) == {"alpha", "beta"}
     assert {"view:forget-all", "view:forget-alpha", "view:retain-only", "routed", "base"} <= set(report["eval"])
     assert len(report["losses"]["phase2/nll_retain"]) == 4 and len(report["losses"]["phase2/ihl_alpha"]) == 4
+    assert all(isinstance(v, float) for values in report["losses"].values() for v in values)
+    assert len(clipped) == 4  # Phase II clips per head, every step
+    # The router trains on every label, each within its own budget (plus at most one sequence).
+    router_tokens = report["phases"]["router"]["tokens_per_label"]
+    assert set(router_tokens) == {"retain", "alpha", "beta"}
+    assert all(120 <= n < 120 + 48 for n in router_tokens.values()), router_tokens
+    # Training cost is the training phases' alone; setup and evaluation are reported apart.
+    phases = report["phases"]
+    assert report["train_time_s"] == pytest.approx(phases["phase1"]["wall_s"] + phases["phase2"]["wall_s"], abs=2e-3)
+    assert report["tokens_per_s"] == pytest.approx(
+        (phases["phase1"]["tokens"] + phases["phase2"]["tokens"]) / report["train_time_s"], rel=1e-2)
+    assert report["peak_memory_bytes"] == max(phases[p]["peak_memory_bytes"] for p in ("phase1", "phase2"))
+    assert set(report["stages"]) == {"load", "entropy", "head_init", "evaluation", "calibration"}
+    assert all(stage["wall_s"] > 0 and stage["peak_memory_bytes"] > 0 for stage in report["stages"].values())
+    assert "peak_memory_scope" in report and report["data"]["truncated_examples"] == {}
 
 
 def test_resume_continues_after_the_last_finished_epoch(model_dir, data_dir, tmp_path, monkeypatch) -> None:
@@ -88,6 +111,12 @@ def test_resume_continues_after_the_last_finished_epoch(model_dir, data_dir, tmp
     # Phase I did not run again and Phase II ran exactly 2 more epochs of 2 steps.
     assert len(result.report["losses"]["phase2/nll_retain"]) == 3 * 2
     assert result.report["phases"]["phase2"]["steps"] == 3 * 2
+    # The resumed run is the uninterrupted run: same data order (a function of seed and epoch),
+    # same random views (the steps' RNG is in the checkpoint), so the same losses and weights.
+    whole = run(tiny_config(model_dir, data_dir, tmp_path / "whole", optim={"epochs": 3, "router_epochs": 0}))
+    assert result.report["losses"] == whole.report["losses"]
+    resumed, uninterrupted = load_bundle(result.bundle_dir).to_tensors(), load_bundle(whole.bundle_dir).to_tensors()
+    assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(model_dir, data_dir, tmp_path) -> None:
@@ -167,3 +196,126 @@ def test_shipped_configs_parse() -> None:
     assert (paper.adapter.rank, paper.optim.lr_B, paper.optim.lr_A, paper.optim.lam) == (8, 1e-3, 1e-5, 0.01)
     assert (paper.optim.batch_size, paper.optim.epochs, paper.optim.beta, paper.optim.gamma) == (4, 3, 1.0, 1.0)
     assert (paper.entropy.q, paper.entropy.threshold) == (1.5, 1.2)
+
+
+def test_config_refuses_what_would_silently_do_nothing(model_dir, data_dir, tmp_path) -> None:
+    def error(**overrides) -> str:
+        with pytest.raises(ValueError) as info:
+            tiny_config(model_dir, data_dir, tmp_path, **overrides)
+        return str(info.value)
+
+    # A threshold no distribution can exceed for q ≥ 1 + 1/threshold, whatever the vocabulary.
+    assert "S_q < 1/(q − 1) = 1" in error(entropy={"q": 2.0, "threshold": 1.2, "split": "threshold"})
+    tiny_config(model_dir, data_dir, tmp_path, entropy={"q": 2.0, "threshold": 1.2, "split": "quantile"})
+    tiny_config(model_dir, data_dir, tmp_path, method="npo", entropy={"q": 2.0, "threshold": 1.2, "split": "threshold"})
+    # Devices: auto, cpu, cuda, cuda:N.
+    assert "runtime.device 'gpu' is not supported" in error(runtime={"device": "gpu"})
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        assert tiny_config(model_dir, data_dir, tmp_path, runtime={"device": device}).runtime.device == device
+    # forget_subdomains with k-means sub-domains would be ignored.
+    assert "subdomain_field, which is null" in error(data={"kind": "json", "forget_file": "f", "retain_file": "r",
+                                                          "subdomain_field": None, "num_subdomains": 2})
+
+
+def test_setup_refuses_a_threshold_above_this_vocabularys_maximum(model_dir, data_dir, tmp_path) -> None:
+    """q = 1.5 allows S_q up to 2 on a huge vocabulary (the config check passes), but the tiny
+    model's 400 tokens cap it at 2 · (1 − 400^−½) = 1.9."""
+    config = tiny_config(model_dir, data_dir, tmp_path, entropy={"q": 1.5, "threshold": 1.95, "split": "threshold"})
+    with pytest.raises(ValueError, match=r"400 tokens.* = 1\.9, so Phase I"):
+        Trainer(config)
+
+
+def _json_data(data_dir, tmp_path):
+    records = json.loads((data_dir / "full.json").read_text().splitlines()[0])
+    forget = [r for r in records if r["subdomain"] in ("alpha", "beta")]
+    retain = [r for r in records if r["subdomain"] not in ("alpha", "beta")]
+    (tmp_path / "forget.json").write_text(json.dumps(forget))
+    (tmp_path / "retain.json").write_text(json.dumps(retain))
+    return {"kind": "json", "forget_file": str(tmp_path / "forget.json"), "retain_file": str(tmp_path / "retain.json")}
+
+
+def test_a_misspelled_forget_subdomain_is_refused_with_the_known_ones(model_dir, data_dir, tmp_path) -> None:
+    data = _json_data(data_dir, tmp_path)
+    config = tiny_config(model_dir, data_dir, tmp_path / "run", data={**data, "forget_subdomains": ["alpha", "btea"]})
+    with pytest.raises(ValueError, match=r"\['btea'\] match no record's 'subdomain'.*\['alpha', 'beta'\]"):
+        Trainer(config)
+
+
+def test_examples_whose_answer_is_truncated_away_are_left_out_and_counted(model_dir, data_dir, tmp_path) -> None:
+    data = _json_data(data_dir, tmp_path)
+    retain = json.loads((tmp_path / "retain.json").read_text())
+    retain[0]["question"] = "Tell me " * 40 + "?"  # the prompt alone fills max_length = 48
+    (tmp_path / "retain.json").write_text(json.dumps(retain))
+    config = tiny_config(model_dir, data_dir, tmp_path / "run", data={**data, "forget_subdomains": ["alpha", "beta"]})
+    with pytest.warns(UserWarning, match="1 of .* 'retain' examples have no answer token"):
+        trainer = Trainer(config)
+    assert trainer.truncated == {"retain": 1} and len(trainer.retain_examples) == len(retain) - 1
+
+
+def test_heads_start_from_a_seeded_random_sample_of_their_examples(model_dir, data_dir, tmp_path, monkeypatch) -> None:
+    """Not the first rows of the data (one author's, in TOFU-style files)."""
+    class Stop(Exception):
+        pass
+
+    seen: dict[str, list[tuple[int, ...]]] = {}
+
+    def spy(alter, head_batches, init_scale, max_tokens):
+        for head, batches in head_batches.items():
+            seen[head] = [tuple(row[row_mask.bool()].tolist())
+                          for ids, mask, _ in batches for row, row_mask in zip(ids, mask)]
+        raise Stop
+
+    monkeypatch.setattr(trainer_module, "init_heads", spy)
+    config = tiny_config(model_dir, data_dir, tmp_path / "run", adapter={"init_tokens": 40})
+    samples = []
+    for _ in range(2):
+        trainer = Trainer(config)
+        with pytest.raises(Stop):
+            trainer.train_alter()
+        samples.append(dict(seen))
+    assert samples[0] == samples[1]  # seeded
+    for head, examples in (("retain", trainer.retain_examples), ("alpha", trainer.forget_examples["alpha"])):
+        sampled = samples[0][head]
+        assert 0 < len(sampled) < len(examples)
+        assert sampled != [e.input_ids for e in examples[: len(sampled)]]  # not the first rows
+        assert sum(answer_tokens(e) for e in examples if e.input_ids in sampled) >= 40
+
+
+def test_a_phase_meter_measures_the_peak_of_its_own_blocks_only() -> None:
+    import os
+
+    from train.runtime import PhaseMeter, peak_memory_bytes
+
+    cpu = torch.device("cpu")
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("this platform cannot reset the RSS high-water mark")
+    big = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched
+    earlier_peak = peak_memory_bytes(cpu)
+    del big
+    with PhaseMeter("small", cpu) as meter:
+        torch.ones(1024).sum()
+    assert meter.peak_memory_bytes < earlier_peak - 128 * 2**20
+    assert meter.summary()["peak_memory_bytes"] == meter.peak_memory_bytes
+
+
+def test_the_frozen_npo_reference_is_a_compute_dtype_copy(model_dir) -> None:
+    from types import SimpleNamespace
+
+    from train.baseline_loop import Reference
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    reference = Reference(model, "full", needed=True, dtype=torch.bfloat16)
+    frozen = reference.frozen
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the trained model is untouched
+    assert frozen.get_output_embeddings().weight is frozen.get_input_embeddings().weight  # still tied
+    ids = torch.tensor([[5, 17, 33, 80, 120, 9]])
+    with torch.no_grad():
+        assert torch.allclose(frozen(input_ids=ids).logits.float(), model(input_ids=ids).logits, atol=0.1)
+    # The trainer's choice: bf16 under CUDA bf16 autocast, the configured dtype otherwise.
+    on = lambda device, bf16: SimpleNamespace(device=torch.device(device), compute_dtype=torch.float32,  # noqa: E731
+                                              config=SimpleNamespace(runtime=SimpleNamespace(bf16=bf16)))
+    assert Trainer._reference_dtype(on("cuda", True)) == torch.bfloat16
+    assert Trainer._reference_dtype(on("cpu", True)) == torch.float32

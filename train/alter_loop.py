@@ -14,7 +14,9 @@ batch of d's own data, and one step on a retain batch:
 
 Isolation is exact: each forward names the one head that may receive gradients; the other heads
 that are switched on are detached (`AlterModel.set_grad_heads`), A has requires_grad off, and
-the orthogonality term L_⊥ treats the other heads as constants.
+the orthogonality term L_⊥ treats the other heads as constants. The optimizer step keeps it so:
+gradients are clipped per head (`train.optim.clip_head_grad_norms`), since one norm over the
+stacked B would scale B_d's step by the other heads' gradient norms; AdamW is element-wise.
 
 Views during training. Tenants get static views B_r + Σ_{d∈V} B_d on *all* tokens, so every
 training forward is such a view: the forget step for d runs the view {r, d} plus each other
@@ -37,6 +39,11 @@ the calibrated head weight ω(n) for n heads (`train.calibration`), chosen after
 
 `use_entropy=False` is the ablation "AsymLoRA without entropy guidance": every answer token is
 both "high" (Phase I) and "low" (Phase II).
+
+No host sync per step: the steps take host (CPU) batches, make every data-dependent decision
+(does this batch have a high-entropy token?) on the host copy, and copy the batch to the model's
+device asynchronously (`Batch.to`). Losses come back as detached 0-dim device tensors; the caller
+reads them in bulk (the trainer once per epoch).
 
 Every step runs forward *and* backward inside the `mixing` block, so that activation
 recomputation under gradient checkpointing sees the same head weights as the forward did.
@@ -91,7 +98,11 @@ def random_view(forget_heads: list[str], rng: random.Random, prob: float, includ
 
 
 class AlterSteps:
-    """The per-step losses of Phase I and Phase II for one AlterModel."""
+    """The per-step losses of Phase I and Phase II for one AlterModel.
+
+    Batches may live anywhere (host batches are best: see the module docstring); each step moves
+    its batch to the model's device. Every step returns detached 0-dim tensors.
+    """
 
     def __init__(self, alter: AlterModel, config: AlterStepConfig, rng: random.Random,
                  autocast: Callable[[], AbstractContextManager]):
@@ -99,37 +110,45 @@ class AlterSteps:
 
     def _logits(self, batch: Batch) -> torch.Tensor:
         with self.autocast():
-            return self.alter(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return self.alter(input_ids=batch.input_ids, attention_mask=batch.model_mask).logits
 
-    def phase1(self, batch: Batch) -> float | None:
-        """Backward of L_I on one batch; None (no work) when it has no high-entropy token."""
+    def trains_phase1(self, batch: Batch) -> bool:
+        """Whether `batch` has a high-entropy token (read it on a host batch: no device sync)."""
         high, _ = token_masks(batch, self.config.threshold, self.config.use_entropy)
-        if not bool(high.any()):
+        return bool(high.any())
+
+    def phase1(self, batch: Batch) -> torch.Tensor | None:
+        """Backward of L_I on one batch; None (no work) when it has no high-entropy token."""
+        if not self.trains_phase1(batch):
             return None
+        batch = batch.to(self.alter.device)
+        high, _ = token_masks(batch, self.config.threshold, self.config.use_entropy)
         with self.alter.mixing("view", forget=random_view(self.alter.forget_heads, self.rng, self.config.head_prob)):
             loss = nll_loss(self._logits(batch), batch.labels, high)
             loss.backward()
-        return loss.item()
+        return loss.detach()
 
-    def forget(self, batch: Batch, head: str) -> dict[str, float]:
+    def forget(self, batch: Batch, head: str) -> dict[str, torch.Tensor]:
         """Backward of L_d on a batch of sub-domain `head`; gradients reach B_head only."""
+        batch = batch.to(self.alter.device)
         _, low = token_masks(batch, self.config.threshold, self.config.use_entropy)
         view = random_view(self.alter.forget_heads, self.rng, self.config.head_prob, include=head)
         with self.alter.mixing("view", forget=view, grad_heads=[head]):
             ihl = inverted_hinge_loss(self._logits(batch), batch.labels, low)
             structure = self._orthogonality(head)
             (self.config.beta * ihl + self.config.lam * structure).backward()
-        return {"ihl": ihl.item(), "orth": structure.item()}
+        return {"ihl": ihl.detach(), "orth": structure.detach()}
 
-    def retain(self, batch: Batch) -> dict[str, float]:
+    def retain(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Backward of L_r on a retain batch; gradients reach B_r only."""
+        batch = batch.to(self.alter.device)
         view = random_view(self.alter.forget_heads, self.rng, self.config.head_prob,
                            nonempty=self.config.retain_nonempty)
         with self.alter.mixing("view", forget=view, grad_heads=[self.alter.heads[0]]):
             nll = nll_loss(self._logits(batch), batch.labels)
             structure = self._orthogonality(self.alter.heads[0])
             (self.config.gamma * nll + self.config.lam * structure).backward()
-        return {"nll": nll.item(), "orth": structure.item()}
+        return {"nll": nll.detach(), "orth": structure.detach()}
 
     def _orthogonality(self, head: str) -> torch.Tensor:
         index = self.alter.head_index(head)

@@ -6,7 +6,12 @@
 
 γ and α are `optim.beta` and `optim.gamma` (the same forget/retain weights ALTER uses). The NPO
 reference π_ref is the frozen base: the LoRA model with its adapter disabled, or, for
-full-parameter training, a frozen copy made before the first step.
+full-parameter training, a frozen copy made before the first step, in the compute dtype (bf16
+under CUDA autocast: it only runs forward passes, so an fp32 copy would double the memory the
+trainable fp32 weights already take, for the same bf16 matmuls).
+
+Steps take batches anywhere (host batches best: the copy to the device is then asynchronous) and
+return detached 0-dim tensors, so no step waits for the GPU.
 """
 
 from __future__ import annotations
@@ -40,22 +45,38 @@ def make_full_model(model: nn.Module) -> nn.Module:
 
 
 class Reference:
-    """Logits of the frozen reference model, for NPO."""
+    """Logits of the frozen reference model, for NPO.
 
-    def __init__(self, model: nn.Module, peft: str, needed: bool):
+    For full-parameter training the reference is a frozen copy of `model` whose parameters are
+    in `dtype` (None: the model's own); the copy is made parameter by parameter in that dtype, so
+    a full-precision second copy never exists, not even for a moment."""
+
+    def __init__(self, model: nn.Module, peft: str, needed: bool, dtype: torch.dtype | None = None):
         self.model, self.peft = model, peft
         self.frozen: nn.Module | None = None
         if needed and peft == "full":
-            self.frozen = copy.deepcopy(model).eval()
-            for parameter in self.frozen.parameters():
-                parameter.requires_grad_(False)
+            self.frozen = frozen_copy(model, dtype).eval()
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
         if self.frozen is not None:
-            return self.frozen(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return self.frozen(input_ids=batch.input_ids, attention_mask=batch.model_mask).logits
         with _adapter_disabled(self.model):
-            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return self.model(input_ids=batch.input_ids, attention_mask=batch.model_mask).logits
+
+
+def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A deep copy of `model` with every parameter detached, frozen and cast to `dtype`.
+
+    The converted parameters are handed to `copy.deepcopy` through its memo, so deepcopy never
+    copies the originals; tied parameters (one tensor, two names) stay tied. Buffers are copied
+    as they are (RoPE frequencies stay fp32)."""
+    memo: dict[int, object] = {}
+    for parameter in model.parameters():
+        if id(parameter) not in memo:
+            data = parameter.detach().to(dtype=dtype or parameter.dtype, copy=True)
+            memo[id(parameter)] = nn.Parameter(data, requires_grad=False)
+    return copy.deepcopy(model, memo)
 
 
 @contextmanager
@@ -74,11 +95,14 @@ class BaselineSteps:
             raise ValueError(f"unknown baseline {method!r}; choose one of {BASELINES}")
         self.model, self.method, self.reference, self.autocast = model, method, reference, autocast
         self.gamma, self.alpha, self.npo_beta = gamma, alpha, npo_beta
+        self.device = next(model.parameters()).device
 
     def _logits(self, batch: Batch) -> torch.Tensor:
-        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return self.model(input_ids=batch.input_ids, attention_mask=batch.model_mask).logits
 
-    def step(self, forget: Batch, retain: Batch) -> dict[str, float]:
+    def step(self, forget: Batch, retain: Batch) -> dict[str, torch.Tensor]:
+        forget = forget.to(self.device)
+        retain = retain.to(self.device) if self.uses_retain() else retain
         with self.autocast():
             f_logits = self._logits(forget)
             if self.method == "grad_ascent":
@@ -90,7 +114,7 @@ class BaselineSteps:
                 loss = npo_loss(f_logits, self.reference.logits(forget), forget.labels,
                                 self._logits(retain), retain.labels, self.npo_beta, self.gamma, self.alpha)
         loss.backward()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     def uses_retain(self) -> bool:
         return self.method != "grad_ascent"

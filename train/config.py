@@ -7,13 +7,16 @@ from-scratch models need other values; they set them in their own config file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from alter_serve.core.bundle import SUPPORTED_RANKS, is_valid_head_name
+from alter_serve.core.bundle import MAX_ALPHA, MAX_SCALE, SUPPORTED_RANKS, is_valid_head_name
+
+from .runtime import DEVICE_PATTERN
 
 Method = Literal["alter", "alter_no_entropy", "grad_ascent", "grad_diff", "npo"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -62,12 +65,16 @@ class DataSection(_Section):
         bad = [d for d in self.forget_subdomains if not is_valid_head_name(d)]
         if bad:
             raise ValueError(f"forget_subdomains {bad} are not valid head names ([a-z0-9][a-z0-9_-]*)")
+        if self.kind == "json" and self.forget_subdomains and self.subdomain_field is None:
+            # k-means names its own heads; the list would be ignored without a word.
+            raise ValueError("data.forget_subdomains selects records by data.subdomain_field, which is null "
+                             "(k-means sub-domains); set data.subdomain_field or drop data.forget_subdomains")
         return self
 
 
 class AdapterSection(_Section):
     rank: int = 8
-    alpha: float = Field(default=16.0, gt=0)
+    alpha: float = Field(default=16.0, gt=0, le=MAX_ALPHA, allow_inf_nan=False)
     target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_TARGETS))
     init_scale: float = Field(default=1e-2, gt=0)  # ‖column‖ of the data-initialised heads
     init_tokens: int = Field(default=512, ge=1)     # tokens per head used for that initialisation
@@ -76,6 +83,8 @@ class AdapterSection(_Section):
     def _servable_rank(self) -> AdapterSection:
         if self.rank not in SUPPORTED_RANKS:
             raise ValueError(f"adapter.rank {self.rank} cannot be served by vLLM; use one of {list(SUPPORTED_RANKS)}")
+        if self.alpha / self.rank > MAX_SCALE:  # the bundle format refuses it (alter_serve.core.bundle)
+            raise ValueError(f"adapter.alpha / adapter.rank = {self.alpha / self.rank:g} exceeds {MAX_SCALE:g}; lower alpha")
         return self
 
 
@@ -106,6 +115,9 @@ class OptimSection(_Section):
     retain_view_nonempty: bool = True             # ...redrawn until at least one forget head is on
     router_epochs: int = Field(default=3, ge=0)
     router_lr: float = Field(default=1e-2, gt=0)
+    # Router training data: a seeded sample of up to this many tokens from the retain set and from
+    # each forget sub-domain (one budget per label, so a large retain set cannot crowd them out).
+    router_tokens_per_label: int = Field(default=50_000, ge=1)
 
 
 class CalibrationSection(_Section):
@@ -124,7 +136,7 @@ class CalibrationSection(_Section):
 
 
 class RuntimeSection(_Section):
-    device: str = "auto"                  # auto: cuda if available, else cpu
+    device: str = "auto"                  # auto: cuda if available, else cpu; or cpu, cuda, cuda:N
     bf16: bool = True                     # autocast to bf16 on CUDA (ignored on CPU)
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -133,6 +145,13 @@ class RuntimeSection(_Section):
     output_dir: str | None = None         # default: runs/<name>
     cache_dir: str = "var/cache"
     eval_batch_size: int = Field(default=16, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _supported_device(cls, value: str) -> str:
+        if not re.match(DEVICE_PATTERN, value):
+            raise ValueError(f"runtime.device {value!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
 
 
 class TrainConfig(_Section):
@@ -146,6 +165,20 @@ class TrainConfig(_Section):
     optim: OptimSection = Field(default_factory=OptimSection)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    @model_validator(mode="after")
+    def _reachable_threshold(self) -> TrainConfig:
+        """For q > 1, S_q < 1/(q − 1) over any vocabulary (train.entropy), so a threshold at or above
+        that bound makes Phase I a no-op; the vocabulary-exact check runs once the model is loaded."""
+        cfg = self.entropy
+        if self.method == "alter" and cfg.split == "threshold" and cfg.q > 1.0:
+            bound = 1.0 / (cfg.q - 1.0)
+            if cfg.threshold >= bound:
+                raise ValueError(
+                    f"entropy.threshold {cfg.threshold} can never be exceeded with q = {cfg.q}: S_q < 1/(q − 1) "
+                    f"= {bound:.4g} for every vocabulary, so Phase I would train on nothing. Lower the "
+                    f"threshold, use q < {1.0 + 1.0 / cfg.threshold:.4g}, or split: quantile")
+        return self
 
     @property
     def is_alter(self) -> bool:

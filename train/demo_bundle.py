@@ -25,7 +25,7 @@ from alter_serve.core.fingerprint import fingerprint
 from .config import deep_merge, load_config
 
 # Bump when a change to the training code changes what a build produces.
-CODE_VERSION = 3
+CODE_VERSION = 4
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 DEFAULT_OUT_ROOT = REPO_ROOT / "var" / "bundles"

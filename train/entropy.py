@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,18 @@ def max_tsallis_entropy(vocab_size: int, q: float = DEFAULT_Q) -> float:
     if abs(q - 1.0) < _SHANNON_EPS:
         return float(torch.log(torch.tensor(float(vocab_size))))
     return (1.0 - vocab_size ** (1.0 - q)) / (q - 1.0)
+
+
+def check_reachable_threshold(threshold: float, q: float, vocab_size: int) -> None:
+    """Refuse a threshold that no token can exceed: S_q ≤ max_tsallis_entropy(n, q) for every
+    next-token distribution over n tokens, so with threshold ≥ that maximum nothing is
+    "high-entropy" and Phase I silently trains on nothing."""
+    top = max_tsallis_entropy(vocab_size, q)
+    if threshold >= top:
+        raise ValueError(
+            f"entropy.threshold {threshold} can never be exceeded: with q = {q} and this model's vocabulary of "
+            f"{vocab_size} tokens the largest possible S_q is (1 − n^(1−q))/(q − 1) = {top:.4g}, so Phase I "
+            "would train on nothing. Lower entropy.threshold (or q), or use entropy.split: quantile")
 
 
 # ---- the split ---------------------------------------------------------------------------------
@@ -145,9 +159,13 @@ def example_entropies(
     return out  # type: ignore[return-value]
 
 
-def entropy_cache_key(model_id: str, q: float, sequences: Iterable[Sequence[int]]) -> str:
-    """sha256 over the base model's identity (e.g. its fingerprint), q and every token id."""
-    digest = hashlib.sha256(json.dumps({"model": model_id, "q": q}, sort_keys=True).encode())
+def entropy_cache_key(model_id: str, q: float, sequences: Iterable[Sequence[int]],
+                      dtype: torch.dtype = torch.float32, device_type: str = "cpu") -> str:
+    """sha256 over the base model's identity (e.g. its fingerprint), q, the weights' dtype, the
+    device type and every token id. Dtype and device are part of the key because they change the
+    numbers (bf16 on CUDA vs fp32 on CPU move entropies near the threshold across it)."""
+    header = {"model": model_id, "q": q, "dtype": str(dtype), "device": device_type}
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for seq in sequences:
         digest.update(torch.tensor(list(seq), dtype=torch.int64).numpy().tobytes())
         digest.update(b"|")
@@ -164,20 +182,38 @@ def cached_example_entropies(
     pad_id: int = 0,
     device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
-    """`example_entropies`, computed once per (model, q, data) and stored as safetensors."""
+    """`example_entropies`, computed once per (model, q, dtype, device type, data) and stored as
+    safetensors.
+
+    Several processes may compute the same entry at once (the TOFU benchmark trains methods in
+    parallel): each writes its own temporary file in the cache folder and renames it into place
+    (atomic on one file system), so a reader never sees a partial file and the last writer wins
+    with identical content.
+    """
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"entropy-{entropy_cache_key(model_id, q, sequences)}.safetensors"
+        dtype = next(model.parameters()).dtype
+        key = entropy_cache_key(model_id, q, sequences, dtype, torch.device(device).type)
+        path = Path(cache_dir) / f"entropy-{key}.safetensors"
         if path.is_file():
             stored = load_file(str(path))
             return [stored[str(i)] for i in range(len(sequences))]
     result = example_entropies(model, sequences, q, batch_size, pad_id, device)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({str(i): t.contiguous() for i, t in enumerate(result)}, str(tmp))
-        tmp.replace(path)
+        _write_atomically({str(i): t.contiguous() for i, t in enumerate(result)}, path)
     return result
+
+
+def _write_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ per-position entropies (length len − 1, aligned with the shifted labels).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -29,17 +29,33 @@ class Example:
 
 @dataclass
 class Batch:
-    """Right-padded tensors. `entropy` is [B, T − 1] (0 on padding) when the examples have it."""
+    """Right-padded tensors. `entropy` is [B, T − 1] (0 on padding) when the examples have it.
+    `padded`: whether any row is padded, known on the host when the batch was built (None: unknown)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
     head: torch.Tensor
     entropy: torch.Tensor | None = None
+    padded: bool | None = None
+
+    @property
+    def model_mask(self) -> torch.Tensor | None:
+        """The attention mask to give the model: None for a batch known to have no padding, which
+        is the same computation, and spares transformers' "is the mask all ones?" check (a read of
+        a device tensor, so a host sync on CUDA, in every forward)."""
+        return None if self.padded is False else self.attention_mask
 
     def to(self, device: torch.device | str) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.head), move(self.entropy))
+        """This batch on `device` (itself if already there).
+
+        Host → CUDA goes through pinned memory with non_blocking=True: the copy is queued behind
+        the running kernels instead of waiting for them (a pageable copy syncs the host)."""
+        device = torch.device(device)
+        if self.input_ids.device == device or (device.index is None and self.input_ids.device.type == device.type):
+            return self
+        moved = (_move(t, device) for t in (self.input_ids, self.attention_mask, self.labels, self.head, self.entropy))
+        return Batch(*moved, padded=self.padded)
 
     @property
     def num_label_tokens(self) -> int:
@@ -48,6 +64,14 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+
+def _move(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def encode_records(tokenizer, records: Sequence[Record], head: int = 0, max_length: int = 256) -> list[Example]:
@@ -82,7 +106,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         if entropy is not None:
             entropy[row, : n - 1] = e.entropy
     heads = torch.tensor([e.head for e in examples], dtype=torch.long)
-    return Batch(ids, mask, labels, heads, entropy)
+    return Batch(ids, mask, labels, heads, entropy, padded=any(len(e.input_ids) < width for e in examples))
 
 
 def epoch_batches(examples: Sequence[Example], batch_size: int, pad_id: int,
@@ -93,6 +117,27 @@ def epoch_batches(examples: Sequence[Example], batch_size: int, pad_id: int,
         rng.shuffle(order)
     return [collate([examples[i] for i in order[s: s + batch_size]], pad_id)
             for s in range(0, len(order), batch_size)]
+
+
+def answer_tokens(example: Example) -> int:
+    """Labelled tokens the example's answer contributes after the causal shift (0: fully truncated)."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+
+
+def sample_by_tokens(examples: Sequence[Example], budget: int, rng: random.Random,
+                     count: Callable[[Example], int] = lambda e: len(e.input_ids)) -> list[Example]:
+    """A random sample of whole examples, drawn in `rng`'s order until they hold `budget` tokens
+    (as `count` counts them), or all of them. Spread over the whole set, unlike its first rows
+    (which in TOFU-style files are one author's)."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    chosen, total = [], 0
+    for index in order:
+        if total >= budget:
+            break
+        chosen.append(examples[index])
+        total += count(examples[index])
+    return chosen
 
 
 def answer_token_values(examples: Sequence[Example]) -> torch.Tensor:

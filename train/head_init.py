@@ -6,7 +6,7 @@ own data occupies at that layer:
 
     Y_h = [W0 x_t]_t ∈ R^{N × out}     the base layer's outputs on head h's answer tokens
                                          (retain data for B_r, sub-domain d's data for B_d;
-                                          at most `max_tokens` tokens per head)
+                                          the first `max_tokens` tokens of the batches given)
     B_r = c · U_r                       U_r: top-r right singular vectors of Y_r  ([out, r])
     B_d = c · U_d                       U_d: top-r right singular vectors of (Y_d − Y_d U_r U_rᵀ)
 
@@ -16,6 +16,10 @@ cluster centroid plus its main spread. Forget heads are taken after projecting o
 subspace, so each starts orthogonal to B_r (the same property the structural term then keeps).
 Columns are orthonormal, scaled by `c = init_scale` (small), so the model at initialisation
 is within O(c) of the base model.
+
+The batches should be a random sample of each head's examples (the trainer passes a seeded
+sample, `train.examples.sample_by_tokens`): the first rows of a TOFU-style file are one author's,
+and a head started on one author's directions starts biased towards that author.
 """
 
 from __future__ import annotations

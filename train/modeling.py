@@ -19,6 +19,10 @@ Gradient isolation is per head: `HeadMix.grad_heads` names the heads that may re
 in the next forward; the others enter the forward detached (their values are used, their
 gradient is exactly zero). A head with ω_h = 0 also gets exactly zero gradient.
 
+No host sync in the forward: everything a layer branches on is a Python value (mode, the
+isolation flag), and the small tensors it uses (ω, the keep mask) are built when the mode is set
+and copied to the device asynchronously (`host_to_device`).
+
 Adapter parameters are kept in fp32 (optimizer master copy); the forward runs in the model's
 compute dtype (bf16 under CUDA autocast), so the adapter adds few, small kernels.
 """
@@ -28,7 +32,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,18 +48,31 @@ RETAIN_HEAD = "retain"
 MODES = ("off", "view", "routed")
 
 
-@dataclass
-class HeadMix:
-    """What every AlterLinear of one model applies on its next forward (shared, mutable).
+class HeadMix(nn.Module):
+    """What every AlterLinear of one model applies on its next forward (one instance, shared).
 
-    `weights`: [H] in view mode, [..., H] broadcastable to the layer input's leading dims in
-    routed mode. `grad_heads`: bool [H], True where the head may receive gradients; None = all.
+    `mode`: "off", "view" or "routed". `weights`: [H] in view mode, [..., H] broadcastable to the
+    layer input's leading dims in routed mode. `grad_heads`: the names of the heads that may
+    receive gradients (None = all); `isolate` and `keep` ([1, H, 1] bool) are derived from it once,
+    when it is set, so that no forward has to inspect a device tensor (on CUDA that is a host sync
+    in every adapted layer).
+
+    It is a module registered under every AlterLinear (and the AlterModel), with `weights` and
+    `keep` as non-persistent buffers: whichever enclosing module is moved or cast (`alter.to`,
+    `alter.model.cuda()`, `.double()`), they move with it, and they never enter a state dict.
     """
 
-    heads: list[str]
-    mode: str = "view"
-    weights: torch.Tensor | None = None
-    grad_heads: torch.Tensor | None = None
+    def __init__(self, heads: Sequence[str]):
+        super().__init__()
+        self.heads = list(heads)
+        self.mode = "view"
+        self.grad_heads: tuple[str, ...] | None = None
+        self.isolate = False
+        self.register_buffer("weights", None, persistent=False)
+        self.register_buffer("keep", None, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, mode={self.mode!r}"
 
 
 class AlterLinear(nn.Module):
@@ -90,7 +106,7 @@ class AlterLinear(nn.Module):
         if mix.mode == "off":
             return result
         dtype = _compute_dtype(x)
-        heads = _isolate(self.lora_B, mix.grad_heads)
+        heads = _isolate(self.lora_B, mix)
         ax = F.linear(x.to(dtype), self.lora_A.to(dtype))
         if mix.mode == "view":
             b_view = torch.einsum("ohr,h->or", heads, mix.weights.to(heads.dtype))
@@ -115,12 +131,27 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _isolate(stacked: torch.Tensor, grad_heads: torch.Tensor | None) -> torch.Tensor:
-    """Detach the heads not in `grad_heads`: same values, exactly zero gradient for them."""
-    if grad_heads is None or not stacked.requires_grad or bool(grad_heads.all()):
+def _isolate(stacked: torch.Tensor, mix: HeadMix) -> torch.Tensor:
+    """Detach the heads not in `mix.grad_heads`: same values, exactly zero gradient for them.
+
+    Decided by the Python flag `mix.isolate`, never by reading a device tensor (no host sync)."""
+    if not mix.isolate or not stacked.requires_grad:
         return stacked
-    keep = grad_heads.to(stacked.device).view(1, -1, 1)
-    return torch.where(keep, stacked, stacked.detach())
+    return torch.where(mix.keep.to(stacked.device), stacked, stacked.detach())
+
+
+def host_to_device(values: Sequence[float] | Sequence[bool], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor built on the host, on `device`, without a host sync.
+
+    A plain host→CUDA copy from pageable memory waits for the GPU queue to drain; a copy from
+    pinned memory with non_blocking=True is queued instead (PyTorch's pinned-memory cache keeps the
+    source alive until the copy has run). Setting elements of a CUDA tensor one by one would copy
+    each value the blocking way.
+    """
+    tensor = torch.tensor(list(values), dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class AlterModel(nn.Module):
@@ -191,14 +222,14 @@ class AlterModel(nn.Module):
 
     def set_view(self, retain: float = 1.0, forget: dict[str, float] | None = None) -> None:
         """Fixed head weights ω = (retain, forget[d] for each named d, 0 for the others)."""
-        weights = torch.zeros(len(self.mix.heads), dtype=torch.float32, device=self._device())
-        weights[0] = retain
+        values = [0.0] * len(self.mix.heads)
+        values[0] = float(retain)
         for name, weight in (forget or {}).items():
             index = self.head_index(name)
             if index == 0:
                 raise KeyError("'retain' is set through the `retain` argument, not `forget`")
-            weights[index] = weight
-        self.mix.mode, self.mix.weights = "view", weights
+            values[index] = float(weight)
+        self.mix.mode, self.mix.weights = "view", host_to_device(values, torch.float32, self._device())
 
     def set_routed(self, weights: torch.Tensor) -> None:
         """Per-token head weights [..., H] (column 0 is the retain head)."""
@@ -208,20 +239,26 @@ class AlterModel(nn.Module):
         self.mix.mode, self.mix.weights = "routed", weights
 
     def set_grad_heads(self, names: Sequence[str] | None) -> None:
-        """Only the named heads receive gradients (None: all heads)."""
+        """Only the named heads receive gradients (None: all heads).
+
+        The keep mask and the "anything to detach" flag are computed here, once per call, so the
+        forward of each adapted layer needs neither a mask rebuild nor a device read."""
+        mix = self.mix
         if names is None:
-            self.mix.grad_heads = None
+            mix.grad_heads, mix.isolate, mix.keep = None, False, None
             return
-        mask = torch.zeros(len(self.mix.heads), dtype=torch.bool, device=self._device())
-        for name in names:
-            mask[self.head_index(name)] = True
-        self.mix.grad_heads = mask
+        chosen = {self.head_index(name) for name in names}
+        mix.grad_heads = tuple(mix.heads[i] for i in sorted(chosen))
+        mix.isolate = len(chosen) < len(mix.heads)
+        flags = [i in chosen for i in range(len(mix.heads))]
+        mix.keep = host_to_device(flags, torch.bool, self._device()).view(1, -1, 1) if mix.isolate else None
 
     @contextmanager
     def mixing(self, mode: str = "view", retain: float = 1.0, forget: dict[str, float] | None = None,
                routed: torch.Tensor | None = None, grad_heads: Sequence[str] | None = None) -> Iterator[None]:
         """Temporarily set the mode, head weights and trainable heads; restore on exit."""
-        saved = (self.mix.mode, self.mix.weights, self.mix.grad_heads)
+        mix = self.mix
+        saved = (mix.mode, mix.weights, mix.grad_heads, mix.isolate, mix.keep)
         try:
             if mode == "off":
                 self.set_off()
@@ -236,7 +273,12 @@ class AlterModel(nn.Module):
             self.set_grad_heads(grad_heads)
             yield
         finally:
-            self.mix.mode, self.mix.weights, self.mix.grad_heads = saved
+            mix.mode, mix.weights, mix.grad_heads, mix.isolate, mix.keep = saved
+
+    @property
+    def device(self) -> torch.device:
+        """Where the adapters live (and so where batches must go)."""
+        return self._device()
 
     def _device(self) -> torch.device:
         return next(iter(self._layers.values())).lora_A.device

@@ -135,7 +135,9 @@ def orthogonality_loss(stacked_heads: Sequence[torch.Tensor], head: int, others:
     for same in by_shape.values():
         b = torch.stack(same).float()                    # [L, out, H, r]
         own = b[:, :, head]                              # [L, out, r]
-        rest = b[:, :, list(others)].detach()            # [L, out, J, r]
+        # Integer views, stacked: indexing with a Python list would copy an index tensor to the
+        # device (a host sync on CUDA) in every step.
+        rest = torch.stack([b[:, :, j] for j in others], dim=2).detach()   # [L, out, J, r]
         overlap = torch.einsum("lor,lojs->ljrs", own, rest).pow(2).sum(dim=(2, 3))      # [L, J]
         norms = own.pow(2).sum(dim=(1, 2)).unsqueeze(1) * rest.pow(2).sum(dim=(1, 3))   # [L, J]
         terms.append((overlap / norms.clamp(min=1e-12)).mean(dim=1))                     # [L]

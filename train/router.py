@@ -18,11 +18,18 @@ so the features add the base model's hidden state; the entropy enters both as a 
 through the temperature. W_g is trained after Phase II by cross-entropy (at τ = 1) on the
 sequence's sub-domain label (null for retain data), on detached base-model features: it
 touches no adapter weight, so head isolation is unaffected.
+
+Training data are balanced by label: each label (null/retain and every forget head) gets its own
+token budget, and the loss weights every label equally however many tokens it brought. A retain
+set is typically 10–20× the forget set (TOFU retain90 vs forget10); with one shared budget filled
+in file order the router would never see a forget token and routed mode would never switch a
+forget head on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -117,39 +124,82 @@ def routed_forward(alter: AlterModel, router: EntropyRouter, input_ids: torch.Te
         return alter(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
+ROUTER_BATCH_TOKENS = 1024  # tokens per router optimizer step
+
+
+@dataclass
+class RouterFit:
+    history: list[float]      # mean weighted cross-entropy per epoch
+    tokens: dict[int, int]    # tokens trained on, per label (0 = null/retain, d = forget head d)
+    steps: int                # optimizer steps
+
+
 def train_router(
     alter: AlterModel,
     router: EntropyRouter,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     epochs: int = 3,
     lr: float = 1e-2,
-    max_tokens: int = 50_000,
-) -> list[float]:
-    """Fit W_g by cross-entropy to each sequence's head label (0 = null/retain, d = forget head d).
+    tokens_per_label: int | None = 50_000,
+    seed: int = 0,
+) -> RouterFit:
+    """Fit W_g to each sequence's head label (0 = null/retain, d = forget head d).
 
-    `batches` yields (input_ids, attention_mask, head_label [B]); features are computed once
-    (base model, no grad) and reused across epochs. Only the first `max_tokens` tokens are kept,
-    which bounds the feature cache (tokens × hidden floats) on large data sets.
-    Returns the mean loss per epoch.
+    `batches` yields (input_ids, attention_mask, head_label [B]) on any device. Every label keeps
+    whole sequences, in the order given, until it holds `tokens_per_label` tokens (None: no cap);
+    later sequences of a full label are skipped without a forward pass, so pass each label's data
+    in a random order (the trainer passes a seeded sample per label). Features come from one
+    base-model pass (no grad) and are reused across epochs.
+
+    Each epoch visits the cached tokens in a seeded random order, `ROUTER_BATCH_TOKENS` per step,
+    with the class-balanced cross-entropy
+
+        L = Σ_t w_{c_t} · CE(z_t, c_t) / Σ_t w_{c_t},     w_c = N / (C · N_c)
+
+    (N tokens, C labels present, N_c tokens of label c), so each label weighs the same.
     """
-    cached, kept = [], 0
-    for input_ids, attention_mask, label in batches:
-        if kept >= max_tokens:
-            break
-        hidden, entropy = base_features(alter, input_ids, attention_mask, router.q)
-        valid = attention_mask.bool()
-        labels = label.to(valid.device).unsqueeze(1).expand_as(attention_mask)[valid]
-        cached.append((hidden[valid].float(), entropy[valid], labels))
-        kept += int(valid.sum())
+    hidden, entropy, target, used = _router_features(alter, router, batches, tokens_per_label)
+    counts = torch.bincount(target, minlength=router.num_forget + 1).float()
+    present = int((counts > 0).sum())
+    weight = torch.where(counts > 0, target.numel() / (present * counts.clamp(min=1.0)), torch.zeros_like(counts))
     optimizer = torch.optim.Adam(router.parameters(), lr=lr)
-    history = []
+    generator = torch.Generator().manual_seed(seed)
+    history, steps = [], 0
     for _ in range(epochs):
-        total, count = 0.0, 0
-        for hidden, entropy, target in cached:
-            loss = F.cross_entropy(router.logits(hidden, entropy), target)
+        order = torch.randperm(target.numel(), generator=generator).to(target.device)
+        total = torch.zeros((), device=target.device)
+        chunks = order.split(ROUTER_BATCH_TOKENS)
+        for rows in chunks:
+            loss = F.cross_entropy(router.logits(hidden[rows], entropy[rows]), target[rows], weight=weight)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            total, count = total + loss.item(), count + 1
-        history.append(total / max(count, 1))
-    return history
+            total += loss.detach()
+        steps += len(chunks)
+        history.append(float(total / max(len(chunks), 1)))  # one read per epoch
+    return RouterFit(history, used, steps)
+
+
+def _router_features(alter: AlterModel, router: EntropyRouter, batches, tokens_per_label: int | None):
+    """(hidden [N, hidden], S_q [N], label [N], tokens per label) of the kept sequences' tokens."""
+    device = alter.device
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    used: dict[int, int] = {}
+    for input_ids, attention_mask, label in batches:
+        keep = []
+        for row, (head, length) in enumerate(zip(label.tolist(), attention_mask.sum(dim=1).tolist())):
+            if tokens_per_label is None or used.get(head, 0) < tokens_per_label:
+                keep.append(row)
+                used[head] = used.get(head, 0) + int(length)
+        if not keep:
+            continue
+        rows = torch.tensor(keep, device=input_ids.device)
+        ids, mask = input_ids[rows].to(device), attention_mask[rows].to(device)
+        hidden, entropy = base_features(alter, ids, mask, router.q)
+        valid = mask.bool()
+        labels = label.to(rows.device)[rows].to(device).unsqueeze(1).expand_as(mask)[valid]
+        parts.append((hidden[valid], entropy[valid], labels))
+    if not parts:
+        raise ValueError("the router has no training tokens")
+    hidden, entropy, target = (torch.cat(column) for column in zip(*parts))
+    return hidden, entropy, target, dict(sorted(used.items()))

@@ -14,6 +14,23 @@
 
 The phases, losses and the isolation rules are documented in `train.alter_loop`; the head
 initialisation in `train.head_init`; the router in `train.router`.
+
+Cost accounting in the report. `phases` holds each checkpointed phase (phase1, phase2, router;
+baseline) with its steps, tokens, wall time, tokens/s and peak memory. The headline numbers are
+the *training* phases' only (phase1 + phase2, or baseline; not the router, which trains on
+cached features and no adapter):
+
+    train_time_s        their wall time;   tokens_per_s   their tokens / train_time_s
+    peak_memory_bytes   the largest of their peaks
+
+Everything else is in `stages` (load, entropy, head_init, evaluation, calibration: wall time and
+peak each), and `wall_time_s` is the whole run after loading. Peak memory is measured per phase
+or stage (the window restarts at each start; `peak_memory_scope` says what the number is on this
+device; see `train.runtime`).
+
+Data order. Every pass over a data set is shuffled by its own RNG seeded with (seed, what, pass),
+so the order of an epoch is a function of the seed and the epoch alone; with the steps' RNG
+restored from the checkpoint, a resumed run trains exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,18 +56,27 @@ from .baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_
 from .calibration import CalibrationSettings, answer_probability_scorer, calibrate_views
 from .checkpoint import TrainState, config_digest, load_state, save_state
 from .config import TrainConfig
-from .entropy import EntropySplit, cached_example_entropies, plot_entropy_histogram
-from .examples import Batch, Example, answer_token_values, encode_records, epoch_batches, with_entropies
+from .entropy import EntropySplit, cached_example_entropies, check_reachable_threshold, plot_entropy_histogram
+from .examples import (
+    Batch,
+    Example,
+    answer_token_values,
+    answer_tokens,
+    encode_records,
+    epoch_batches,
+    sample_by_tokens,
+    with_entropies,
+)
 from .head_init import init_heads
 from .modeling import AlterModel, inject, to_bundle
+from .optim import optimizer_step
 from .report import LOSS_PLOT_FILE, REPORT_FILE, plot_losses, write_json
 from .router import EntropyRouter, routed_forward, train_router
 from .runtime import (
     PhaseMeter,
     autocast,
     count_trainable,
-    peak_memory_bytes,
-    reset_peak_memory,
+    peak_memory_scope,
     resolve_device,
     seed_everything,
     torch_threads,
@@ -62,6 +89,7 @@ from .unlearning_data import load_unlearning_data, read_records
 BUNDLE_DIR = "bundle"
 ENTROPY_PLOT_FILE = "entropy_hist.png"
 BASELINE_HEAD = "forget"
+TRAINING_PHASES = ("phase1", "phase2", "baseline")  # what train_time_s, tokens_per_s and peak_memory_bytes cover
 
 
 @dataclass
@@ -93,30 +121,56 @@ class Trainer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config
-        self.rng = seed_everything(config.runtime.seed)
+        self.rng = seed_everything(config.runtime.seed)  # the steps' random views (data order: _order)
         self.device = resolve_device(config.runtime.device)
+        self.stages: dict[str, PhaseMeter] = {}
+        self._pending: list[tuple[str, torch.Tensor]] = []  # losses not yet read back from the device
         self.run_dir = config.output_path()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model_dir = resolve_model_dir(config.model.path)
-        self.fingerprint = fingerprint(self.model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        dtype = torch.float32 if config.peft == "full" and not config.is_alter else weight_dtype(config.model.dtype, self.device)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
-        self.data = load_unlearning_data(config.data, self.model_dir, config.runtime.seed, self._embed)
-        self.retain_examples = encode_records(self.tokenizer, self.data.retain, 0, config.data.max_length)
-        self.forget_examples = {head: encode_records(self.tokenizer, records, i + 1, config.data.max_length)
-                                for i, (head, records) in enumerate(self.data.forget.items())}
+        with self._stage("load"):
+            self.fingerprint = fingerprint(self.model_dir)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            self.compute_dtype = weight_dtype(config.model.dtype, self.device)
+            dtype = torch.float32 if config.peft == "full" and not config.is_alter else self.compute_dtype
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+            self._check_threshold()
+            self.data = load_unlearning_data(config.data, self.model_dir, config.runtime.seed, self._embed)
+            self.truncated: dict[str, int] = {}
+            self.retain_examples = self._encode(RETAIN_HEAD, self.data.retain, 0)
+            self.forget_examples = {head: self._encode(head, records, i + 1)
+                                    for i, (head, records) in enumerate(self.data.forget.items())}
         digest = config_digest(config.model_dump(mode="json"))
         self.state = (load_state(self.run_dir, digest) if resume else None) or TrainState(digest)
         if resume and self.state.done:
             self.state.restore_rng(self.rng)
         self.autocast = lambda: autocast(self.device, config.runtime.bf16)
 
+    def _check_threshold(self) -> None:
+        """An absolute threshold above the largest S_q this vocabulary allows leaves Phase I empty."""
+        cfg = self.config.entropy
+        if self.config.method == "alter" and cfg.split == "threshold":
+            check_reachable_threshold(cfg.threshold, cfg.q, int(self.model.config.vocab_size))
+
+    def _encode(self, name: str, records, head: int) -> list[Example]:
+        """Encoded examples of one set, without those whose answer `max_length` cut off entirely
+        (nothing to train on; scored, they would count as probability 1): counted in the report."""
+        encoded = encode_records(self.tokenizer, records, head, self.config.data.max_length)
+        kept = [e for e in encoded if answer_tokens(e) > 0]
+        dropped = len(encoded) - len(kept)
+        if dropped:
+            self.truncated[name] = dropped
+            warnings.warn(f"{dropped} of {len(encoded)} {name!r} examples have no answer token within "
+                          f"data.max_length = {self.config.data.max_length} (the prompt fills it); they are left out",
+                          stacklevel=2)
+        if not kept:
+            raise ValueError(f"no {name!r} example has an answer token within data.max_length = "
+                             f"{self.config.data.max_length}; raise it")
+        return kept
     # ---- top level -------------------------------------------------------------------------
     def execute(self) -> RunResult:
         started = time.perf_counter()
-        reset_peak_memory(self.device)
         before = self.evaluate(model_forward(self.model))
         if self.config.is_alter:
             report, bundle = self.train_alter()
@@ -135,20 +189,24 @@ class Trainer:
 
     def _header(self, wall_s: float) -> dict[str, Any]:
         meters = self.state.meters
-        tokens = sum(m.get("tokens", 0) for m in meters.values())
-        train_s = sum(m.get("wall_s", 0.0) for m in meters.values())
+        training = [m for phase, m in meters.items() if phase in TRAINING_PHASES]
+        tokens = sum(m.get("tokens", 0) for m in training)
+        train_s = sum(m.get("wall_s", 0.0) for m in training)
         return {
             "name": self.config.name, "method": self.config.method,
             "peft": "asym_lora" if self.config.is_alter else self.config.peft,
             "base_model": {"path": str(self.model_dir), "fingerprint": self.fingerprint},
             "data": {"digest": self.data.digest, "heads": {h: len(r) for h, r in self.data.forget.items()},
-                     "retain": len(self.data.retain)},
+                     "retain": len(self.data.retain), "truncated_examples": dict(self.truncated)},
             "device": str(self.device), "threads": torch.get_num_threads(),
             "wall_time_s": round(wall_s, 3), "train_time_s": round(train_s, 3),
             "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
-            "peak_memory_bytes": max([peak_memory_bytes(self.device),
-                                      *(m.get("peak_memory_bytes", 0) for m in meters.values())]),
-            "phases": meters, "losses": self.state.history,
+            "peak_memory_bytes": max((m.get("peak_memory_bytes", 0) for m in training), default=0),
+            "peak_memory_scope": peak_memory_scope(self.device),
+            "phases": meters,
+            "stages": {name: {"wall_s": round(m.wall_s, 3), "peak_memory_bytes": m.peak_memory_bytes}
+                       for name, m in self.stages.items()},
+            "losses": self.state.history,
             "config": self.config.model_dump(mode="json"),
         }
 
@@ -157,9 +215,9 @@ class Trainer:
         """Mean answer probability on the retain set, each forget sub-domain, and all forget data."""
         score = lambda examples: mean_answer_probability(  # noqa: E731
             forward, examples, self.pad_id, self.config.runtime.eval_batch_size, self.device)
-        forget = {head: score(examples) for head, examples in self.forget_examples.items()}
-        all_forget = [e for examples in self.forget_examples.values() for e in examples]
-        return {"retain": score(self.retain_examples), "forget": forget, "forget_all": score(all_forget)}
+        with self._stage("evaluation"):
+            forget = {head: score(examples) for head, examples in self.forget_examples.items()}
+            return {"retain": score(self.retain_examples), "forget": forget, "forget_all": score(self._all_forget())}
 
     def _evaluate_alter(self, alter: AlterModel, router: EntropyRouter | None,
                         calibration: Calibration | None = None) -> dict[str, Any]:
@@ -185,13 +243,25 @@ class Trainer:
         examples = encode_records(self.tokenizer, records, 0, self.config.data.max_length)
         return mean_hidden_states(self.model, examples, self.pad_id, self.config.runtime.eval_batch_size, self.device)
 
-    def _batches(self, examples: list[Example], shuffle: bool = True) -> list[Batch]:
-        rng = self.rng if shuffle else None
-        return [b.to(self.device) for b in epoch_batches(examples, self.config.optim.batch_size, self.pad_id, rng)]
+    def _rng(self, *what: object) -> random.Random:
+        """An RNG of its own for (seed, *what): str seeds hash the same in every process."""
+        return random.Random(":".join(str(part) for part in (self.config.runtime.seed, *what)))
 
-    def _cycle(self, examples: list[Example]) -> Iterator[Batch]:
+    def _order(self, examples: list[Example], stream: str, index: int) -> list[Batch]:
+        """Pass `index` over `examples` as host batches, shuffled by (seed, stream, index) alone.
+
+        Host batches: the steps read token counts and masks on them (no device sync) and copy each
+        batch to the device asynchronously."""
+        return epoch_batches(examples, self.config.optim.batch_size, self.pad_id, self._rng(stream, index))
+
+    def _stream(self, examples: list[Example], stream: str, start: int = 0) -> Iterator[Batch]:
+        """Passes 0, 1, … over `examples` back to back (see `_order`), from batch `start` on, so a
+        resumed run picks a cycling stream up where the interrupted one was."""
+        per_pass = math.ceil(len(examples) / self.config.optim.batch_size)
+        index, skip = divmod(start, per_pass)
         while True:
-            yield from self._batches(examples)
+            yield from self._order(examples, stream, index)[skip:]
+            index, skip = index + 1, 0
 
     def _all_forget(self) -> list[Example]:
         return [e for examples in self.forget_examples.values() for e in examples]
@@ -201,9 +271,10 @@ class Trainer:
         """Compute (or load) base-model entropies for every example; return the split threshold."""
         cfg = self.config.entropy
         every = [*self.retain_examples, *self._all_forget()]
-        values = cached_example_entropies(
-            self.model, [e.input_ids for e in every], self.fingerprint, Path(self.config.runtime.cache_dir) / "entropy",
-            cfg.q, self.config.runtime.eval_batch_size, self.pad_id, self.device)
+        with self._stage("entropy"):
+            values = cached_example_entropies(
+                self.model, [e.input_ids for e in every], self.fingerprint, Path(self.config.runtime.cache_dir) / "entropy",
+                cfg.q, self.config.runtime.eval_batch_size, self.pad_id, self.device)
         every = with_entropies(every, values)
         self.retain_examples = every[: len(self.retain_examples)]
         offset = len(self.retain_examples)
@@ -238,7 +309,8 @@ class Trainer:
         self._phase1(alter, steps)
         self._phase2(alter, steps)
         router = self._train_router(alter)
-        calibration = self._calibrate(alter)
+        with self._stage("calibration"):
+            calibration = self._calibrate(alter)
         report = {"entropy": self.entropy_stats,
                   "trainable_parameters": {"total": count_trainable_adapter(alter),
                                            "phase1_A": sum(p.numel() for p in alter.lora_A_parameters()),
@@ -280,16 +352,23 @@ class Trainer:
         return calibration
 
     def _init_or_restore_heads(self, alter: AlterModel) -> None:
+        """Restore the checkpointed adapters, or initialise every head from its own data: a seeded
+        random sample of its examples holding `adapter.init_tokens` answer tokens (the retain set
+        for B_r, sub-domain d's forget set for B_d), spread over the set rather than its first rows."""
         if self.state.weights:
             alter.load_adapter_state({k: v for k, v in self.state.weights.items() if not k.startswith("router.")})
             return
-        def batches(examples: list[Example]):
-            for b in epoch_batches(examples, self.config.runtime.eval_batch_size, self.pad_id):
+        budget = self.config.adapter.init_tokens
+
+        def batches(head: str, examples: list[Example]):
+            sample = sample_by_tokens(examples, budget, self._rng("head_init", head), answer_tokens)
+            for b in epoch_batches(sample, self.config.runtime.eval_batch_size, self.pad_id):
                 b = b.to(self.device)
                 yield b.input_ids, b.attention_mask, b.labels != -100
-        data = {RETAIN_HEAD: batches(self.retain_examples)}
-        data.update({head: batches(ex) for head, ex in self.forget_examples.items()})
-        init_heads(alter, data, self.config.adapter.init_scale, self.config.adapter.init_tokens)
+        data = {RETAIN_HEAD: batches(RETAIN_HEAD, self.retain_examples)}
+        data.update({head: batches(head, ex) for head, ex in self.forget_examples.items()})
+        with self._stage("head_init"):
+            init_heads(alter, data, self.config.adapter.init_scale, budget)
 
     def _phase1(self, alter: AlterModel, steps: AlterSteps) -> None:
         epochs = self.config.optim.phase1_epochs
@@ -303,7 +382,7 @@ class Trainer:
         alter.train()
         for epoch in range(self.state.epochs_done("phase1"), epochs):
             with meter:
-                for batch in self._batches(examples):
+                for batch in self._order(examples, "phase1", epoch):
                     loss = steps.phase1(batch)
                     if loss is not None:
                         self._optimizer_step(optimizer, alter.lora_A_parameters())
@@ -321,11 +400,13 @@ class Trainer:
         optimizer = self._optimizer("phase2", alter.lora_B_parameters(), cfg.lr_B)
         meter = self._meter("phase2")
         per_epoch = math.ceil(max(len(ex) for ex in self.forget_examples.values()) / cfg.batch_size)
-        forget_iters = {head: self._cycle(ex) for head, ex in self.forget_examples.items()}
-        retain_iter = self._cycle(self.retain_examples)
+        done = self.state.epochs_done("phase2")
+        forget_iters = {head: self._stream(ex, f"phase2/{head}", done * per_epoch)
+                        for head, ex in self.forget_examples.items()}
+        retain_iter = self._stream(self.retain_examples, "phase2/retain", done * per_epoch)
         bar = self._bar("Phase II (heads: IHL forget / NLL retain)", cfg.epochs * per_epoch, "phase2", per_epoch)
         alter.train()
-        for epoch in range(self.state.epochs_done("phase2"), cfg.epochs):
+        for epoch in range(done, cfg.epochs):
             with meter:
                 for _ in range(per_epoch):
                     for head, iterator in forget_iters.items():
@@ -338,11 +419,12 @@ class Trainer:
                     self._log("phase2/nll_retain", parts["nll"])
                     self._log("phase2/orth_retain", parts["orth"])
                     meter.tokens += batch.num_tokens
-                    self._optimizer_step(optimizer, alter.lora_B_parameters())
+                    self._optimizer_step(optimizer, alter.lora_B_parameters(), per_head=True)
                     meter.steps += 1
                     bar.update(1)
-                    bar.set_postfix(retain=f"{parts['nll']:.3f}")
             self._end_epoch("phase2", epoch, alter, optimizer, meter)
+            retain = self.state.history.get("phase2/nll_retain", [])[-per_epoch:]
+            bar.set_postfix(retain=f"{sum(retain) / max(len(retain), 1):.3f}")
         bar.close()
         _set_trainable(alter.lora_B_parameters(), False)
 
@@ -355,16 +437,23 @@ class Trainer:
         if "router.weight" in self.state.weights:
             router.weight.data.copy_(self.state.weights["router.weight"])
             return router
-        labelled = [*self.retain_examples, *self._all_forget()]  # Example.head: 0 retain, d forget head
+        # One token budget per label, each filled from a seeded sample of that label's examples.
+        budget = cfg.optim.router_tokens_per_label
+        labelled = {RETAIN_HEAD: self.retain_examples, **self.forget_examples}  # Example.head: 0 retain, d head d
         batches = [(b.input_ids, b.attention_mask, b.head)
-                   for b in self._batches(labelled, shuffle=False)]
+                   for name, examples in labelled.items()
+                   for b in epoch_batches(sample_by_tokens(examples, budget, self._rng("router", name)),
+                                          cfg.runtime.eval_batch_size, self.pad_id)]
         meter = self._meter("router")
         with meter:
-            history = train_router(alter, router, batches, cfg.optim.router_epochs, cfg.optim.router_lr)
-            meter.steps = len(batches) * cfg.optim.router_epochs
-        self.state.history["router/cross_entropy"] = history
+            fit = train_router(alter, router, batches, cfg.optim.router_epochs, cfg.optim.router_lr,
+                               tokens_per_label=budget, seed=cfg.runtime.seed)
+        meter.steps, meter.tokens = fit.steps, sum(fit.tokens.values())
+        self.state.history["router/cross_entropy"] = fit.history
         self.state.weights = {**alter.adapter_state(), "router.weight": router.weight.detach()}
-        self.state.meters["router"] = meter.summary()
+        names = list(labelled)
+        self.state.meters["router"] = {**meter.summary(),
+                                       "tokens_per_label": {names[label]: n for label, n in fit.tokens.items()}}
         self.state.done["router"] = cfg.optim.router_epochs
         save_state(self.run_dir, self.state)
         return router
@@ -376,7 +465,8 @@ class Trainer:
             model = make_lora_model(self.model, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.target_modules)
         else:
             model = make_full_model(self.model)
-        reference = Reference(model, cfg.peft, needed=cfg.method == "npo")
+        # The frozen NPO reference only runs forward passes: it is kept in the compute dtype.
+        reference = Reference(model, cfg.peft, needed=cfg.method == "npo", dtype=self._reference_dtype())
         if cfg.runtime.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -386,13 +476,14 @@ class Trainer:
         optimizer = self._optimizer("baseline", trainable, cfg.optim.lr)
         forget = self._all_forget()
         per_epoch = math.ceil(len(forget) / cfg.optim.batch_size)
-        retain_iter = self._cycle(self.retain_examples)
+        done = self.state.epochs_done("baseline")
+        retain_iter = self._stream(self.retain_examples, "baseline/retain", done * per_epoch)
         meter = self._meter("baseline")
         bar = self._bar(f"{cfg.method} ({cfg.peft})", cfg.optim.epochs * per_epoch, "baseline", per_epoch)
         model.train()
-        for epoch in range(self.state.epochs_done("baseline"), cfg.optim.epochs):
+        for epoch in range(done, cfg.optim.epochs):
             with meter:
-                for batch in self._batches(forget):
+                for batch in self._order(forget, "baseline/forget", epoch):
                     retain = next(retain_iter)
                     self._log(f"baseline/{cfg.method}", steps.step(batch, retain)["loss"])
                     self._optimizer_step(optimizer, trainable)
@@ -406,6 +497,12 @@ class Trainer:
                   "eval": {"model": self.evaluate(model_forward(model))}}
         bundle = self._lora_bundle(model) if cfg.peft == "lora" else None
         return report, bundle
+
+    def _reference_dtype(self) -> torch.dtype:
+        """bf16 where the forward runs under bf16 autocast, else the configured weight dtype."""
+        if self.device.type == "cuda" and self.config.runtime.bf16:
+            return torch.bfloat16
+        return self.compute_dtype
 
     def _lora_bundle(self, peft_model) -> AlterBundle:
         """A LoRA baseline as a bundle: A = lora_A, retain head 0, forget head "forget" = lora_B."""
@@ -433,35 +530,49 @@ class Trainer:
             optimizer.load_state_dict(self.state.optimizer[phase])
         return optimizer
 
-    def _optimizer_step(self, optimizer: torch.optim.Optimizer, params) -> None:
-        if self.config.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(params), self.config.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, params, per_head: bool = False) -> None:
+        """Clip (per head for the stacked ALTER heads: `clip_head_grad_norms`), step, clear grads."""
+        optimizer_step(optimizer, list(params), self.config.optim.grad_clip, per_head)
 
     def _meter(self, phase: str) -> PhaseMeter:
         meter = PhaseMeter(phase, self.device)
         saved = self.state.meters.get(phase)
         if saved:
             meter.tokens, meter.steps, meter.wall_s = saved["tokens"], saved["steps"], saved["wall_s"]
+            meter.peak_memory_bytes = saved.get("peak_memory_bytes", 0)
         return meter
+
+    def _stage(self, name: str) -> PhaseMeter:
+        """The meter of a non-training stage (wall time and peak memory, summed over its uses)."""
+        return self.stages.setdefault(name, PhaseMeter(name, self.device))
 
     def _bar(self, desc: str, total: int, phase: str, per_epoch: int) -> tqdm:
         done = min(total, self.state.epochs_done(phase) * per_epoch)
         return tqdm(total=total, initial=done, desc=desc, unit="step", disable=not self.config.runtime.progress)
 
-    def _log(self, series: str, value: float) -> None:
-        self.state.history.setdefault(series, []).append(value)
+    def _log(self, series: str, value: torch.Tensor) -> None:
+        """Queue a detached 0-dim loss; `_flush_losses` reads the queue back in one transfer."""
+        self._pending.append((series, value))
+
+    def _flush_losses(self) -> None:
+        if not self._pending:
+            return
+        values = torch.stack([v.float() for _, v in self._pending]).tolist()  # one device → host copy
+        for (series, _), value in zip(self._pending, values):
+            self.state.history.setdefault(series, []).append(value)
+        self._pending.clear()
 
     def _end_epoch(self, phase: str, epoch: int, model, optimizer, meter: PhaseMeter) -> None:
+        self._flush_losses()
         self.state.done[phase] = epoch + 1
         if isinstance(model, AlterModel):
             self.state.weights = model.adapter_state()
         else:
             self.state.weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         self.state.optimizer[phase] = optimizer.state_dict()
-        # The peak so far goes into the checkpoint, so a resumed run still reports its training peak.
-        self.state.meters[phase] = {**meter.summary(), "peak_memory_bytes": peak_memory_bytes(self.device)}
+        # The meter (with the phase's peak so far) goes into the checkpoint, so a resumed run still
+        # reports the whole phase.
+        self.state.meters[phase] = meter.summary()
         self.state.capture_rng(self.rng)
         save_state(self.run_dir, self.state)
 

@@ -62,13 +62,25 @@ def load_split(config: DataSection, model_dir: Path, seed: int = 0) -> tuple[lis
     else:
         forget, retain = read_records(config.forget_file), read_records(config.retain_file)
         if config.forget_subdomains and config.subdomain_field:
-            chosen = set(config.forget_subdomains)
-            forget = [r for r in forget if r.get(config.subdomain_field) in chosen]
+            forget = select_subdomains(forget, config.subdomain_field, config.forget_subdomains, config.forget_file)
     if config.max_retain is not None and len(retain) > config.max_retain:
         retain = random.Random(seed).sample(retain, config.max_retain)
     if not forget or not retain:
         raise ValueError(f"need non-empty forget and retain sets, got {len(forget)} forget and {len(retain)} retain records")
     return forget, retain
+
+
+def select_subdomains(forget: Sequence[Record], field: str, names: Sequence[str],
+                      source: str | None = None) -> list[Record]:
+    """The records whose `field` is one of `names`; refuses a name no record carries (a typo would
+    otherwise just train one head fewer)."""
+    known = sorted({str(r[field]) for r in forget if field in r})
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"data.forget_subdomains {unknown} match no record's {field!r} in "
+                         f"{source or 'the forget file'}; the sub-domains there are {known}")
+    chosen = set(names)
+    return [r for r in forget if str(r.get(field)) in chosen]
 
 
 def group_by_field(forget: Sequence[Record], field: str, order: Sequence[str] = ()) -> dict[str, list[Record]]:
