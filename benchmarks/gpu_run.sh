@@ -4,8 +4,11 @@
 #   bash benchmarks/gpu_run.sh train   # benchmarks.gpu_train_bench: 1.39B Llama, 8x1024, bf16 (~2-3 min)
 #   bash benchmarks/gpu_run.sh tofu    # benchmarks.tofu_bench --scale gpu: full TOFU, 3 splits (<= 10 min)
 #
-# Further arguments go to the benchmark. PYTHON (default python3) and NO_WHEELS=1 let the test suite
-# run the same script on CPU (`gpu_run.sh train --tiny`).
+# Further arguments go to the benchmark (e.g. `tofu --scale gpu-forget10` for one split). The
+# benchmark is stopped after LIMIT_S seconds (default 540, inside the device's 600 s per command), so
+# that whatever it finished (each TOFU split writes its results when done) is still packed.
+# PYTHON (default python3) and NO_WHEELS=1 let the test suite run the same script on CPU
+# (`gpu_run.sh train --tiny`).
 #
 # Installs the carried wheels, runs the benchmark and leaves its results in $OUT: the files the
 # benchmark writes (JSON, Markdown, PNG) packed into one archive, because the device returns at most
@@ -24,8 +27,8 @@ fi
 export PYTHONUNBUFFERED=1
 results=$(mktemp -d /tmp/results-"$what"-XXXX)
 case "$what" in
-  train) "$py" -m benchmarks.gpu_train_bench --out-dir "$results" "$@" 2>&1 | tee "$out/gpu_train.log" ;;
-  tofu) "$py" -m benchmarks.tofu_bench --scale gpu --tofu-root .device/tofu --no-progress \
+  train) timeout "${LIMIT_S:-540}" "$py" -m benchmarks.gpu_train_bench --out-dir "$results" "$@" 2>&1 | tee "$out/gpu_train.log" ;;
+  tofu) timeout "${LIMIT_S:-540}" "$py" -m benchmarks.tofu_bench --scale gpu --tofu-root .device/tofu --no-progress \
           --work-dir /tmp/tofu-work --out-dir "$results" "$@" 2>&1 | tee "$out/tofu_gpu.log" ;;
   *) echo "unknown benchmark $what (train|tofu)" >&2; exit 2 ;;
 esac

@@ -15,6 +15,8 @@ gradient clipping at --grad-clip, the trainer's default 1.0, then AdamW):
     alter     AsymLoRA rank 8 on q/k/v/o/gate/up/down, 2 forget heads, Phase II step: one forget
               step per head (IHL, B_d only) + one retain step (NLL, B_r only), per-head clipping;
               frozen bf16 base
+    lora_graddiff  PEFT LoRA rank 8, same targets; GradDiff (ascent on a forget batch + NLL on a
+              retain batch); frozen bf16 base
     lora_npo  PEFT LoRA rank 8, same targets; NPO on a forget batch (reference = adapter disabled)
               + NLL on a retain batch; frozen bf16 base
     full_npo  all parameters (fp32 master weights, AdamW), bf16 autocast; NPO + retain NLL; the
@@ -31,6 +33,15 @@ also counts the host syncs of one extra, untimed step (torch.cuda.set_sync_debug
 every blocking copy, .item() or device-to-host read in the step is one warning); a step that
 never waits for the GPU counts 0.
 Nothing but torch, transformers, peft and safetensors is needed (no vLLM).
+
+With --out-dir it also writes gpu_train.json (machine, settings, every summary, and the ratios
+below) and gpu_train.md. The targets (issue #3), ALTER against the others in one run:
+
+    step time  alter / lora_graddiff ≤ 1.3     step time  alter / full_npo ≤ 0.8
+    peak memory  alter / full_npo ≤ 0.9
+
+ALTER's step trains on more tokens (2 forget + 1 retain batch against 2 batches), so the table
+also gives time per trained token. On the lent GPU machine: `benchmarks/gpu_run.sh train`.
 """
 
 from __future__ import annotations
@@ -45,11 +56,16 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("alter", "lora_npo", "full_npo")
+METHODS = ("alter", "lora_graddiff", "lora_npo", "full_npo")
+# (name, ALTER's measure ÷ the other method's, at most): the cost targets of issue #3.
+TARGETS_VS_ALTER = (("step time vs LoRA-GradDiff", "median_step_s", "lora_graddiff", 1.3),
+                    ("step time vs full-parameter NPO", "median_step_s", "full_npo", 0.8),
+                    ("peak memory vs full-parameter NPO", "peak_memory_gib", "full_npo", 0.9))
 PROMPT_TOKENS = 64
 
 
@@ -133,8 +149,8 @@ def alter_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_c
     return step, trainable, (alter, optimizer)
 
 
-def npo_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckpt: bool, full: bool,
-                grad_clip: float | None):
+def baseline_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckpt: bool, full: bool,
+                     grad_clip: float | None, loss: str = "npo"):
     from train.baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
     from train.optim import optimizer_step
 
@@ -143,11 +159,11 @@ def npo_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckp
     model = make_model(shape, device, torch.float32 if full else compute_dtype)
     model = make_full_model(model) if full else make_lora_model(model, 8, 16.0, TARGETS)
     # As the trainer does: the frozen reference is copied straight into the compute dtype.
-    reference = Reference(model, "full" if full else "lora", needed=True, dtype=compute_dtype)
+    reference = Reference(model, "full" if full else "lora", needed=loss == "npo", dtype=compute_dtype)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    steps = BaselineSteps(model, "npo", reference, autocast, npo_beta=0.1)
+    steps = BaselineSteps(model, loss, reference, autocast, npo_beta=0.1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5 if full else 1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -193,7 +209,9 @@ def bench_method(method: str, shape: Shape, device: torch.device, steps: int, wa
     if method == "alter":
         step, trainable, keep = alter_step_fn(shape, device, autocast, grad_ckpt, heads, grad_clip)
     else:
-        step, trainable, keep = npo_step_fn(shape, device, autocast, grad_ckpt, method == "full_npo", grad_clip)
+        loss = "grad_diff" if method == "lora_graddiff" else "npo"
+        step, trainable, keep = baseline_step_fn(shape, device, autocast, grad_ckpt, method == "full_npo", grad_clip,
+                                                 loss)
     setup_s = time.perf_counter() - started
     times, tokens = [], 0
     for index in range(warmup + steps):
@@ -232,6 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--grad-clip", type=float, default=1.0,
                         help="gradient clipping as the trainer's optim.grad_clip (default 1.0; 0: none)")
     parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    parser.add_argument("--out-dir", default=None, help="also write gpu_train.json and gpu_train.md here")
     args = parser.parse_args(argv)
     shape = TINY if args.tiny else FULL
     shape = Shape(**{**shape.__dict__, **{k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v}})
@@ -247,8 +266,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(record), flush=True)
 
     n_params = sum(p.numel() for p in make_model(shape, torch.device("meta"), torch.bfloat16).parameters())
-    emit({"benchmark": "gpu_train_bench", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-          "torch": torch.__version__, "shape": shape.__dict__, "parameters": n_params, "methods": methods})
+    header = {"benchmark": "gpu_train_bench", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "shape": shape.__dict__, "parameters": n_params, "methods": methods}
+    emit(header)
     summaries = []
     for method in methods:
         try:
@@ -258,7 +278,47 @@ def main(argv: list[str] | None = None) -> list[dict]:
             emit({"method": method, "summary": True, "error": f"out of memory: {exc}"})
             gc.collect()
             torch.cuda.empty_cache()
+    comparison = compare_to_targets(summaries)
+    for row in comparison:
+        emit({"target": row["target"], "ratio": row["ratio"], "at_most": row["at_most"], "met": row["met"]})
+    if args.out_dir is not None:
+        write_report(Path(args.out_dir), header | {"steps": steps, "warmup": warmup, "heads": args.heads,
+                                                   "gradient_checkpointing": args.grad_ckpt,
+                                                   "grad_clip": args.grad_clip or None},
+                     summaries, comparison)
     return summaries
+
+
+def compare_to_targets(summaries: list[dict]) -> list[dict]:
+    """ALTER's step time and peak memory ÷ each other method's, against the targets of issue #3
+    (`TARGETS_VS_ALTER`); a target whose methods did not both run is left out."""
+    by_method = {s["method"]: s for s in summaries if "error" not in s}
+    rows = []
+    if "alter" not in by_method:
+        return rows
+    alter = by_method["alter"]
+    for target, measure, other, at_most in TARGETS_VS_ALTER:
+        if other in by_method:
+            ratio = alter[measure] / by_method[other][measure]
+            rows.append({"target": target, "measure": measure, "other": other, "ratio": round(ratio, 3),
+                         "at_most": at_most, "met": ratio <= at_most})
+    return rows
+
+
+def write_report(out_dir: Path, settings: dict, summaries: list[dict], comparison: list[dict]) -> Path:
+    """gpu_train.json (machine, settings, summaries, comparison) and gpu_train.md (two tables)."""
+    from benchmarks.common import markdown_table, write_results
+
+    methods = markdown_table(
+        ["method", "s/step", "tokens/step", "tokens/s", "s per 1k tokens", "peak GiB", "trainable params"],
+        [[s["method"], s["median_step_s"], s["tokens_per_step"], s["tokens_per_s"],
+          round(1000 * s["median_step_s"] / s["tokens_per_step"], 4), s["peak_memory_gib"], s["trainable_parameters"]]
+         if "error" not in s else [s["method"], s["error"], "", "", "", "", ""] for s in summaries])
+    targets = markdown_table(["ALTER ÷ other", "ratio", "target", "met"],
+                             [[r["target"], r["ratio"], f"≤ {r['at_most']}", "yes" if r["met"] else "NO"]
+                              for r in comparison])
+    return write_results("gpu_train", settings | {"comparison": comparison}, summaries,
+                         methods + "\n\n" + targets, out_dir=out_dir)
 
 
 if __name__ == "__main__":

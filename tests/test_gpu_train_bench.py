@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.gpu_train_bench import FULL, METHODS, main
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from benchmarks.gpu_train_bench import FULL, METHODS, compare_to_targets, main
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_tiny_run_prints_a_summary_per_method(capsys) -> None:
@@ -21,7 +29,7 @@ def test_tiny_run_prints_a_summary_per_method(capsys) -> None:
     by_method = {s["method"]: s for s in summaries}
     # Tokens per step: ALTER trains 2 forget batches + 1 retain batch; NPO one of each (2 x 96 tokens each).
     assert by_method["alter"]["tokens_per_step"] == 3 * 2 * 96
-    assert by_method["lora_npo"]["tokens_per_step"] == 2 * 2 * 96
+    assert by_method["lora_npo"]["tokens_per_step"] == by_method["lora_graddiff"]["tokens_per_step"] == 2 * 2 * 96
     # Trainable parameters: ALTER's B heads (3 heads, rank 8), LoRA's A+B, and everything for full NPO.
     assert by_method["full_npo"]["trainable_parameters"] == header["parameters"]
     assert by_method["alter"]["trainable_parameters"] < by_method["full_npo"]["trainable_parameters"]
@@ -44,7 +52,7 @@ def test_each_method_takes_the_trainers_optimizer_step(monkeypatch) -> None:
     import torch
 
     import train.optim
-    from benchmarks.gpu_train_bench import TINY, alter_step_fn, npo_step_fn
+    from benchmarks.gpu_train_bench import TINY, alter_step_fn, baseline_step_fn
 
     calls = []
     real = train.optim.optimizer_step
@@ -58,8 +66,39 @@ def test_each_method_takes_the_trainers_optimizer_step(monkeypatch) -> None:
     null = contextlib.nullcontext
     step, _, _ = alter_step_fn(TINY, cpu, null, False, 2, 1.0)
     step()
-    step, _, (_, reference, _) = npo_step_fn(TINY, cpu, null, False, True, 1.0)
+    step, _, (_, reference, _) = baseline_step_fn(TINY, cpu, null, False, True, 1.0)
     step()
     assert calls == [(1.0, True), (1.0, False)]
     assert {p.dtype for p in reference.frozen.parameters()} == {torch.float32}  # CPU compute dtype
     assert not any(p.requires_grad for p in reference.frozen.parameters())
+
+
+def test_the_ratios_are_alters_measure_over_the_others() -> None:
+    summaries = [{"method": "alter", "median_step_s": 0.3, "peak_memory_gib": 27.0},
+                 {"method": "lora_graddiff", "median_step_s": 0.25, "peak_memory_gib": 26.0},
+                 {"method": "full_npo", "median_step_s": 0.5, "peak_memory_gib": 30.0}]
+    rows = {r["target"]: r for r in compare_to_targets(summaries)}
+    assert rows["step time vs LoRA-GradDiff"]["ratio"] == 1.2 and rows["step time vs LoRA-GradDiff"]["met"]
+    assert rows["step time vs full-parameter NPO"]["ratio"] == 0.6 and rows["step time vs full-parameter NPO"]["met"]
+    assert rows["peak memory vs full-parameter NPO"]["ratio"] == 0.9 and rows["peak memory vs full-parameter NPO"]["met"]
+    summaries[0]["peak_memory_gib"] = 28.0
+    assert not {r["target"]: r for r in compare_to_targets(summaries)}["peak memory vs full-parameter NPO"]["met"]
+    # A method that ran out of memory has no numbers: its targets are left out, not failed or met.
+    assert [r["other"] for r in compare_to_targets([summaries[0], {"method": "full_npo", "error": "oom"}])] == []
+
+
+def test_the_device_script_packs_the_results_into_out(tmp_path) -> None:
+    """`benchmarks/gpu_run.sh train` as the lent GPU machine runs it, here with --tiny on CPU:
+    one archive with gpu_train.json / .md, and the console log, in $OUT."""
+    env = os.environ | {"OUT": str(tmp_path), "PYTHON": sys.executable, "NO_WHEELS": "1"}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_run.sh"), "train", "--tiny", "--steps", "1",
+                           "--warmup", "0"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_train.log", "train-results.tar.gz"]
+    with tarfile.open(tmp_path / "train-results.tar.gz") as archive:
+        names = sorted(Path(n).name for n in archive.getnames() if n != ".")
+        report = json.load(archive.extractfile("./gpu_train.json"))
+    assert names == ["gpu_train.json", "gpu_train.md"]
+    assert [r["method"] for r in report["results"]] == list(METHODS)
+    assert [r["other"] for r in report["settings"]["comparison"]] == ["lora_graddiff", "full_npo", "full_npo"]
+    assert '"target": "step time vs full-parameter NPO"' in (tmp_path / "gpu_train.log").read_text()
