@@ -80,11 +80,17 @@ def huge_header(folder: Path) -> str:
     return "exceeds"
 
 
-def infinite_alpha(folder: Path) -> str:
-    bundle = make_bundle(8)
+def _valid_bundle_with_manifest_edit(folder: Path, seed: int, old: str, new: str) -> None:
+    """A valid bundle whose manifest text then has `old` replaced by `new`."""
+    bundle = make_bundle(seed)
     _write(folder, bundle, _tensors(bundle))
     text = (folder / MANIFEST_FILE).read_text()
-    (folder / MANIFEST_FILE).write_text(text.replace('"alpha":16.0', '"alpha":1e309'))
+    assert old in text
+    (folder / MANIFEST_FILE).write_text(text.replace(old, new))
+
+
+def infinite_alpha(folder: Path) -> str:
+    _valid_bundle_with_manifest_edit(folder, 8, '"alpha":16.0', '"alpha":1e309')
     return "alpha: Input should be a finite number"
 
 
@@ -103,10 +109,7 @@ def scalar_router_tensor(folder: Path) -> str:
 
 
 def duplicate_manifest_key(folder: Path) -> str:
-    bundle = make_bundle(11)
-    _write(folder, bundle, _tensors(bundle))
-    text = (folder / MANIFEST_FILE).read_text()
-    (folder / MANIFEST_FILE).write_text(text.replace('"rank":8', '"rank":8,"rank":8'))
+    _valid_bundle_with_manifest_edit(folder, 11, '"rank":8', '"rank":8,"rank":8')
     return "key 'rank' appears more than once"
 
 
