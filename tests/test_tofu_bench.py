@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.tofu_bench import METHODS, SCALES, run_benchmark
+from benchmarks.tofu_bench import METHODS, SCALES
 from train.data.tofu_subset import SubsetSpec, build_subset
 
-TOFU_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
+from .gpu_image import env_without
+
+REPO = Path(__file__).resolve().parents[1]
+TOFU_ROOT = REPO.parent / "shared" / "data" / "tofu"
 
 
 def test_subset_takes_tofus_own_forget_authors_and_no_overlap() -> None:
@@ -52,9 +57,18 @@ def test_subset_rejects_impossible_specs(spec: SubsetSpec, message: str) -> None
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("tofu-out")
-    return run_benchmark(SCALES["smoke"], "smoke", TOFU_ROOT, work_dir=tmp_path_factory.mktemp("tofu-work"),
-                         out_dir=out, progress=False)
+    """The smoke scale through the CLI, with only what the GPU image has: the benchmark must never
+    need the server's packages (vLLM, FastAPI, SQLAlchemy, ...), since the GPU run has none."""
+    out, work = tmp_path_factory.mktemp("tofu-out"), tmp_path_factory.mktemp("tofu-work")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.tofu_bench", "--scale", "smoke", "--no-progress", "--tofu-root",
+         str(TOFU_ROOT), "--work-dir", str(work), "--out-dir", str(out)],
+        env=env_without(tmp_path_factory.mktemp("gpu-image")), cwd=REPO, capture_output=True, text=True,
+        timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    payload = json.loads((out / "tofu_smoke.json").read_text())
+    return {"json": out / "tofu_smoke.json", "png": out / "tofu_smoke.png", "rows": payload["results"],
+            "goal": payload["settings"]["goal"]}
 
 
 def test_smoke_run_writes_json_table_and_scatter(smoke: dict) -> None:
@@ -112,3 +126,13 @@ def test_gpu_scale_without_a_gpu_is_a_clear_cli_error(capsys: pytest.CaptureFixt
 
     assert main(["--scale", "gpu", "--no-progress"]) == 2
     assert "runs on a CUDA GPU and none is available" in capsys.readouterr().err
+
+
+def test_the_gpu_image_environment_lacks_the_server_packages(tmp_path: Path) -> None:
+    """The smoke run's environment really refuses what the GPU image lacks, and only that."""
+    env = env_without(tmp_path)
+    refused = subprocess.run([sys.executable, "-c", "import fastapi"], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "not installed on the GPU image" in refused.stderr
+    allowed = subprocess.run([sys.executable, "-c", "import torch, transformers, peft, train.trainer"], env=env,
+                             cwd=REPO, capture_output=True, text=True)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
