@@ -15,7 +15,9 @@ Each method runs in its own subprocess, so its peak RSS (resource.ru_maxrss) is 
 "total s" = setup + train, and "total / GradDiff" is the target's ratio (ALTER ≤ 1.3× LoRA-GradDiff).
 The methods run `--rounds` times, in alternating order, and each row is the round with the median
 total: this machine's background load drifts, and a single pass per method measured the drift.
-"tokens" counts the batches a method trains on per step (NPO's reference pass is extra work).
+"tokens" counts the batches a method trains on per step (NPO's reference pass is extra work). Every
+step ends as the trainer's does (`train.optim.optimizer_step`: gradient clipping at 1.0, per head
+for ALTER, then AdamW).
 
 Part 2, "head mixing": one forward+backward of a mid-size Llama (hidden 512, 4 layers, batch 8 x 128)
 with H heads active, rank 8 on all linear layers:
@@ -48,6 +50,7 @@ METHODS = ("alter", "lora_grad_ascent", "lora_grad_diff", "lora_npo", "full_grad
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FORGET = ["mystery", "fantasy"]
 RANK, ALPHA, BATCH = 8, 16.0, 8
+GRAD_CLIP = 1.0  # the trainer's default optim.grad_clip; every step is train.optim.optimizer_step, as there
 
 
 def _rss_bytes() -> int:
@@ -93,6 +96,7 @@ def _alter_epochs(model, tokenizer, forget, retain, epochs: int) -> dict[str, An
     from train.examples import epoch_batches, with_entropies
     from train.head_init import init_heads
     from train.modeling import inject
+    from train.optim import optimizer_step
 
     pad = tokenizer.pad_token_id
     started = time.perf_counter()
@@ -128,8 +132,7 @@ def _alter_epochs(model, tokenizer, forget, retain, epochs: int) -> dict[str, An
             batch = retain_batches[i % len(retain_batches)]
             steps.retain(batch)
             tokens += batch.num_tokens
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, params, GRAD_CLIP, per_head=True)
             n_steps += 1
     wall = time.perf_counter() - started
     return {"setup_s": round(setup_s, 3), "train_s": round(wall, 3), "steps": n_steps, "tokens": tokens,
@@ -141,6 +144,7 @@ def _baseline_epochs(method: str, model, tokenizer, forget, retain, epochs: int)
 
     from train.baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
     from train.examples import epoch_batches
+    from train.optim import optimizer_step
 
     peft, loss = method.split("_", 1)
     pad = tokenizer.pad_token_id
@@ -160,8 +164,7 @@ def _baseline_epochs(method: str, model, tokenizer, forget, retain, epochs: int)
         for i, batch in enumerate(epoch_batches(all_forget, BATCH, pad, rng)):
             other = retain_batches[i % len(retain_batches)]
             steps.step(batch, other)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, params, GRAD_CLIP)
             tokens += batch.num_tokens + (other.num_tokens if steps.uses_retain() else 0)
             n_steps += 1
     wall = time.perf_counter() - started
