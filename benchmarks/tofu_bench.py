@@ -68,7 +68,8 @@ GOAL_UTILITY_RATIO = 0.95
 # used; full TOFU has thousands, and k forget heads cost ~8 scorings of the set per head count).
 CALIBRATION_EXAMPLES = 512
 OUTCOME_FILE = "bench_outcome.json"
-OUTCOME_VERSION = 3  # bump when what a job returns changes (2: one process per job; 3: calibrated views)
+OUTCOME_VERSION = 4  # bump when what a job returns changes (2: one process per job; 3: calibrated views;
+#                      4: per-label router budget, per-head clipping, training-only cost figures)
 
 
 @dataclass(frozen=True)
