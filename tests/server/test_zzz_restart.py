@@ -14,10 +14,15 @@ PROMPT = "Question: Where was the author born?\nAnswer:"
 CLIENT_TIMEOUT_S = 20
 
 
+def _card_state(card: dict) -> str:
+    # A view's card has its lineage; an experiment alias's card its experiment.
+    return card["lineage"]["version"] if "lineage" in card else card["experiment"]["status"]
+
+
 def snapshot(live_server) -> dict:
     with live_server.http("admin") as admin, live_server.http() as tenant:
         return {
-            "models": sorted((m["id"], m["lineage"]["version"]) for m in tenant.get("/v1/models").json()["data"]),
+            "models": sorted((m["id"], _card_state(m)) for m in tenant.get("/v1/models").json()["data"]),
             "tenants": sorted(t["name"] for t in admin.get("/admin/tenants").json()["data"]),
             "keys": sorted((k["id"], k["revoked_at"]) for k in admin.get("/admin/keys").json()["data"]),
         }
