@@ -109,15 +109,9 @@ def _utf8_decoder():
 
 def _gpt2_byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's bytes_to_unicode: the char a byte-level BPE vocabulary writes per byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class TokenStrings:
