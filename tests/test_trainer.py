@@ -282,6 +282,7 @@ def test_heads_start_from_a_seeded_random_sample_of_their_examples(model_dir, da
 
 
 def test_a_phase_meter_measures_the_peak_of_its_own_blocks_only() -> None:
+    import mmap
     import os
 
     from train.runtime import PhaseMeter, peak_memory_bytes
@@ -289,9 +290,14 @@ def test_a_phase_meter_measures_the_peak_of_its_own_blocks_only() -> None:
     cpu = torch.device("cpu")
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("this platform cannot reset the RSS high-water mark")
-    big = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched
+    # 256 MiB of fresh pages, touched, then unmapped. Not a tensor: malloc may serve a big tensor
+    # from heap memory that is resident already and keep it after `del`, so neither the peak nor
+    # the RSS would move (seen in the full suite, where earlier tests leave a large heap behind).
+    region = mmap.mmap(-1, 256 << 20)
+    for offset in range(0, len(region), mmap.PAGESIZE):
+        region[offset] = 1
     earlier_peak = peak_memory_bytes(cpu)
-    del big
+    region.close()
     with PhaseMeter("small", cpu) as meter:
         torch.ones(1024).sum()
     assert meter.peak_memory_bytes < earlier_peak - 128 * 2**20
