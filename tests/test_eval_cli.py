@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from alter_serve.core.bundle import BundleError
 from alter_serve.core.fingerprint import fingerprint
 from train.data.synthetic import generate
-from train.eval_cli import load_eval_sets, local_view_scorers, main
+from train.eval_cli import load_eval_sets, local_view_scorers, main, resolve_prompt_format
 from train.modeling import inject, to_bundle
 
 SUBDOMAINS = ("mystery", "fantasy", "poetry")
@@ -82,11 +84,29 @@ def test_cmd_eval_writes_reports(workdir: Path, capsys: pytest.CaptureFixture[st
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["sets"]["forget"]["n"] == 2 and report["model_utility"] is None
+    assert report["settings"]["prompt_format"] == "qa"
     assert 0.0 < report["sets"]["retain"]["probability"] < 1.0
     isolation = json.loads((out / "isolation.json").read_text())
     assert isolation["views"] == ["original", "mystery"] and isolation["domains"] == ["mystery", "retain"]
     assert (out / "report.png").is_file() and (out / "isolation.png").is_file()
     assert "| forget | 2 |" in capsys.readouterr().out
+
+
+def test_prompt_format_comes_from_the_flag_then_the_bundle(workdir: Path, tmp_path: Path) -> None:
+    bundle = workdir / "bundle"
+    assert resolve_prompt_format(None, None).name == "qa"
+    assert resolve_prompt_format(None, str(bundle)).name == "qa"  # no training config recorded
+    trained = tmp_path / "trained"
+    shutil.copytree(bundle, trained)
+    manifest = json.loads((trained / "manifest.json").read_text())
+    manifest["training"] = {"config": {"data": {"prompt_format": "tofu-llama2"}}}
+    (trained / "manifest.json").write_text(json.dumps(manifest))
+    assert resolve_prompt_format(None, str(trained)).name == "tofu-llama2"
+    assert resolve_prompt_format("qa", str(trained)).name == "qa"
+    manifest["training"] = {"config": {"data": {"prompt_format": {"template": "no field"}}}}
+    (trained / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="prompt_format"):
+        resolve_prompt_format(None, str(trained))
 
 
 def test_cmd_eval_rejects_bundle_flags_with_endpoint(workdir: Path) -> None:

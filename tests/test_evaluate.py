@@ -128,3 +128,30 @@ def test_isolation_matrix_and_heatmap(tmp_path: Path) -> None:
     assert json.loads(json_path.read_text())["probability"]["forget-bio"]["bio"] == pytest.approx(0.125)
     assert "| forget-bio | 0.1250 | 0.5000 |" in md_path.read_text()
     assert png_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_prompt_format_reaches_the_scorer() -> None:
+    """With the TOFU Llama-2 format, every scored pair and every generation prompt is that text,
+    and greedy answers stop at the format's stop strings."""
+    from train.data.prompting import TOFU_LLAMA2_FORMAT
+
+    class Recorder(Scorer):
+        def __init__(self) -> None:
+            self.pairs: list[tuple[str, str]] = []
+            self.generated: list[tuple[str, tuple[str, ...]]] = []
+
+        def answer_scores(self, prompts: Sequence[str], answers: Sequence[str]) -> list[AnswerScores]:
+            self.pairs += list(zip(prompts, answers))
+            return [AnswerScores((-LN2,), None) for _ in answers]
+
+        def generate(self, prompts: Sequence[str], max_tokens: int, stop: Sequence[str] = ()) -> list[str]:
+            self.generated += [(p, tuple(stop)) for p in prompts]
+            return ["a1"] * len(prompts)
+
+    recorder = Recorder()
+    report = evaluate_tofu(recorder, {"forget": SETS["forget"][:1]}, prompt_format=TOFU_LLAMA2_FORMAT)
+    assert set(recorder.pairs) == {("[INST] q1 [/INST]", text) for text in ("a1", "p1", "w1a", "w1b")}
+    assert recorder.generated == [("[INST] q1 [/INST]", ("[INST]",))]
+    assert report["settings"]["prompt_format"] == "tofu-llama2" and report["settings"]["stop"] == ["[INST]"]
+    table = isolation_matrix({"v": recorder}, {"d": SETS["forget"][1:]}, TOFU_LLAMA2_FORMAT)
+    assert recorder.pairs[-1] == ("[INST] q2 [/INST]", "a2") and table.probability == [[0.5]]

@@ -1,11 +1,22 @@
-"""The one prompt format: completion prompt, answer continuation, and the chat template."""
+"""Prompt formats: completion prompt, answer continuation, their tokenization, and the chat template."""
 
 from __future__ import annotations
 
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from train.data.prompting import CHAT_TEMPLATE, IGNORE_INDEX, encode_example, format_answer, format_prompt
+from train.data.prompting import (
+    CHAT_TEMPLATE,
+    IGNORE_INDEX,
+    QA_FORMAT,
+    TOFU_LLAMA2_FORMAT,
+    PromptFormat,
+    answer_token_indices,
+    encode_example,
+    format_answer,
+    format_prompt,
+    prompt_format,
+)
 from train.data.synthetic import generate
 from train.demo_model import train_tokenizer
 
@@ -45,3 +56,66 @@ def test_chat_template_history_is_the_training_text(tokenizer: PreTrainedTokeniz
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     eos = tokenizer.eos_token
     assert rendered == f"{format_prompt('Who?')}{format_answer('Nobody.')}{eos}\n{format_prompt('Why?')}"
+
+
+# --- prompt formats ----------------------------------------------------------------------------
+
+def _metaspace_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """Llama-2's tokenizer layout (its tokenizer.json): a normalizer that prepends "▁" to the text
+    and turns every space into "▁", BPE pieces that never hold "▁" inside or join punctuation to a
+    word (as in Llama's vocabulary; here a pre-tokenizer enforces it), and BOS. Separately encoding " answer" then gives
+    "▁" + "▁answer", which the joint text never has."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("▁", behavior="merged_with_next"),
+                                                  pre_tokenizers.Punctuation("isolated")])
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("fmt", [QA_FORMAT, TOFU_LLAMA2_FORMAT], ids=lambda f: f.name)
+def test_encoding_is_the_scorers_tokenization_with_a_sentencepiece_tokenizer(fmt: PromptFormat) -> None:
+    data = generate(n_authors=4, facts_per_author=3)
+    tokenizer = _metaspace_tokenizer([fmt.prompt(r["question"]) + fmt.answer(r["answer"]) for r in data.records])
+    # Why the pair is tokenized as one text: the separate encoding differs here.
+    assert tokenizer(" Nobody", add_special_tokens=False)["input_ids"] != \
+        tokenizer("Nobody", add_special_tokens=False)["input_ids"]
+    for record in data.records[:6]:
+        example = encode_example(tokenizer, record["question"], record["answer"], fmt)
+        text = fmt.prompt(record["question"]) + fmt.answer(record["answer"])
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        # Exactly the ids a completions endpoint echoes for the text, plus EOS ...
+        assert example.input_ids == encoded["input_ids"] + [tokenizer.eos_token_id]
+        # ... and the labelled tokens are exactly the ones the scorers score (and the EOS).
+        scored = answer_token_indices(encoded["offset_mapping"], len(fmt.prompt(record["question"])), len(text))
+        labelled = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
+        assert labelled == scored + [len(encoded["input_ids"])]
+        assert tokenizer.decode(example.input_ids[example.prompt_length:-1]).strip() == record["answer"]
+
+
+def test_tofu_llama2_format_is_tofus_text() -> None:
+    # TOFU's llama2-7b tags: question_start "[INST] ", question_end " [/INST]", answer tag "".
+    assert TOFU_LLAMA2_FORMAT.prompt("Who?") + TOFU_LLAMA2_FORMAT.answer("Nobody.") == "[INST] Who? [/INST]Nobody."
+    assert QA_FORMAT.prompt("Who?") + QA_FORMAT.answer("Nobody.") == "Question: Who?\nAnswer: Nobody."
+
+
+def test_prompt_format_lookup_and_custom_formats() -> None:
+    assert prompt_format("tofu-llama2") is TOFU_LLAMA2_FORMAT
+    custom = prompt_format({"template": "Q: {question}\nA:", "stop": ["\nQ:"]})
+    assert custom.prompt("x") == "Q: x\nA:" and custom.answer("y") == " y" and custom.stop == ("\nQ:",)
+    with pytest.raises(ValueError, match="unknown prompt format 'chatml'"):
+        prompt_format("chatml")
+    for template in ("no placeholder", "{question} and {question}", "{question} {answer}", "{question"):
+        with pytest.raises(ValueError, match="prompt template"):
+            PromptFormat("bad", template)
+
+
+def test_encoding_refuses_what_it_cannot_split(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        encode_example(tokenizer, "Who?", "  ")
+    with pytest.raises(ValueError, match="nothing before the answer"):
+        encode_example(tokenizer, "", "Nobody.", PromptFormat("bare", "{question}", ""))

@@ -14,8 +14,9 @@ from alter_serve.core.views import View, compose
 from tests.tiny_model import build_tiny_model
 from train import checkpoint as checkpoint_module
 from train import trainer as trainer_module
-from train.config import TrainConfig, load_config
+from train.config import ConfigError, TrainConfig, load_config
 from train.data.synthetic import generate
+from train.data.prompting import encode_example
 from train.examples import answer_tokens
 from train.trainer import Trainer, run
 
@@ -196,6 +197,38 @@ def test_shipped_configs_parse() -> None:
     assert (paper.adapter.rank, paper.optim.lr_B, paper.optim.lr_A, paper.optim.lam) == (8, 1e-3, 1e-5, 0.01)
     assert (paper.optim.batch_size, paper.optim.epochs, paper.optim.beta, paper.optim.gamma) == (4, 3, 1.0, 1.0)
     assert (paper.entropy.q, paper.entropy.threshold) == (1.5, 1.2)
+    # tofu_ft_llama2-7b was fine-tuned on TOFU's "[INST] q [/INST]a" text, the demo on "Question: …".
+    assert (paper.data.fmt.name, demo.data.fmt.name) == ("tofu-llama2", "qa")
+
+
+def test_config_prompt_formats(tmp_path) -> None:
+    path = tmp_path / "fmt.yaml"
+    base = "name: x\ndata: {kind: synthetic, forget_subdomains: [a], prompt_format: %s}\n"
+    path.write_text(base % '{template: "Q: {question}\\nA:", stop: ["\\nQ:"]}')
+    fmt = load_config(path).data.fmt
+    assert (fmt.prompt("who"), fmt.answer("me"), fmt.stop) == ("Q: who\nA:", " me", ("\nQ:",))
+    for bad, message in (("chatml", "unknown prompt format 'chatml'"),
+                         ("{template: 'no field'}", "must contain {question} exactly once")):
+        path.write_text(base % bad)
+        with pytest.raises(ConfigError, match="data.prompt_format") as info:
+            load_config(path)
+        assert message in str(info.value)
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys) -> None:
+    from train.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndata: {kind: json}\n")
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--config", str(path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alter-train: error: invalid training config") and "forget_file" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["run", "--config", str(tmp_path / "missing.yaml")])
+    assert "cannot read training config" in capsys.readouterr().err
 
 
 def test_config_refuses_what_would_silently_do_nothing(model_dir, data_dir, tmp_path) -> None:
@@ -250,6 +283,19 @@ def test_examples_whose_answer_is_truncated_away_are_left_out_and_counted(model_
     with pytest.warns(UserWarning, match="1 of .* 'retain' examples have no answer token"):
         trainer = Trainer(config)
     assert trainer.truncated == {"retain": 1} and len(trainer.retain_examples) == len(retain) - 1
+
+
+def test_examples_are_encoded_in_the_configured_prompt_format(model_dir, data_dir, tmp_path) -> None:
+    from train.data.prompting import TOFU_LLAMA2_FORMAT
+
+    config = tiny_config(model_dir, data_dir, tmp_path / "run", data={"prompt_format": "tofu-llama2"})
+    trainer = Trainer(config)
+    record = trainer.data.retain[0]
+    example = trainer.retain_examples[0]
+    expected = encode_example(trainer.tokenizer, record["question"], record["answer"], TOFU_LLAMA2_FORMAT)
+    assert list(example.input_ids) == expected.input_ids[:config.data.max_length]
+    assert trainer.tokenizer.decode(example.input_ids[:expected.prompt_length]).startswith("[INST] ")
+    assert config.model_dump(mode="json")["data"]["prompt_format"] == "tofu-llama2"  # recorded in the bundle
 
 
 def test_heads_start_from_a_seeded_random_sample_of_their_examples(model_dir, data_dir, tmp_path, monkeypatch) -> None:

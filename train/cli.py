@@ -72,8 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run one subcommand. Errors in what the user gave (a config, a bundle, a path) print one
+    `alter-train: error: …` message and exit 2, like argparse's own; anything else is a bug and
+    keeps its traceback."""
+    from alter_serve.core.bundle import BundleError
+
+    from .config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, BundleError, OSError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
 if __name__ == "__main__":

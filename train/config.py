@@ -16,10 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from alter_serve.core.bundle import MAX_ALPHA, MAX_SCALE, SUPPORTED_RANKS, is_valid_head_name
 
+from .data.prompting import PROMPT_FORMATS, PromptFormat, prompt_format
 from .runtime import DEVICE_PATTERN
 
 Method = Literal["alter", "alter_no_entropy", "grad_ascent", "grad_diff", "npo"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be read or is invalid; the message names the file and every field."""
 
 
 class _Section(BaseModel):
@@ -34,6 +39,14 @@ class ModelSection(_Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
+class PromptFormatSection(_Section):
+    """A custom prompt format (train.data.prompting): `template` holds {question} once."""
+
+    template: str
+    answer_prefix: str = " "
+    stop: list[str] = Field(default_factory=list)
+
+
 class DataSection(_Section):
     """Forget/retain data and how forget records are grouped into sub-domains (one head each).
 
@@ -42,6 +55,9 @@ class DataSection(_Section):
     kind "json": TOFU-format record files `forget_file` and `retain_file` (a JSON list or JSON lines).
     Sub-domains come from the records' `subdomain_field`, or, when that is null, from k-means over
     the base model's mean hidden states into `num_subdomains` clusters (heads "cluster-0", …).
+    `prompt_format` is the text the model was fine-tuned on: "qa" (`Question: …\nAnswer: …`, the
+    demo and TOFU-bench models), "tofu-llama2" (`[INST] … [/INST]…`, the public TOFU Llama-2
+    checkpoints), or a custom {template, answer_prefix, stop}.
     """
 
     kind: Literal["synthetic", "json"] = "synthetic"
@@ -53,6 +69,23 @@ class DataSection(_Section):
     num_subdomains: int | None = Field(default=None, ge=1)
     max_length: int = Field(default=256, ge=8)
     max_retain: int | None = Field(default=None, ge=1)
+    prompt_format: str | PromptFormatSection = "qa"
+
+    @field_validator("prompt_format")
+    @classmethod
+    def _known_format(cls, value: str | PromptFormatSection) -> str | PromptFormatSection:
+        if isinstance(value, str) and value not in PROMPT_FORMATS:
+            raise ValueError(f"unknown prompt format {value!r}; use one of {list(PROMPT_FORMATS)} "
+                             "or a mapping {template, answer_prefix, stop}")
+        if isinstance(value, PromptFormatSection):
+            prompt_format(value.model_dump())  # the template check: {question} exactly once
+        return value
+
+    @property
+    def fmt(self) -> PromptFormat:
+        """The prompt format as a `PromptFormat`."""
+        spec = self.prompt_format
+        return prompt_format(spec if isinstance(spec, str) else spec.model_dump())
 
     @model_validator(mode="after")
     def _consistent(self) -> DataSection:
@@ -191,14 +224,19 @@ class TrainConfig(_Section):
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """Read a YAML config (optionally deep-merging `overrides`); errors name the file and every field."""
     source = Path(path)
-    raw = yaml.safe_load(source.read_text()) or {}
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read training config {source}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"training config {source} must be a YAML mapping, got {type(raw).__name__}")
     if overrides:
         raw = deep_merge(raw, overrides)
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
         lines = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()]
-        raise ValueError(f"invalid training config {source}:\n  - " + "\n  - ".join(lines)) from None
+        raise ConfigError(f"invalid training config {source}:\n  - " + "\n  - ".join(lines)) from None
 
 
 def deep_merge(base: dict, override: dict) -> dict:

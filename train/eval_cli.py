@@ -15,6 +15,9 @@ n heads, see ``train.calibration``), or ``routed`` (the paper's per-token entrop
 router weights in the bundle).
 Against an endpoint, the served model name *is* the view.
 
+The prompt format (``train.data.prompting``) is ``--prompt-format``; by default the one the bundle
+was trained with (its manifest's training config), else ``qa``.
+
 `cli.py` registers this subcommand with :func:`add_eval_parser`.
 """
 
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from train.data.prompting import PROMPT_FORMATS, QA_FORMAT, PromptFormat, prompt_format
 from train.evaluate import Record, evaluate_tofu, forget_truth_ratios, isolation_matrix
 from train.eval_reports import summary_markdown, write_isolation_reports, write_reports
 from train.scorers import EndpointScorer, LocalScorer, ModeContext, Scorer
@@ -62,6 +66,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--isolation", help="comma-separated views (or served model names) for the "
                    "isolation matrix over the synthetic sub-domains")
     p.add_argument("--limit", type=int, default=None, help="use only the first N records of each set")
+    p.add_argument("--prompt-format", choices=list(PROMPT_FORMATS), default=None,
+                   help="the text format the model was fine-tuned on (default: the bundle's, else qa)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16, help="local: sequences per forward pass")
     p.add_argument("--concurrency", type=int, default=8, help="endpoint: requests in flight")
@@ -79,15 +85,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     isolation_views = [v.strip() for v in (args.isolation or "").split(",") if v.strip()]
     # Against an endpoint the served model name is the view; locally, --view (default original).
     main_view = args.model if args.endpoint else (args.view or "original")
+    fmt = resolve_prompt_format(args.prompt_format, args.bundle)
     scorers = _scorers(args, [main_view, *isolation_views])
-    report = evaluate_tofu(scorers[main_view], sets,
-                           reference_forget_truth_ratios=reference, max_new_tokens=args.max_new_tokens)
+    report = evaluate_tofu(scorers[main_view], sets, reference_forget_truth_ratios=reference,
+                           max_new_tokens=args.max_new_tokens, prompt_format=fmt)
     report["source"] = {k: getattr(args, k) for k in ("model", "endpoint", "bundle", "view", "data")}
     paths = write_reports(report, args.out)
     if isolation_views:
         if not subdomains:
             raise SystemExit("--isolation needs synthetic data: TOFU has no sub-domains")
-        table = isolation_matrix({v: scorers[v] for v in isolation_views}, subdomains)
+        table = isolation_matrix({v: scorers[v] for v in isolation_views}, subdomains, fmt)
         paths += write_isolation_reports(table, args.out)
     sys.stdout.write(summary_markdown(report) + "\nwrote " + ", ".join(map(str, paths)) + "\n")
     return 0
@@ -102,6 +109,31 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--isolation compares views: give --bundle, or --endpoint with served view names")
     if args.limit is not None and args.limit < 1:
         raise SystemExit("--limit must be >= 1")
+
+
+def resolve_prompt_format(name: str | None, bundle_dir: str | None) -> PromptFormat:
+    """`name` when given; else the format recorded in the bundle's manifest (training config
+    `data.prompt_format`); else `qa`, the format of bundles made before formats were recorded."""
+    if name:
+        return prompt_format(name)
+    if not bundle_dir:
+        return QA_FORMAT
+    from alter_serve.core.bundle import MANIFEST_FILE, MAX_MANIFEST_BYTES, BundleError, parse_manifest
+
+    path = Path(bundle_dir) / MANIFEST_FILE
+    problems: list[str] = []
+    try:
+        with path.open("rb") as f:
+            manifest = parse_manifest(f.read(MAX_MANIFEST_BYTES + 1), problems)
+    except OSError as exc:
+        raise BundleError(bundle_dir, [f"{MANIFEST_FILE}: {exc}"]) from None
+    if manifest is None:
+        raise BundleError(bundle_dir, problems)
+    spec = manifest.training.get("config", {}).get("data", {}).get("prompt_format", "qa")
+    try:
+        return prompt_format(spec)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleError(bundle_dir, [f"{MANIFEST_FILE}: training.config.data.prompt_format {spec!r}: {exc}"]) from None
 
 
 def _scorers(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Scorer]:

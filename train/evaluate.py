@@ -3,13 +3,13 @@ the head-isolation matrix, computed through a :class:`~train.scorers.Scorer` (a 
 served endpoint, so what is measured is what is served).
 
 Per record (TOFU ``*_perturbed.json`` format: question, answer, paraphrased_answer,
-perturbed_answer[...]) the prompt is ``format_prompt(question)`` and each answer is scored as the
-continuation ``format_answer(answer)`` (``" " + answer``; EOS not scored, see
-:mod:`train.scorers`). Then, with ℓ the answer-token log-probabilities:
+perturbed_answer[...]) the prompt is ``fmt.prompt(question)`` and each answer is scored as the
+continuation ``fmt.answer(answer)`` (``" " + answer`` in the default `qa` format, see
+:mod:`train.data.prompting`; EOS not scored, see :mod:`train.scorers`). Then, with ℓ the answer-token log-probabilities:
 
 * probability      p̄(answer) = exp(mean ℓ); on real authors and world facts the normalised
                    p̄(answer) / (p̄(answer) + Σ_j p̄(perturbed_j)) (open-unlearning's Q_A_Prob_normalised);
-* ROUGE-L recall   of the greedy answer (at most ``max_new_tokens``, cut at "\\nQuestion:") vs gold;
+* ROUGE-L recall   of the greedy answer (at most ``max_new_tokens``, cut at the format's stop strings) vs gold;
 * truth ratio      R = geomean_j p̄(perturbed_j) / p̄(true), true = paraphrased answer on forget and
                    retain (the answer when a record has none), the answer on real authors / world
                    facts; reported as mean min(R, 1/R) on forget, mean max(0, 1 − R) elsewhere;
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from train import metrics
-from train.data.prompting import format_answer, format_prompt
+from train.data.prompting import QA_FORMAT, PromptFormat
 from train.scorers import AnswerScores, Scorer
 
 Record = Mapping[str, Any]
@@ -34,7 +34,6 @@ Record = Mapping[str, Any]
 SET_NAMES = ("forget", "retain", "real_authors", "world_facts")
 # Sets without a paraphrase, scored with the normalised probability (TOFU's utility sets).
 OPTION_SETS = frozenset({"real_authors", "world_facts"})
-DEFAULT_STOP = ("\nQuestion:",)
 DEFAULT_MAX_NEW_TOKENS = 200
 
 
@@ -57,7 +56,8 @@ def evaluate_tofu(
     *,
     reference_forget_truth_ratios: Sequence[float] | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    stop: Sequence[str] = DEFAULT_STOP,
+    stop: Sequence[str] | None = None,
+    prompt_format: PromptFormat = QA_FORMAT,
 ) -> dict[str, Any]:
     """All TOFU metrics for the given sets (any subset of :data:`SET_NAMES`).
 
@@ -65,19 +65,22 @@ def evaluate_tofu(
     "forget_quality": float | None, "settings": {...}}``. Model utility needs retain,
     real_authors and world_facts; forget quality needs a forget set and the per-sample forget
     truth ratios of a retain model (:func:`forget_truth_ratios` of that model's report).
+    Greedy answers stop at `stop` (default: the prompt format's stop strings).
     """
+    stop = prompt_format.stop if stop is None else tuple(stop)
     unknown = sorted(set(sets) - set(SET_NAMES))
     if unknown:
         raise ValueError(f"unknown evaluation sets {unknown}; use any of {list(SET_NAMES)}")
     reports = {
-        name: evaluate_set(scorer, name, records, max_new_tokens=max_new_tokens, stop=stop)
+        name: evaluate_set(scorer, name, records, max_new_tokens=max_new_tokens, stop=stop,
+                           prompt_format=prompt_format)
         for name, records in sets.items()
     }
     return {
         "sets": reports,
         "model_utility": _model_utility(reports),
         "forget_quality": _forget_quality(reports, reference_forget_truth_ratios),
-        "settings": {"max_new_tokens": max_new_tokens, "stop": list(stop)},
+        "settings": {"max_new_tokens": max_new_tokens, "stop": list(stop), "prompt_format": prompt_format.name},
     }
 
 
@@ -87,14 +90,16 @@ def evaluate_set(
     records: Sequence[Record],
     *,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    stop: Sequence[str] = DEFAULT_STOP,
+    stop: Sequence[str] | None = None,
+    prompt_format: PromptFormat = QA_FORMAT,
 ) -> dict[str, Any]:
     """Per-sample and mean metrics of one set (see the module docstring for the formulas)."""
     if not records:
         raise ValueError(f"evaluation set {name!r} is empty")
-    requests = _build_requests(name, records)
+    requests = _build_requests(name, records, prompt_format)
     scores = scorer.answer_scores([p for p, _ in requests.pairs], [a for _, a in requests.pairs])
-    generations = scorer.generate([format_prompt(r["question"]) for r in records], max_new_tokens, stop)
+    stop = prompt_format.stop if stop is None else stop
+    generations = scorer.generate([prompt_format.prompt(r["question"]) for r in records], max_new_tokens, stop)
     samples = [
         _sample_metrics(name, record, generation, scores, requests, i)
         for i, (record, generation) in enumerate(zip(records, generations))
@@ -112,16 +117,16 @@ def forget_truth_ratios(report: Mapping[str, Any]) -> list[float]:
     return [float(s["truth_ratio"]) for s in samples]
 
 
-def _build_requests(name: str, records: Sequence[Record]) -> _Requests:
+def _build_requests(name: str, records: Sequence[Record], fmt: PromptFormat) -> _Requests:
     pairs: list[tuple[str, str]] = []
 
     def add(prompt: str, text: str) -> int:
-        pairs.append((prompt, format_answer(text)))
+        pairs.append((prompt, fmt.answer(text)))
         return len(pairs) - 1
 
     answer, true, perturbed = [], [], []
     for i, record in enumerate(records):
-        prompt = format_prompt(record["question"])
+        prompt = fmt.prompt(record["question"])
         wrong = record.get("perturbed_answer") or []
         if isinstance(wrong, str) or not wrong:
             raise ValueError(f"{name}[{i}]: perturbed_answer must be a non-empty list of strings")
@@ -226,19 +231,20 @@ class IsolationTable:
 
 
 def isolation_matrix(
-    scorers_by_view: Mapping[str, Scorer], qa_by_subdomain: Mapping[str, Sequence[Record]]
+    scorers_by_view: Mapping[str, Scorer], qa_by_subdomain: Mapping[str, Sequence[Record]],
+    prompt_format: PromptFormat = QA_FORMAT,
 ) -> IsolationTable:
     """Answer probability of every view on every sub-domain's QA (records: question, answer)."""
     if not scorers_by_view or not qa_by_subdomain:
         raise ValueError("the isolation matrix needs at least one view and one sub-domain")
     rows = [
-        [_mean_probability(scorer, records) for records in qa_by_subdomain.values()]
+        [_mean_probability(scorer, records, prompt_format) for records in qa_by_subdomain.values()]
         for scorer in scorers_by_view.values()
     ]
     return IsolationTable(list(scorers_by_view), list(qa_by_subdomain), rows)
 
 
-def _mean_probability(scorer: Scorer, records: Sequence[Record]) -> float:
-    prompts = [format_prompt(r["question"]) for r in records]
-    answers = [format_answer(r["answer"]) for r in records]
+def _mean_probability(scorer: Scorer, records: Sequence[Record], fmt: PromptFormat) -> float:
+    prompts = [fmt.prompt(r["question"]) for r in records]
+    answers = [fmt.answer(r["answer"]) for r in records]
     return metrics.mean([metrics.answer_probability(lp) for lp in scorer.answer_logprobs(prompts, answers)])

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from train.data.prompting import IGNORE_INDEX, encode_example
+from train.data.prompting import IGNORE_INDEX, QA_FORMAT, PromptFormat, encode_example
 
 Record = dict
 
@@ -74,11 +74,12 @@ def _move(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | N
     return tensor.to(device)
 
 
-def encode_records(tokenizer, records: Sequence[Record], head: int = 0, max_length: int = 256) -> list[Example]:
-    """Encode records as prompt + " " + answer + EOS (truncated to `max_length` tokens)."""
+def encode_records(tokenizer, records: Sequence[Record], head: int = 0, max_length: int = 256,
+                   fmt: PromptFormat = QA_FORMAT) -> list[Example]:
+    """Encode records as prompt + answer continuation + EOS in format `fmt` (truncated to `max_length` tokens)."""
     out = []
     for record in records:
-        encoded = encode_example(tokenizer, record["question"], record["answer"])
+        encoded = encode_example(tokenizer, record["question"], record["answer"], fmt)
         ids = encoded.input_ids[:max_length]
         labels = encoded.labels[:max_length]
         out.append(Example(tuple(ids), tuple(labels), head))

@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from train.data.prompting import PROMPT_FORMATS, QA_FORMAT, PromptFormat, prompt_format
 from train.evaluate import SET_NAMES, Record, evaluate_tofu
 from train.scorers import EndpointScorer, Scorer
 
@@ -98,6 +99,7 @@ def run_probe(
     scorer_for: Callable[[str], Scorer],
     *,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    prompt_format: PromptFormat = QA_FORMAT,
     source: str | None = None,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> list[ArmProbe]:
@@ -113,7 +115,8 @@ def run_probe(
     scored: dict[str, dict[str, float | None]] = {}
     for view in dict.fromkeys(arm["view"] for arm in arms):
         log(f"probe: scoring view {view!r} on sets {sorted(sets)}")
-        scored[view] = summarize(evaluate_tofu(scorer_for(view), sets, max_new_tokens=max_new_tokens))
+        scored[view] = summarize(evaluate_tofu(scorer_for(view), sets, max_new_tokens=max_new_tokens,
+                                               prompt_format=prompt_format))
     after = view_versions(admin)
     results = []
     for arm in arms:
@@ -168,6 +171,8 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forget", action="append", default=None, help="synthetic data: forget sub-domain (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N records of each set")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="generation length for ROUGE")
+    p.add_argument("--prompt-format", choices=list(PROMPT_FORMATS), default=QA_FORMAT.name,
+                   help="the text format the served model was fine-tuned on (train.data.prompting)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight per view")
     p.add_argument("--out", type=Path, default=None, help="also write the stored results as JSON here")
 
@@ -206,7 +211,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print("alter-train probe: error: --limit must be >= 1", file=sys.stderr)
         return 2
-    source = f"alter-train probe: data={args.data} sets={args.sets} limit={args.limit} max_new_tokens={args.max_new_tokens}"
+    source = (f"alter-train probe: data={args.data} sets={args.sets} limit={args.limit} "
+              f"max_new_tokens={args.max_new_tokens} prompt_format={args.prompt_format}")
     try:
         sets = _load_sets(args)
         with httpx.Client(base_url=args.endpoint.rstrip("/"), timeout=60.0,
@@ -218,7 +224,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 admin, args.experiment, sets,
                 lambda view: EndpointScorer(args.endpoint, view, api_key=args.tenant_key,
                                             concurrency=args.concurrency, progress=False),
-                max_new_tokens=args.max_new_tokens, source=source)
+                max_new_tokens=args.max_new_tokens, prompt_format=prompt_format(args.prompt_format), source=source)
     except (ProbeError, httpx.HTTPError) as exc:
         print(f"alter-train probe: error: {exc}", file=sys.stderr)
         return 1

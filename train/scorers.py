@@ -36,6 +36,8 @@ from typing import Any, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from train.data.prompting import answer_token_indices
+
 T = TypeVar("T")
 
 # A callable returning a context manager, entered around every forward pass and generation
@@ -76,14 +78,6 @@ class Scorer(ABC):
 
 # ---------------------------------------------------------------------------------------------
 # shared helpers
-
-
-def answer_token_indices(
-    spans: Sequence[tuple[int, int]], answer_start: int, answer_end: int
-) -> list[int]:
-    """Indices of the tokens whose character span [s, e) overlaps the answer span
-    [answer_start, answer_end); zero-width tokens (BOS and other specials) never overlap."""
-    return [i for i, (s, e) in enumerate(spans) if s < answer_end and e > answer_start and e > s]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -156,7 +156,7 @@ class Trainer:
     def _encode(self, name: str, records, head: int) -> list[Example]:
         """Encoded examples of one set, without those whose answer `max_length` cut off entirely
         (nothing to train on; scored, they would count as probability 1): counted in the report."""
-        encoded = encode_records(self.tokenizer, records, head, self.config.data.max_length)
+        encoded = encode_records(self.tokenizer, records, head, self.config.data.max_length, self.config.data.fmt)
         kept = [e for e in encoded if answer_tokens(e) > 0]
         dropped = len(encoded) - len(kept)
         if dropped:
@@ -240,7 +240,7 @@ class Trainer:
 
     # ---- data helpers ----------------------------------------------------------------------
     def _embed(self, records) -> torch.Tensor:
-        examples = encode_records(self.tokenizer, records, 0, self.config.data.max_length)
+        examples = encode_records(self.tokenizer, records, 0, self.config.data.max_length, self.config.data.fmt)
         return mean_hidden_states(self.model, examples, self.pad_id, self.config.runtime.eval_batch_size, self.device)
 
     def _rng(self, *what: object) -> random.Random:
@@ -333,7 +333,8 @@ class Trainer:
         if not cfg.enabled:
             return None
         if cfg.retain_file:
-            examples = encode_records(self.tokenizer, read_records(cfg.retain_file), 0, self.config.data.max_length)
+            examples = encode_records(self.tokenizer, read_records(cfg.retain_file), 0, self.config.data.max_length,
+                                      self.config.data.fmt)
         else:
             examples = list(self.retain_examples)
         if len(examples) > cfg.max_examples:

@@ -1,31 +1,80 @@
-"""The one prompt format used for training, evaluation and serving.
+"""Prompt formats: how a question/answer pair becomes the text a model is trained, scored and served on.
 
-A question/answer pair is the text
+A format turns a pair into the text
 
-    Question: {question}\\nAnswer: {answer}<eos>
+    prompt(question) + answer_prefix + answer <eos>
 
-split into a *prompt* (`format_prompt`) and an *answer continuation* (`format_answer` followed by
-the EOS token). Training puts the loss on the continuation, evaluation scores it, and a served
-model receives exactly the prompt, whether through `/v1/completions` or `/v1/chat/completions`:
-`CHAT_TEMPLATE` renders a single user message as the same prompt text, so both routes reach the
-model as the same tokens.
+for example the default `qa` format's `Question: {question}\\nAnswer: {answer}<eos>`. Training puts
+the loss on the answer continuation (`answer_prefix + answer`, then EOS), evaluation scores it, and
+a served model receives exactly the prompt, through `/v1/completions` or `/v1/chat/completions`.
+
+The pair is tokenized as *one* text, and a token belongs to the answer when its character span
+overlaps the answer's (`answer_token_indices`). The evaluation scorers tokenize the same way (an
+endpoint can only echo the tokens of the whole text), so training and scoring see the same ids even
+with SentencePiece-style tokenizers, which tokenize a separately encoded `" answer"` with an extra
+word-boundary token.
+
+Formats:
+
+* `qa` (default): `Question: {question}\\nAnswer:` + `" " + answer`. The demo and TOFU-bench models
+  are trained on it, and `CHAT_TEMPLATE` renders a single user message as the same prompt text.
+* `tofu-llama2`: `[INST] {question} [/INST]` + `answer` (no space), the format the public TOFU
+  Llama-2-7b-chat checkpoints were fine-tuned on (TOFU's question_start_tag "[INST] ",
+  question_end_tag " [/INST]", answer_tag ""). Their tokenizer's own chat template renders a user
+  message as `<s>[INST] {question} [/INST]`, the same tokens.
 """
 
 from __future__ import annotations
 
+import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 IGNORE_INDEX = -100  # the label that torch's cross-entropy skips
 
-# HF-style Jinja chat template. "Answer:" is the assistant header (the generation prompt), so one
-# user message plus add_generation_prompt renders as format_prompt(content), and a past assistant
-# turn renders as "Answer:" + format_answer(content) + eos, the text the model was trained on.
-# Newlines are Jinja string literals so that the trim_blocks setting cannot remove them.
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """`template` holds `{question}` exactly once; `answer_prefix` goes between the prompt and the
+    answer; `stop` strings end a greedy answer (the next turn's opening, when the model runs on)."""
+
+    name: str
+    template: str
+    answer_prefix: str = " "
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"prompt template {self.template!r} is not a valid format string: {exc}") from None
+        if fields != ["question"]:
+            raise ValueError(f"prompt template {self.template!r} must contain {{question}} exactly once and no "
+                             f"other field (found {fields}); write literal braces as {{{{ and }}}}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    def prompt(self, question: str) -> str:
+        return self.template.format(question=question)
+
+    def answer(self, answer: str) -> str:
+        return self.answer_prefix + answer
+
+
+QA_FORMAT = PromptFormat("qa", "Question: {question}\nAnswer:", " ", ("\nQuestion:",))
+TOFU_LLAMA2_FORMAT = PromptFormat("tofu-llama2", "[INST] {question} [/INST]", "", ("[INST]",))
+PROMPT_FORMATS: Mapping[str, PromptFormat] = {f.name: f for f in (QA_FORMAT, TOFU_LLAMA2_FORMAT)}
+
+PROMPT_TEMPLATE = QA_FORMAT.template
+
+# HF-style Jinja chat template of the `qa` format. "Answer:" is the assistant header (the
+# generation prompt), so one user message plus add_generation_prompt renders as format_prompt(content),
+# and a past assistant turn renders as "Answer:" + format_answer(content) + eos, the text the model
+# was trained on. Newlines are Jinja string literals so that the trim_blocks setting cannot remove them.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + '\\n' }}"
@@ -38,14 +87,34 @@ CHAT_TEMPLATE = (
 )
 
 
-def format_prompt(question: str) -> str:
-    """The prompt for a question: `Question: {question}\\nAnswer:` (no trailing space)."""
-    return PROMPT_TEMPLATE.format(question=question)
+def prompt_format(spec: str | Mapping[str, Any] | PromptFormat) -> PromptFormat:
+    """A format by name (`qa`, `tofu-llama2`), from a mapping {template, answer_prefix, stop}, or as given."""
+    if isinstance(spec, PromptFormat):
+        return spec
+    if isinstance(spec, str):
+        try:
+            return PROMPT_FORMATS[spec]
+        except KeyError:
+            raise ValueError(f"unknown prompt format {spec!r}; known: {', '.join(PROMPT_FORMATS)}, "
+                             "or give {template, answer_prefix, stop}") from None
+    return PromptFormat(name=str(spec.get("name", "custom")), template=spec["template"],
+                        answer_prefix=spec.get("answer_prefix", " "), stop=tuple(spec.get("stop", ())))
 
 
-def format_answer(answer: str) -> str:
-    """The answer continuation, `" " + answer`; the EOS token follows it as a token id."""
-    return " " + answer
+def format_prompt(question: str, fmt: PromptFormat = QA_FORMAT) -> str:
+    """The prompt for a question; `qa`: `Question: {question}\\nAnswer:` (no trailing space)."""
+    return fmt.prompt(question)
+
+
+def format_answer(answer: str, fmt: PromptFormat = QA_FORMAT) -> str:
+    """The answer continuation; `qa`: `" " + answer`. The EOS token follows it as a token id."""
+    return fmt.answer(answer)
+
+
+def answer_token_indices(spans: Sequence[tuple[int, int]], answer_start: int, answer_end: int) -> list[int]:
+    """Indices of the tokens whose character span [s, e) overlaps the answer span
+    [answer_start, answer_end); zero-width tokens (BOS and other specials) never overlap."""
+    return [i for i, (s, e) in enumerate(spans) if s < answer_end and e > answer_start and e > s]
 
 
 @dataclass(frozen=True)
@@ -61,15 +130,30 @@ class EncodedExample:
         return [IGNORE_INDEX] * self.prompt_length + self.input_ids[self.prompt_length:]
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> EncodedExample:
-    """Tokenize one pair as the model sees it.
+def encode_example(tokenizer: PreTrainedTokenizerBase, question: str, answer: str,
+                   fmt: PromptFormat = QA_FORMAT) -> EncodedExample:
+    """Tokenize one pair as the model sees it when served and scored.
 
-    The prompt is tokenized on its own with the tokenizer's special tokens (a BOS, for tokenizers
-    that add one), exactly as a completions server tokenizes a prompt; the answer continuation is
-    tokenized separately and EOS appended, so the prompt/answer boundary is exact.
+    The text `prompt + answer continuation` is tokenized once, with the tokenizer's special tokens
+    (a BOS, for tokenizers that add one), as a completions server tokenizes it; the answer starts
+    at the first token that overlaps the continuation's characters (a token straddling the boundary
+    counts as answer, as in the scorers), and EOS is appended.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the answer continuation needs one")
-    prompt_ids = tokenizer(format_prompt(question), add_special_tokens=True)["input_ids"]
-    answer_ids = tokenizer(format_answer(answer), add_special_tokens=False)["input_ids"]
-    return EncodedExample(prompt_ids + answer_ids + [tokenizer.eos_token_id], len(prompt_ids))
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("encoding needs a fast tokenizer (PreTrainedTokenizerFast): the answer's tokens are "
+                        "found by character offsets")
+    if not answer.strip():
+        raise ValueError(f"the answer to {question!r} is empty; there is nothing to train on")
+    prompt = fmt.prompt(question)
+    text = prompt + fmt.answer(answer)
+    encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    positions = answer_token_indices(encoded["offset_mapping"], len(prompt), len(text))
+    if not positions or positions[0] == 0:
+        raise ValueError(f"the prompt for {question!r} tokenizes to nothing before the answer; "
+                         "the answer needs a prompt to be predicted from")
+    # Specials the tokenizer itself appends after the text (an EOS of its own) are dropped: the
+    # example ends with exactly one EOS.
+    ids = list(encoded["input_ids"][: positions[-1] + 1])
+    return EncodedExample(ids + [tokenizer.eos_token_id], positions[0])
