@@ -209,7 +209,7 @@ def test_admin_keys(reg):
     principal = reg.authenticate(secret)
     assert principal.is_admin and principal.key_id == key_id and principal.tenant_name is None
     assert principal.views == frozenset()
-    assert reg.resolve_model(principal, "original") is None  # admin keys serve no models
+    assert reg.request_context(secret, "original").view is None  # admin keys serve no models
     reg.create_tenant("acme")
     with pytest.raises(InvalidInput, match="admin keys belong to no tenant"):
         reg.create_key("acme", "admin")
@@ -224,28 +224,33 @@ def test_admin_keys(reg):
 # ---- grants and model resolution ------------------------------------------------------------------
 
 
-def test_resolve_model_is_exact_and_limited_to_grants(alpha):
+def test_model_names_are_exact_and_limited_to_grants(alpha):
+    """The request path's model resolution (`request_context`): a tenant's `model` field names a
+    granted view exactly, or nothing."""
     reg = alpha
     reg.create_tenant("acme", views=["original", "no-bio"], default_view="no-bio")
     reg.create_tenant("globex", views=["no-cyber"])
-    acme = reg.authenticate(reg.create_key("acme")[1])
+    acme = reg.create_key("acme")[1]
 
-    view = reg.resolve_model(acme, "no-bio")
-    assert view is not None and view.name == "no-bio" and view.bundle == "alpha"
-    assert view.composed.lora_name == f"no-bio@{view.content_hash[:12]}"
-    assert view.path == reg.data_dir / "views" / view.content_hash
-    assert reg.resolve_model(acme, "original").is_original
+    context = reg.request_context(acme, "no-bio")
+    view = reg.get_view("no-bio")
+    assert context.view == "no-bio" and view.bundle == "alpha"
+    assert context.composed.lora_name == f"no-bio@{view.content_hash[:12]}"
+    assert context.composed.path == view.path == reg.data_dir / "views" / view.content_hash
+    original = reg.request_context(acme, "original")
+    assert original.view == "original" and original.composed is None
     for variant in ("No-Bio", "NO-BIO", " no-bio", "no-bio ", "no-bio\n", "\tno-bio", "no_bio", "nobio",
-                    f"no-bio@{view.content_hash[:12]}", "", "Original", "no-cyber", "does-not-exist", None):
-        assert reg.resolve_model(acme, variant) is None, repr(variant)
+                    f"no-bio@{view.content_hash[:12]}", "", "Original", "no-cyber", "does-not-exist", None, 42):
+        assert reg.request_context(acme, variant).view is None, repr(variant)
 
-    globex = reg.authenticate(reg.create_key("globex")[1])
-    assert reg.resolve_model(globex, "no-cyber").name == "no-cyber"
-    assert reg.resolve_model(globex, "no-bio") is None and reg.resolve_model(globex, "original") is None
+    globex = reg.create_key("globex")[1]
+    assert reg.request_context(globex, "no-cyber").view == "no-cyber"
+    assert reg.request_context(globex, "no-bio").view is None and reg.request_context(globex, "original").view is None
 
-    # the grant is re-checked in the database, not only in the principal taken at authentication
+    # every request reads the grants again: no principal taken earlier is trusted
+    principal = reg.authenticate(acme)
     reg.revoke_view("acme", "original")
-    assert "original" in acme.views and reg.resolve_model(acme, "original") is None
+    assert "original" in principal.views and reg.request_context(acme, "original").view is None
 
 
 def test_grants_and_default_view(alpha):
@@ -590,8 +595,8 @@ def test_remove_bundle(alpha, tmp_path):
 
 
 def test_request_context_is_authenticate_plus_routing_in_one_read(alpha):
-    """`request_context` (the request path: one statement) answers as authenticate + experiment_for +
-    resolve_model would, and sees every change on the next call (no cache)."""
+    """`request_context` (the request path: one statement) answers as authenticate, the experiment
+    for the alias and the granted view would, and sees every change on the next call (no cache)."""
     reg = alpha
     reg.create_tenant("acme", views=["original", "no-bio"], default_view="no-bio", limits=Limits(max_concurrent=3))
     reg.create_tenant("globex", views=["no-cyber"])
@@ -606,8 +611,7 @@ def test_request_context_is_authenticate_plus_routing_in_one_read(alpha):
     assert (context.principal.key_id, context.principal.tenant_name, context.principal.default_view) == (key_id, "acme", "no-bio")
     assert context.principal.views == frozenset({"original", "no-bio"})
     assert context.principal.limits == Limits(max_concurrent=3)
-    resolved = reg.resolve_model(context.principal, "no-bio")
-    assert (context.view, context.composed, context.experiment) == ("no-bio", resolved.composed, None)
+    assert (context.view, context.composed, context.experiment) == ("no-bio", reg.get_view("no-bio").composed, None)
     original = reg.request_context(secret, "original")
     assert (original.view, original.composed) == ("original", None)
     for variant in ("No-Bio", " no-bio", "no-bio ", "no_bio", "", "no-cyber", "ghost", None):
@@ -650,14 +654,21 @@ def test_experiment_crud(alpha):
     reg = alpha
     reg.create_tenant("acme", views=["original", "no-bio"])
     reg.create_tenant("globex", views=["original", "no-bio"])
+    reg.create_tenant("initech", views=["original"])
+    secrets = {tenant: reg.create_key(tenant)[1] for tenant in ("acme", "globex", "initech")}
+
+    def experiment_for(tenant: str, alias: str):
+        """The experiment a request of `tenant` for model `alias` is routed through (request path)."""
+        return reg.request_context(secrets[tenant], alias).experiment
+
     arms = [{"name": "control", "view": "original", "weight": 3}, {"name": "forget", "view": "no-bio", "weight": 1}]
     created = reg.create_experiment("bio-ab", alias="chat", tenants=["acme", "globex"], arms=arms,
                                     sticky="header:X-User", salt="fixed")
     assert (created.alias, created.tenants, created.sticky, created.salt, created.status, created.control_arm) == (
         "chat", ("acme", "globex"), "header:x-user", "fixed", "running", "control")
     assert [(a.name, a.view, a.weight) for a in created.arms] == [("control", "original", 3.0), ("forget", "no-bio", 1.0)]
-    assert reg.experiment_for("acme", "chat") == created
-    assert reg.experiment_for("acme", "Chat") is None and reg.experiment_for("initech", "chat") is None
+    assert experiment_for("acme", "chat") == created
+    assert experiment_for("acme", "Chat") is None and experiment_for("initech", "chat") is None
 
     with pytest.raises(Conflict, match="experiment 'bio-ab' already takes over model name 'chat' for tenant 'acme'"):
         reg.create_experiment("bio-ab-2", alias="chat", tenants=["acme"], arms=arms)
@@ -680,11 +691,11 @@ def test_experiment_crud(alpha):
     reweighted = reg.update_experiment("bio-ab", arms=[{**arms[0], "weight": 1}, arms[1]], status="running")
     assert reweighted.salt == "fixed" and [a.weight for a in reweighted.arms] == [1.0, 1.0]
     assert reg.update_experiment("bio-ab", tenants=["globex"]).tenants == ("globex",)
-    assert reg.experiment_for("acme", "chat") is None
+    assert experiment_for("acme", "chat") is None
     reg.update_experiment("bio-ab", status="stopped")
-    assert reg.experiment_for("globex", "chat") is None
+    assert experiment_for("globex", "chat") is None
     second = reg.create_experiment("bio-ab-2", alias="chat", tenants=["globex"], arms=arms)
-    assert second.salt != "fixed" and reg.experiment_for("globex", "chat").name == "bio-ab-2"
+    assert second.salt != "fixed" and experiment_for("globex", "chat").name == "bio-ab-2"
     with pytest.raises(Conflict, match="already takes over model name 'chat'"):
         reg.update_experiment("bio-ab", status="running")
     assert [e.name for e in reg.list_experiments(status="running")] == ["bio-ab-2"]
@@ -886,8 +897,8 @@ def test_in_memory_database_for_tests(tmp_path):
     registry.store_bundle("alpha", write_bundle(make_bundle(0), tmp_path / "src"))
     registry.define_view(View(name="no-bio", forget={"bio": 1.0}), "alpha")
     registry.create_tenant("acme", views=["no-bio"], default_view="no-bio")
-    principal = registry.authenticate(registry.create_key("acme")[1])
-    assert registry.resolve_model(principal, "no-bio").bundle == "alpha"
+    context = registry.request_context(registry.create_key("acme")[1], "no-bio")
+    assert context.view == "no-bio" and context.composed.content_hash == registry.get_view("no-bio").content_hash
     registry.close()
 
 

@@ -901,21 +901,6 @@ class Registry:
         row = conn.execute(select(ExperimentRow.__table__).where(ExperimentRow.id == experiment_id)).first()
         return None if row is None else _as_experiment_info(conn, row)
 
-    def resolve_model(self, principal: Principal, model_name: str) -> ViewInfo | None:
-        """The view a tenant's `model` field names, or None (the API answers 404 model_not_found).
-        Exact match only against the tenant's granted view names: no case folding, no stripping, and
-        the grant is checked again in the database. Admin keys have no grants."""
-        if principal.tenant_id is None or not isinstance(model_name, str) or model_name not in principal.views:
-            return None
-        with self._reading() as s:
-            found = s.execute(
-                self._view_query().join(grants, grants.c.view_id == ViewRow.id)
-                .where(grants.c.tenant_id == principal.tenant_id, ViewRow.name == model_name)
-            ).first()
-        if found is None or found[0].name != model_name:  # guard against a case-insensitive collation
-            return None
-        return self._view_info(*found)
-
     # ---- experiments ----------------------------------------------------------------------------
 
     def create_experiment(
@@ -1018,17 +1003,6 @@ class Registry:
         later experiment of the same name does not count them (see `experiment_results`)."""
         with self._writing(f"experiment {name!r}") as s:
             s.delete(self._experiment_row(s, name))
-
-    def experiment_for(self, tenant: str, alias: str) -> ExperimentInfo | None:
-        """The running or paused experiment that takes over model name `alias` for `tenant`, if any."""
-        with self._reading() as s:
-            row = s.scalar(
-                select(ExperimentRow)
-                .join(experiment_tenants, experiment_tenants.c.experiment_id == ExperimentRow.id)
-                .join(TenantRow, TenantRow.id == experiment_tenants.c.tenant_id)
-                .where(TenantRow.name == tenant, ExperimentRow.alias == alias, ExperimentRow.status != exp.STOPPED)
-            )
-            return None if row is None or row.alias != alias else _as_experiment_info(s, row)
 
     @staticmethod
     def choose_arm(experiment: ExperimentInfo, sticky_value: str | None) -> Arm:
