@@ -133,7 +133,8 @@ def resolve_prompt_format(name: str | None, bundle_dir: str | None) -> PromptFor
     try:
         return prompt_format(spec)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BundleError(bundle_dir, [f"{MANIFEST_FILE}: training.config.data.prompt_format {spec!r}: {exc}"]) from None
+        problem = f"{MANIFEST_FILE}: training.config.data.prompt_format {spec!r}: {exc}"
+        raise BundleError(bundle_dir, [problem]) from None
 
 
 def _scorers(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Scorer]:

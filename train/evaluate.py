@@ -5,7 +5,8 @@ served endpoint, so what is measured is what is served).
 Per record (TOFU ``*_perturbed.json`` format: question, answer, paraphrased_answer,
 perturbed_answer[...]) the prompt is ``fmt.prompt(question)`` and each answer is scored as the
 continuation ``fmt.answer(answer)`` (``" " + answer`` in the default `qa` format, see
-:mod:`train.data.prompting`; EOS not scored, see :mod:`train.scorers`). Then, with ℓ the answer-token log-probabilities:
+:mod:`train.data.prompting`; EOS not scored, see :mod:`train.scorers`). Then, with ℓ the
+answer-token log-probabilities:
 
 * probability      p̄(answer) = exp(mean ℓ); on real authors and world facts the normalised
                    p̄(answer) / (p̄(answer) + Σ_j p̄(perturbed_j)) (open-unlearning's Q_A_Prob_normalised);

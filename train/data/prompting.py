@@ -69,8 +69,6 @@ QA_FORMAT = PromptFormat("qa", "Question: {question}\nAnswer:", " ", ("\nQuestio
 TOFU_LLAMA2_FORMAT = PromptFormat("tofu-llama2", "[INST] {question} [/INST]", "", ("[INST]",))
 PROMPT_FORMATS: Mapping[str, PromptFormat] = {f.name: f for f in (QA_FORMAT, TOFU_LLAMA2_FORMAT)}
 
-PROMPT_TEMPLATE = QA_FORMAT.template
-
 # HF-style Jinja chat template of the `qa` format. "Answer:" is the assistant header (the
 # generation prompt), so one user message plus add_generation_prompt renders as format_prompt(content),
 # and a past assistant turn renders as "Answer:" + format_answer(content) + eos, the text the model
