@@ -20,6 +20,8 @@ from train.data.prompting import (
 from train.data.synthetic import generate
 from train.demo_model import train_tokenizer
 
+from .tiny_model import build_sentencepiece_tokenizer
+
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
@@ -60,27 +62,11 @@ def test_chat_template_history_is_the_training_text(tokenizer: PreTrainedTokeniz
 
 # --- prompt formats ----------------------------------------------------------------------------
 
-def _metaspace_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """Llama-2's tokenizer layout (its tokenizer.json): a normalizer that prepends "▁" to the text
-    and turns every space into "▁", BPE pieces that never hold "▁" inside or join punctuation to a
-    word (as in Llama's vocabulary; here a pre-tokenizer enforces it), and BOS. Separately encoding " answer" then gives
-    "▁" + "▁answer", which the joint text never has."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    core = Tokenizer(models.BPE(unk_token="<unk>"))
-    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("▁", behavior="merged_with_next"),
-                                                  pre_tokenizers.Punctuation("isolated")])
-    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
 @pytest.mark.parametrize("fmt", [QA_FORMAT, TOFU_LLAMA2_FORMAT], ids=lambda f: f.name)
 def test_encoding_is_the_scorers_tokenization_with_a_sentencepiece_tokenizer(fmt: PromptFormat) -> None:
     data = generate(n_authors=4, facts_per_author=3)
-    tokenizer = _metaspace_tokenizer([fmt.prompt(r["question"]) + fmt.answer(r["answer"]) for r in data.records])
+    tokenizer = build_sentencepiece_tokenizer([fmt.prompt(r["question"]) + fmt.answer(r["answer"])
+                                             for r in data.records], vocab_size=700)
     # Why the pair is tokenized as one text: the separate encoding differs here.
     assert tokenizer(" Nobody", add_special_tokens=False)["input_ids"] != \
         tokenizer("Nobody", add_special_tokens=False)["input_ids"]

@@ -153,6 +153,22 @@ def test_echo_answer_tokens_located_from_the_end() -> None:
     assert answer_scores_from_echo(ECHO, "?\nAnswer: Paris.", 10).logprobs == (-1.0, -0.2, -0.1, -0.01, -1.5, -0.25)
 
 
+def test_echo_counts_every_byte_token_of_a_split_character() -> None:
+    """"é" and "😀" each split over byte tokens: the tokens that end inside the character add ''
+    (the server's `tokens`), and all of them are answer tokens, as the tokenizer's offsets make
+    them for local scoring."""
+    echo = SimpleNamespace(
+        tokens=["<s>", "Q", ":", " Ren", "", "é", " ", "", "", "", "😀"],
+        text_offset=[0, 3, 4, 5, 9, 9, 10, 11, 11, 11, 11],
+        token_logprobs=[None, -0.5, -0.5, -1.0, -2.0, -0.1, -0.3, -0.4, -0.5, -0.6, -0.7],
+        top_logprobs=None,
+    )
+    assert answer_scores_from_echo(echo, " Ren\u00e9 \U0001F600", 11).logprobs == \
+        (-1.0, -2.0, -0.1, -0.3, -0.4, -0.5, -0.6, -0.7)
+    assert answer_scores_from_echo(echo, "\u00e9 \U0001F600", 11).logprobs == (-2.0, -0.1, -0.3, -0.4, -0.5, -0.6, -0.7)
+    assert answer_scores_from_echo(echo, "\U0001F600", 11).logprobs == (-0.4, -0.5, -0.6, -0.7)
+
+
 def test_echo_rejects_text_that_does_not_match() -> None:
     with pytest.raises(ValueError, match="do not end with the answer"):
         answer_scores_from_echo(ECHO, " Rome.", 10)

@@ -10,10 +10,11 @@ same on every build. It loads in vLLM as well (Llama architecture, safetensors, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -39,13 +40,43 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
                                    eos_token="</s>", unk_token="<unk>")
 
 
-def build_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
-    """Write a random-init LlamaForCausalLM (hidden 128, 2 heads, 2 layers) and its tokenizer to
-    `directory` with `save_pretrained`; return the folder. Reuses a folder that already holds one."""
+def build_sentencepiece_tokenizer(texts: list[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+    """A tokenizer laid out like Llama-2's tokenizer.json, trained on `texts` (deterministic).
+
+    A normalizer prepends "▁" to the text and turns every space into "▁"; BPE pieces never hold
+    "▁" inside or join punctuation to a word (as in Llama's vocabulary; here a pre-tokenizer
+    enforces it); characters outside the vocabulary fall back to <0xNN> byte tokens; BOS is added.
+    So a separately encoded " answer" gets an extra "▁" token that the joint text never has.
+    """
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("▁", behavior="merged_with_next"),
+                                                  pre_tokenizers.Punctuation("isolated")])
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        show_progress=False))
+    # The 256 byte tokens are ordinary vocabulary entries, as in Llama's (not added tokens).
+    layout = json.loads(core.to_str())
+    vocab = layout["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    core = Tokenizer.from_str(json.dumps(layout))
+    core.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                        special_tokens=[("<s>", core.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def build_tiny_model(directory: str | Path, *, seed: int = 0,
+                     tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
+    """Write a random-init LlamaForCausalLM (hidden 128, 2 heads, 2 layers) and its tokenizer
+    (default: `build_tokenizer()`) to `directory` with `save_pretrained`; return the folder.
+    Reuses a folder that already holds one."""
     root = Path(directory)
     if (root / "config.json").is_file() and (root / "tokenizer.json").is_file():
         return root
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,

@@ -271,7 +271,8 @@ def answer_scores_from_echo(logprobs: Any, answer: str, n_prompt_tokens: int) ->
     rest, if any, were generated). The answer is located from the *end* of the echoed tokens:
     vLLM's ``text_offset`` counts the decoded BOS string too, so offsets are not positions in the
     prompt text, but the echoed token strings still end with exactly ``answer``. A token is an
-    answer token when its span overlaps the last ``len(answer)`` characters.
+    answer token when its span overlaps the last ``len(answer)`` characters; the bytes of one
+    character split over several tokens all belong to that character.
     """
     tokens = list(logprobs.tokens or [])[:n_prompt_tokens]
     offsets = list(logprobs.text_offset or [])[:n_prompt_tokens]
@@ -285,6 +286,12 @@ def answer_scores_from_echo(logprobs: Any, answer: str, n_prompt_tokens: int) ->
         )
     end = offsets[-1] + len(tokens[-1])
     spans = list(zip(offsets, offsets[1:] + [end]))
+    # A token that ends inside a multi-byte character (a byte-fallback or byte-level piece) adds ''
+    # and has no width of its own; it belongs to the character that a following token completes, so
+    # it takes that character's span, as a fast tokenizer's offsets give it for local scoring.
+    for i in range(len(spans) - 2, -1, -1):
+        if tokens[i] == "" and spans[i][0] == spans[i][1] == spans[i + 1][0]:
+            spans[i] = spans[i + 1]
     picked = answer_token_indices(spans, end - len(answer), end)
     if any(values[i] is None for i in picked):
         raise ValueError("the endpoint returned no logprob for an answer token (is the prompt empty?)")
