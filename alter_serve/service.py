@@ -51,9 +51,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Routed:
+    """Where a request goes. `arm` is the experiment arm that serves it; `paused` when the
+    experiment is paused: then the arm is the control arm, and the request is not an arm sample."""
+
     view: str
     experiment: str | None = None
     arm: str | None = None
+    paused: bool = False
+
+    @property
+    def sample_arm(self) -> str | None:
+        """The arm this request counts for in the experiment's statistics (the request log and the
+        per-arm metrics): None for paused traffic, which was not randomized."""
+        return None if self.paused else self.arm
 
 
 class AlterService:
@@ -229,8 +239,8 @@ class AlterService:
             arm = experiment.choose_arm(sticky(experiment.sticky, principal.key_id))
             if arm.view not in principal.views:
                 raise self._model_not_found(context.model)
-            # Paused: the control arm's view, but outside the arms (not a randomized sample).
-            return Routed(arm.view, experiment.name, arm.name if experiment.status == RUNNING else None)
+            # Paused: the control arm's view, but outside the arm samples (not randomized).
+            return Routed(arm.view, experiment.name, arm.name, paused=experiment.status != RUNNING)
         if context.view is None:
             raise self._model_not_found(context.model)
         composed = context.composed
@@ -254,7 +264,7 @@ class AlterService:
         except UnknownView:
             self._load_soon(routed.view)  # in the registry (route found it) but not on this replica yet
             raise unavailable(f"The view for model '{model}' is being loaded; retry shortly.", 2) from None
-        return Target(model, lease, routed.experiment, routed.arm)
+        return Target(model, lease, routed.experiment, routed.arm, routed.paused)
 
     def log_request(self, row: RequestLogEntry) -> None:
         # Stamped now, not when its batch is written (maybe much later, after a failed write): the

@@ -67,8 +67,10 @@ def test_an_alias_serves_only_views_the_tenant_is_granted(service):
 def test_paused_traffic_goes_to_control_outside_the_arms(service):
     _, secret = service.registry.create_key("acme")
     service.registry.update_experiment("ab", status="paused")
-    routed = {(r.view, r.experiment, r.arm) for r in (route(service, secret, f"user-{i}") for i in range(40))}
-    assert routed == {("original", "ab", None)}
+    routed = {(r.view, r.experiment, r.arm, r.paused, r.sample_arm)
+              for r in (route(service, secret, f"user-{i}") for i in range(40))}
+    # Served by the control arm (and so labelled), counted in no arm's statistics.
+    assert routed == {("original", "ab", "control", True, None)}
 
 
 def test_without_a_user_a_client_keeps_the_arm_of_its_api_key(service):

@@ -39,12 +39,14 @@ T = TypeVar("T")
 
 @dataclass
 class Target:
-    """Where a request goes: the model name asked for, the view version, the A/B arm."""
+    """Where a request goes: the model name asked for, the view version, the A/B arm (the control
+    arm while the experiment is `paused`)."""
 
     model: str
     lease: Lease
     experiment: str | None = None
     arm: str | None = None
+    paused: bool = False
 
     @property
     def view_label(self) -> str:
@@ -52,13 +54,14 @@ class Target:
 
     @property
     def fingerprint(self) -> str:
-        arm = f";exp={self.experiment};arm={self.arm}" if self.experiment else ""
+        arm = f";exp={self.experiment};arm={self.arm}{';paused' if self.paused else ''}" if self.experiment else ""
         return f"alter:{self.view_label}{arm}"
 
     def headers(self) -> dict[str, str]:
         headers = {"x-alter-view": self.view_label}
         if self.experiment:
-            headers.update({"x-alter-experiment": self.experiment, "x-alter-arm": self.arm or ""})
+            headers.update({"x-alter-experiment": self.experiment, "x-alter-arm": self.arm or "",
+                            "x-alter-experiment-status": "paused" if self.paused else "running"})
         return headers
 
 

@@ -162,12 +162,12 @@ async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, on
         target.lease.release()
         permit.release(outcome.completion_tokens)
         latency = time.perf_counter() - outcome.started
-        metrics.observe_request(tenant, routed.view, routed.arm or "", endpoint, status, latency, outcome.ttft_s,
+        metrics.observe_request(tenant, routed.view, routed.sample_arm or "", endpoint, status, latency, outcome.ttft_s,
                                 outcome.prompt_tokens, outcome.completion_tokens)
         service.log_request(RequestLogEntry(
             response_id=outcome.response_id, tenant=tenant, model=body.model, view=routed.view,
             status_code=status, latency_ms=latency * 1000, view_version=target.lease.version.version,
-            experiment=routed.experiment, arm=routed.arm,
+            experiment=routed.experiment, arm=routed.sample_arm,
             ttft_ms=None if outcome.ttft_s is None else outcome.ttft_s * 1000,
             prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens))
 

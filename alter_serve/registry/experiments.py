@@ -14,8 +14,10 @@ Why this shape:
   the users that switch arm are exactly those whose u falls between an old and a new boundary
   (for two arms going from 50/50 to 40/60, the 10% with u ∈ [0.4, 0.5), all from a_1 to a_2).
 - A paused or stopped experiment sends everyone to the control arm's view. Paused traffic is served
-  *outside* the arms: it is logged with the experiment but no arm, so it never enters the arm
-  statistics (it was not randomized; counting it as control would bias the control sample).
+  *outside* the arm samples: the response names the control arm that served it (`x-alter-arm`,
+  with `x-alter-experiment-status: paused`), but it is logged with the experiment and no arm, so it
+  never enters the arm statistics (it was not randomized; counting it as control would bias the
+  control sample).
 
 The sticky value k of kind 'user' is the request's `user` field, or, when a request has none, its
 API key (`api-key:<id>`), so a client that never sends `user` still keeps one arm; 'header:<name>'

@@ -67,9 +67,12 @@ def test_results_feedback_pause_and_hot_swap_mid_experiment(live_server, experim
             assert admin.patch(f"/admin/experiments/{experiment}", json={"status": "paused"}).status_code == 200
             # Paused: everyone gets the control view, outside the arms (logged without one, not counted).
             paused = _ask(http, forget_user)
-            assert paused.headers["x-alter-arm"] == "" and paused.headers["x-alter-view"].startswith("original@")
+            assert paused.headers["x-alter-view"].startswith("original@")
+            assert (paused.headers["x-alter-arm"], paused.headers["x-alter-experiment-status"]) == ("control", "paused")
+            assert paused.json()["system_fingerprint"].endswith(f";exp={experiment};arm=control;paused")
             assert admin.patch(f"/admin/experiments/{experiment}", json={"status": "running"}).status_code == 200
-            assert _ask(http, forget_user).headers["x-alter-arm"] == "forget"
+            resumed = _ask(http, forget_user)
+            assert (resumed.headers["x-alter-arm"], resumed.headers["x-alter-experiment-status"]) == ("forget", "running")
             time.sleep(1.5)  # the request log is written in batches every 0.5 s
             results = admin.get(f"/admin/experiments/{experiment}/results").json()
     arms = {a["arm"]: a for a in results["arms"]}
