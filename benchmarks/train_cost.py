@@ -1,6 +1,8 @@
 """Benchmark — training cost on CPU: ALTER vs the baselines on the same data and steps.
 
     python -m benchmarks.train_cost [--model-dir DIR] [--epochs 3] [--rounds 3] [--threads 2] [--methods ...]
+    python -m benchmarks.train_cost --model-dir var/models/smollm2-135m-instruct --name train_cost_cpu_smollm2 \
+        --methods alter,lora_grad_diff,full_npo --heads ""      # a real 135M model (alter-train import-smollm2)
 
 Part 1, "methods": `--epochs` unlearning epochs (default 3, the paper's) on the demo model and data (forget = two synthetic genres,
 one ALTER forget head each; retain = the other genres), batch 8, for
@@ -66,7 +68,7 @@ def _current_rss_bytes() -> int:
 # ---- part 1: one method, in a child process ---------------------------------------------------
 
 
-def run_method(method: str, model_dir: Path, epochs: int, threads: int) -> dict[str, Any]:
+def run_method(method: str, model_dir: Path, data_dir: Path, epochs: int, threads: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.data.synthetic import SyntheticTofu
@@ -76,7 +78,7 @@ def run_method(method: str, model_dir: Path, epochs: int, threads: int) -> dict[
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    data = SyntheticTofu.load(model_dir / "data")
+    data = SyntheticTofu.load(data_dir)
     forget = {h: encode_records(tokenizer, data.by_subdomain(h), i + 1) for i, h in enumerate(FORGET)}
     retain = encode_records(tokenizer, data.split(FORGET)[1])
     rss_loaded = _current_rss_bytes()
@@ -173,13 +175,13 @@ def _baseline_epochs(method: str, model, tokenizer, forget, retain, epochs: int)
 
 
 def methods_in_subprocesses(methods: list[str], model_dir: Path, epochs: int, threads: int,
-                            rounds: int = 1) -> list[dict]:
+                            rounds: int = 1, data_dir: Path | None = None) -> list[dict]:
     """Per method, the run with the median total time over `rounds` (alternating order)."""
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for round_ in range(rounds):
         for method in (methods if round_ % 2 == 0 else methods[::-1]):
             command = [sys.executable, "-m", "benchmarks.train_cost", "--one", method, "--model-dir", str(model_dir),
-                       "--epochs", str(epochs), "--threads", str(threads)]
+                       "--data", str(data_dir or model_dir / "data"), "--epochs", str(epochs), "--threads", str(threads)]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result["total_s"] = round(result["setup_s"] + result["train_s"], 3)
@@ -251,36 +253,59 @@ def _peft_per_head(config, ids: torch.Tensor, heads: int):
 def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=None, help="demo model folder (default: build it)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="synthetic-TOFU folder (default: the model folder's data/, else the default generated set)")
+    parser.add_argument("--name", default="train_cost_cpu", help="results name: benchmarks/results/NAME.json")
     parser.add_argument("--epochs", type=int, default=3, help="unlearning epochs (default: the paper's 3)")
     parser.add_argument("--rounds", type=int, default=3, help="runs per method; the median is reported")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--heads", default="2,4,8", help="head counts for the mixing benchmark (incl. retain)")
+    parser.add_argument("--heads", default="2,4,8", help="head counts for the mixing benchmark (incl. retain); '' skips it")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child-process mode
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_method(args.one, args.model_dir, args.epochs, args.threads)))
+        print(json.dumps(run_method(args.one, args.model_dir, args.data, args.epochs, args.threads)))
         return None
     if args.model_dir is None:
         from train.demo_model import build_demo_model
 
         args.model_dir = build_demo_model(progress=False)
+    data_dir = args.data or _default_data(Path(args.model_dir))
     torch.set_num_threads(args.threads)
     machine = machine_info()
-    print_header("train_cost_cpu", machine)
+    print_header(args.name, machine)
     methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     print(f"methods ({args.epochs} epochs each, own process, {args.rounds} rounds):", flush=True)
-    method_rows = methods_in_subprocesses(methods, Path(args.model_dir), args.epochs, args.threads, args.rounds)
-    print("head mixing (forward+backward):", flush=True)
-    mixing_rows = head_mixing([int(h) for h in args.heads.split(",")], args.threads, args.repeats)
+    method_rows = methods_in_subprocesses(methods, Path(args.model_dir), args.epochs, args.threads, args.rounds,
+                                          data_dir)
+    heads = [int(h) for h in args.heads.split(",") if h.strip()]
+    if heads:
+        print("head mixing (forward+backward):", flush=True)
+    mixing_rows = head_mixing(heads, args.threads, args.repeats)
     table = _tables(method_rows, mixing_rows)
     print("\n" + table)
-    settings = {"model_dir": str(args.model_dir), "epochs": args.epochs, "rounds": args.rounds,
+    settings = {"model_dir": str(args.model_dir), "data": str(data_dir), "epochs": args.epochs, "rounds": args.rounds,
                 "threads": args.threads, "batch": BATCH,
                 "rank": RANK, "alpha": ALPHA, "targets": TARGETS, "forget_heads": FORGET}
-    return write_results("train_cost_cpu", settings, [{"part": "methods", **r} for r in method_rows]
+    return write_results(args.name, settings, [{"part": "methods", **r} for r in method_rows]
                          + [{"part": "head_mixing", **r} for r in mixing_rows], table, machine)
+
+
+def _default_data(model_dir: Path) -> Path:
+    """The model folder's data/ (the demo model's training data), else the default synthetic set,
+    generated once into var/cache (a pretrained model has none of its own)."""
+    if (model_dir / "data").is_dir():
+        return model_dir / "data"
+    from train.data.synthetic import generate
+
+    folder = Path("var/cache/train_cost_data")
+    if not folder.is_dir():
+        generate().save(folder)
+    return folder
 
 
 def _tables(method_rows: list[dict], mixing_rows: list[dict]) -> str:
@@ -291,6 +316,8 @@ def _tables(method_rows: list[dict], mixing_rows: list[dict]) -> str:
         [[r["method"], r["setup_s"], r["train_s"], r["total_s"], r["total_vs_lora_grad_diff"] or "-", r["steps"],
           r["tokens_per_s"], r["trainable_parameters"], round(r["peak_rss_bytes"] / mib),
           round(r["training_overhead_bytes"] / mib)] for r in method_rows])
+    if not mixing_rows:
+        return first
     second = markdown_table(["implementation", "heads", "median ms", "min ms"],
                             [[r["impl"], r["heads"], r["median_s"] * 1000, r["min_s"] * 1000] for r in mixing_rows])
     return first + "\n\n" + second

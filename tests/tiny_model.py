@@ -6,6 +6,8 @@ trained model: the registry (fingerprint, module shapes), the service, the token
 Hidden size 128, 2 heads, 2 layers, a byte-level BPE tokenizer trained on a few sentences (about
 400 tokens). Weights are random with a fixed seed, so the folder — and its fingerprint — is the
 same on every build. It loads in vLLM as well (Llama architecture, safetensors, fast tokenizer).
+`build_sentencepiece_tokenizer` makes a tokenizer laid out like Llama-2's instead, for tests of
+what a SentencePiece vocabulary changes (word-boundary markers, byte fallback).
 """
 
 from __future__ import annotations
