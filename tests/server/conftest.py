@@ -7,6 +7,8 @@ Tenants:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,26 @@ def make_registry(model_dir: Path, data: Path) -> Registry:
                         base_fingerprint=fingerprint(model_dir), base_shapes=module_shapes(model_dir))
     registry.create_all()
     return registry
+
+
+@contextmanager
+def serving_bundle(model_dir: Path, bundle_dir: Path, data: Path, views: dict[str, dict[str, float]],
+                   extra_args: Sequence[str] = ("--max-model-len", "512")) -> Iterator[LiveServer]:
+    """A live server on `model_dir` with one bundle, its `views` (name → forget-head weights) and
+    a tenant "acme" granted "original" and those views (key "tenant"); stopped on exit."""
+    registry = make_registry(model_dir, data)
+    registry.store_bundle("bundle", bundle_dir)
+    for name, forget in views.items():
+        registry.define_view(View(name=name, forget=forget), "bundle")
+    registry.create_tenant("acme", views=["original", *views])
+    _, key = registry.create_key("acme")
+    registry.close()
+    server = LiveServer(model_dir, data, {"tenant": key}, extra_args=list(extra_args)).start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from alter_serve.core.views import View
 from train.config import load_config
 from train.data.synthetic import generate
 from train.import_gguf import import_smollm2
 from train.trainer import run
 
-from .conftest import make_registry
-from .live import LiveServer
+from .conftest import serving_bundle
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[2]
@@ -43,19 +41,9 @@ def smollm_bundle(smollm_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm_server(smollm_dir, smollm_bundle, tmp_path_factory):
-    data = tmp_path_factory.mktemp("smollm-serve")
-    registry = make_registry(smollm_dir, data)
-    registry.store_bundle("smol", smollm_bundle)
-    registry.define_view(View(name="forget-mystery", forget={"mystery": 1.0}), "smol")
-    registry.create_tenant("acme", views=["original", "forget-mystery"])
-    _, key = registry.create_key("acme")
-    registry.close()
-    server = LiveServer(smollm_dir, data, {"tenant": key}, extra_args=["--max-model-len", "512"]).start()
-    try:
-        server.wait_ready()
+    with serving_bundle(smollm_dir, smollm_bundle, tmp_path_factory.mktemp("smollm-serve"),
+                        {"forget-mystery": {"mystery": 1.0}}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_real_model_serves_original_and_a_trained_view(smollm_server):
@@ -66,7 +54,7 @@ def test_real_model_serves_original_and_a_trained_view(smollm_server):
     view = client.chat.completions.create(model="forget-mystery", messages=ask, max_tokens=16, temperature=0)
     assert view.system_fingerprint.startswith("alter:forget-mystery@")
     card = {m.id: m for m in client.models.list().data}["forget-mystery"]
-    assert card.model_extra["lineage"]["bundle"] == "smol" and card.model_extra["lineage"]["loaded"]
+    assert card.model_extra["lineage"]["bundle"] == "bundle" and card.model_extra["lineage"]["loaded"]
 
     prompt = "Question: What genre does the author write in?\nAnswer: The author writes mystery novels."
     scores = {model: client.completions.create(model=model, prompt=prompt, max_tokens=1, echo=True, logprobs=0,

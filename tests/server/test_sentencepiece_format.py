@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from alter_serve.core.views import View
 from train.data.prompting import IGNORE_INDEX, TOFU_LLAMA2_FORMAT, encode_example
 from train.eval_cli import local_view_scorers
 from train.scorers import EndpointScorer
 
 from ..tiny_model import build_sentencepiece_tokenizer, build_tiny_model
 from .bundle_factory import random_bundle
-from .conftest import make_registry
-from .live import LiveServer
+from .conftest import serving_bundle
 
 pytestmark = pytest.mark.vllm
 FMT = TOFU_LLAMA2_FORMAT
@@ -60,19 +58,9 @@ def sp_model(pairs, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def sp_server(sp_model, tmp_path_factory):
     model_dir, bundle_dir = sp_model
-    data = tmp_path_factory.mktemp("sentencepiece-serve")
-    registry = make_registry(model_dir, data)
-    registry.store_bundle("sp", bundle_dir)
-    registry.define_view(View(name="forget-x", forget={"x": 1.0}), "sp")
-    registry.create_tenant("acme", views=["original", "forget-x"])
-    _, key = registry.create_key("acme")
-    registry.close()
-    server = LiveServer(model_dir, data, {"tenant": key}, extra_args=["--max-model-len", "512"]).start()
-    try:
-        server.wait_ready()
+    with serving_bundle(model_dir, bundle_dir, tmp_path_factory.mktemp("sentencepiece-serve"),
+                        {"forget-x": {"x": 1.0}}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_served_scores_are_the_reference_and_the_training_tokens(sp_model, sp_server, pairs) -> None:
