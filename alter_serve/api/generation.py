@@ -127,6 +127,8 @@ class TokenStrings:
         self.tokenizer = tokenizer
         self._byte_level = _is_byte_level(tokenizer)
         self._byte_decoder = _gpt2_byte_decoder() if self._byte_level else {}
+        # Whether a text's byte count bounds its token count (see min_token_count): fixed per tokenizer.
+        self._count_bounded = self._byte_level and tokenizer.backend_tokenizer.normalizer is None
         self._added = {tid: tok.content for tid, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()}
         self._bytes: dict[int, bytes] = {}
         self._max_bytes: int | None = None
@@ -169,7 +171,7 @@ class TokenStrings:
         """A lower bound on the number of tokens a text of `n_bytes` UTF-8 bytes encodes to (0: none
         known). Exact-bytes vocabularies without a normalizer only: there no token covers more bytes
         than the longest one does (special tokens and a prefix space only add tokens)."""
-        if not self._byte_level or getattr(self.tokenizer.backend_tokenizer, "normalizer", None) is not None:
+        if not self._count_bounded:
             return 0
         if self._max_bytes is None:
             self._max_bytes = max(len(self._exact_bytes(t)) for t in range(len(self.tokenizer))) or 1  # once
@@ -407,7 +409,8 @@ class Generator:
                 return frame.event(text_choice(index, output.text, output.finish_reason))
             choice = streams.get(index)
             text = output.text
-            if choice is None:  # the first chunk of this choice carries the echo
+            first = choice is None
+            if first:  # the first chunk of this choice carries the echo
                 choice = streams[index] = _ChoiceStream(len(prompts[prompt_index].text) if body.echo else 0)
                 text = (prompts[prompt_index].text if body.echo else "") + text
             logprobs = None
@@ -415,17 +418,15 @@ class Generator:
                 logprobs = self.completion_logprobs_block(output.token_ids, output.logprobs, body.logprobs,
                                                           choice.offset, choice.decoder)
                 choice.offset += sum(map(len, logprobs["tokens"]))
-                if choice.first and echoes[prompt_index] is not None:
+                if first and echoes[prompt_index] is not None:
                     logprobs = {k: echoes[prompt_index][k] + logprobs[k] for k in logprobs}
-            choice.first = False
             return frame.event(_json({"index": index, "text": text, "logprobs": logprobs,
                                       "finish_reason": output.finish_reason}))
 
         if params is None:  # echo only: one chunk per choice
             for i, prompt in enumerate(prompts):
                 for j in range(body.n):
-                    yield frame.event(_json({"index": i * body.n + j, "text": prompt.text, "logprobs": echoes[i],
-                                             "finish_reason": "length"}))
+                    yield frame.event(_json(self._completion_choice(body, i * body.n + j, prompt, echoes[i], None)))
         elif len(prompts) == 1:  # the common case: the engine's stream directly, no merging layer
             async with aclosing(self.engine.generate(prompts[0].ids, params, target.lease.lora)) as results:
                 async for result in results:
@@ -529,7 +530,6 @@ class _ChoiceStream:
 
     offset: int
     decoder: Any = field(default_factory=_utf8_decoder)
-    first: bool = True
 
 
 async def gather_or_cancel(work: Iterable[Awaitable[T]]) -> list[T]:

@@ -184,9 +184,7 @@ async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, on
     except Exception as exc:
         error = as_openai_error(exc)
         finish(500 if error is None else error.status)
-        if error is None or error is exc:
-            raise
-        raise error from exc
+        raise  # the app's exception handlers answer it with the same mapping (errors.install_error_handlers)
     except BaseException:
         finish(499)
         raise
