@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, ValidationError, field_validator
 from safetensors.torch import load as load_safetensors
@@ -108,6 +109,11 @@ class Heads(BaseModel):
     forget: list[str] = Field(default_factory=list)
 
 
+# The Tsallis entropy parameters, bounded alike wherever a bundle stores them (entropy, router).
+TsallisQ = Annotated[float, Field(gt=0.0)]
+EntropyThreshold = Annotated[float, Field(ge=-1e6, le=1e6)]
+
+
 class EntropySoftmaxParams(TypedDict, total=False):
     """`router.params` of kind "entropy_softmax" (train.router.EntropyRouter.spec). A plain dict
     after validation, so readers index it; q and threshold are required once router.weight exists."""
@@ -115,8 +121,8 @@ class EntropySoftmaxParams(TypedDict, total=False):
     __pydantic_config__ = _MODEL_CONFIG  # type: ignore[misc]
     features: Annotated[str, StringConstraints(max_length=200)]
     null_slot: Annotated[StrictInt, Field(ge=0, le=0)]
-    q: Annotated[float, Field(gt=0.0)]
-    threshold: Annotated[float, Field(ge=-1e6, le=1e6)]
+    q: TsallisQ
+    threshold: EntropyThreshold
     tau_high: Annotated[float, Field(gt=0.0, le=100.0)]
     tau_low: Annotated[float, Field(gt=0.0, le=100.0)]
 
@@ -133,8 +139,8 @@ class RouterSpec(BaseModel):
 
 class EntropySpec(BaseModel):
     model_config = _MODEL_CONFIG
-    q: float = Field(default=1.5, gt=0.0)
-    threshold: float = Field(default=1.2, ge=-1e6, le=1e6)
+    q: TsallisQ = 1.5
+    threshold: EntropyThreshold = 1.2
 
 
 class Calibration(BaseModel):
@@ -322,14 +328,7 @@ class AlterBundle:
 
     def content_hash(self) -> str:
         """sha256 over the manifest (minus created_at) and every tensor's name, dtype, shape, bytes."""
-        digest = hashlib.sha256()
-        manifest = self.manifest.model_dump(mode="json", exclude={"created_at"})
-        digest.update(json.dumps(manifest, sort_keys=True).encode())
-        for name, tensor in sorted(self.to_tensors().items()):
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            # reshape(-1): a byte view needs at least one dimension (same bytes for any shape).
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        return digest.hexdigest()
+        return content_hash(self.manifest.model_dump(mode="json", exclude={"created_at"}), self.to_tensors())
 
     def replace_head(self, name: str, weights: dict[str, torch.Tensor]) -> "AlterBundle":
         """A new bundle with one head's B matrices replaced (the hot-swap). Validate before use."""
@@ -540,12 +539,45 @@ def _tensor_check(name: str, tensor: torch.Tensor, expected: tuple[int | None, .
     return _dtype_and_value_problems(name, tensor) + problems
 
 
+def content_hash(config: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over `config` (as sorted JSON) and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, tensor in sorted(tensors.items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        # reshape(-1): a byte view needs at least one dimension (same bytes for any shape). The
+        # array's buffer is hashed in place: the same bytes as .tobytes(), without the copy.
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def float32_array(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor as an fp32 NumPy array: zero-copy for fp32, an exact widening for fp16 and bf16."""
+    tensor = tensor.detach().to("cpu")
+    if tensor.dtype == torch.float32:
+        return tensor.numpy()
+    if tensor.dtype == torch.bfloat16:
+        # NumPy has no bfloat16. A bf16 value is the upper half of the fp32 with the same value,
+        # so shifting its bits up by 16 is the exact conversion (what torch's .float() does).
+        bits = tensor.view(torch.int16).numpy().view(np.uint16).astype(np.uint32)
+        bits <<= 16
+        return bits.view(np.float32)
+    return tensor.float().numpy()
+
+
+def peak_abs(tensor: torch.Tensor) -> float:
+    """max |x| of a non-empty float tensor; NaN if it holds one (NaN propagates), inf for an Inf.
+    In NumPy and without an |x| copy: torch's thread pool makes many small elementwise ops slow
+    on busy cores (see views.compose_b)."""
+    array = float32_array(tensor)
+    return float(max(array.max(), -array.min()))
+
+
 def _dtype_and_value_problems(name: str, tensor: torch.Tensor) -> list[str]:
     if tensor.dtype not in _ALLOWED_DTYPES:
         return [f"{name}: dtype {tensor.dtype} not allowed (float32, float16, bfloat16)"]
     if tensor.numel() == 0:
         return []
-    peak = float(tensor.detach().abs().amax())  # NaN propagates through amax; Inf is the max
+    peak = peak_abs(tensor)
     if not math.isfinite(peak):
         return [f"{name}: contains NaN or Inf"]
     if peak > MAX_WEIGHT_MAGNITUDE:

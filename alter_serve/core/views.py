@@ -20,7 +20,6 @@ publish an adapter that turns into Inf inside the engine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save_file
 
-from .bundle import FP16_MAX, HEAD_NAME_PATTERN, AlterBundle, BundleError, Calibration, is_valid_head_name
+from .bundle import (
+    FP16_MAX,
+    HEAD_NAME_PATTERN,
+    AlterBundle,
+    BundleError,
+    Calibration,
+    content_hash,
+    float32_array,
+    is_valid_head_name,
+    peak_abs,
+)
 
 ORIGINAL_VIEW = "original"
 PEFT_PREFIX = "base_model.model."
@@ -86,20 +95,6 @@ def check_view_fits(bundle: AlterBundle, view: View) -> None:
         raise ValueError(f"view {view.name!r} names forget heads {unknown} that the bundle lacks; it has {bundle.forget_heads}")
 
 
-def _float32_array(tensor: torch.Tensor) -> np.ndarray:
-    """The tensor as an fp32 NumPy array: zero-copy for fp32, an exact widening for fp16 and bf16."""
-    tensor = tensor.detach().to("cpu")
-    if tensor.dtype == torch.float32:
-        return tensor.numpy()
-    if tensor.dtype == torch.bfloat16:
-        # NumPy has no bfloat16. A bf16 value is the upper half of the fp32 with the same value,
-        # so shifting its bits up by 16 is the exact conversion (what torch's .float() does).
-        bits = tensor.view(torch.int16).numpy().view(np.uint16).astype(np.uint32)
-        bits <<= 16
-        return bits.view(np.float32)
-    return tensor.float().numpy()
-
-
 def compose_b(bundle: AlterBundle, view: View) -> dict[str, torch.Tensor]:
     """B_V per module: w_r·B_r + Σ_d w_d·B_d, accumulated in fp32.
 
@@ -124,10 +119,10 @@ def compose_b(bundle: AlterBundle, view: View) -> dict[str, torch.Tensor]:
 
 def _weighted_sum(bundle: AlterBundle, view: View, module: str) -> torch.Tensor:
     """One module's B_V (see compose_b for the rounding contract)."""
-    acc = np.multiply(_float32_array(bundle.retain[module]), np.float32(view.retain))
+    acc = np.multiply(float32_array(bundle.retain[module]), np.float32(view.retain))
     scratch = np.empty_like(acc)
     for head, weight in view.forget.items():
-        b = _float32_array(bundle.forget[head][module])
+        b = float32_array(bundle.forget[head][module])
         if weight == 1.0:  # 1·b is exact: skip the multiply pass
             np.add(acc, b, out=acc)
         else:
@@ -151,8 +146,7 @@ def fp16_range_problems(scale: float, tensors: dict[str, torch.Tensor]) -> list[
     for name, tensor in sorted(tensors.items()):
         if tensor.numel() == 0:
             continue
-        array = _float32_array(tensor)  # NumPy, not torch: see compose_b on torch's thread pool
-        peak = float(max(array.max(), -array.min()))  # NaN propagates; no |x| copy
+        peak = peak_abs(tensor)
         is_b = name.endswith(".lora_B.weight")
         value = scale * peak if is_b else peak
         if not (math.isfinite(value) and value <= FP16_MAX):
@@ -177,15 +171,6 @@ def peft_config(bundle: AlterBundle) -> dict:
         "target_modules": sorted(m.target_modules),
         "base_model_name_or_path": m.base_model.name_or_path,
     }
-
-
-def content_hash(config: dict, tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name, tensor in sorted(tensors.items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        # The array's buffer is hashed in place: the same bytes as .tobytes(), without the copy.
-        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
