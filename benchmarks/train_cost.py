@@ -181,7 +181,8 @@ def methods_in_subprocesses(methods: list[str], model_dir: Path, epochs: int, th
     for round_ in range(rounds):
         for method in (methods if round_ % 2 == 0 else methods[::-1]):
             command = [sys.executable, "-m", "benchmarks.train_cost", "--one", method, "--model-dir", str(model_dir),
-                       "--data", str(data_dir or model_dir / "data"), "--epochs", str(epochs), "--threads", str(threads)]
+                       "--data", str(data_dir or _default_data(model_dir)), "--epochs", str(epochs),
+                       "--threads", str(threads)]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result["total_s"] = round(result["setup_s"] + result["train_s"], 3)

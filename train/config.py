@@ -7,7 +7,6 @@ from-scratch models need other values; they set them in their own config file.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from alter_serve.core.bundle import MAX_ALPHA, MAX_SCALE, SUPPORTED_RANKS, is_valid_head_name
 
-from .data.prompting import PROMPT_FORMATS, PromptFormat, prompt_format
-from .runtime import DEVICE_PATTERN
+from .data.prompting import PromptFormat, prompt_format
+from .runtime import check_device_name
 
 Method = Literal["alter", "alter_no_entropy", "grad_ascent", "grad_diff", "npo"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -47,6 +46,10 @@ class PromptFormatSection(_Section):
     stop: list[str] = Field(default_factory=list)
 
 
+def _as_format(spec: str | PromptFormatSection) -> PromptFormat:
+    return prompt_format(spec if isinstance(spec, str) else spec.model_dump())
+
+
 class DataSection(_Section):
     """Forget/retain data and how forget records are grouped into sub-domains (one head each).
 
@@ -74,18 +77,13 @@ class DataSection(_Section):
     @field_validator("prompt_format")
     @classmethod
     def _known_format(cls, value: str | PromptFormatSection) -> str | PromptFormatSection:
-        if isinstance(value, str) and value not in PROMPT_FORMATS:
-            raise ValueError(f"unknown prompt format {value!r}; use one of {list(PROMPT_FORMATS)} "
-                             "or a mapping {template, answer_prefix, stop}")
-        if isinstance(value, PromptFormatSection):
-            prompt_format(value.model_dump())  # the template check: {question} exactly once
+        _as_format(value)  # a known name, or a template with {question} exactly once
         return value
 
     @property
     def fmt(self) -> PromptFormat:
         """The prompt format as a `PromptFormat`."""
-        spec = self.prompt_format
-        return prompt_format(spec if isinstance(spec, str) else spec.model_dump())
+        return _as_format(self.prompt_format)
 
     @model_validator(mode="after")
     def _consistent(self) -> DataSection:
@@ -182,9 +180,7 @@ class RuntimeSection(_Section):
     @field_validator("device")
     @classmethod
     def _supported_device(cls, value: str) -> str:
-        if not re.match(DEVICE_PATTERN, value):
-            raise ValueError(f"runtime.device {value!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        return value
+        return check_device_name(value)
 
 
 class TrainConfig(_Section):

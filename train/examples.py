@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from train.data.prompting import IGNORE_INDEX, QA_FORMAT, PromptFormat, encode_example
+from train.runtime import to_device
 
 Record = dict
 
@@ -67,11 +68,7 @@ class Batch:
 
 
 def _move(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    if tensor is None:
-        return None
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    return None if tensor is None else to_device(tensor, device)
 
 
 def encode_records(tokenizer, records: Sequence[Record], head: int = 0, max_length: int = 256,

@@ -15,8 +15,8 @@ with heads h = 0 (retain, B_r) and h = 1 … H−1 (one forget head B_d per forg
   s · B_cat ((ω ⊗ A x) flattened to [..., H·r]).
 * `off`: the base model, adapters skipped.
 
-Gradient isolation is per head: `HeadMix.grad_heads` names the heads that may receive gradients
-in the next forward; the others enter the forward detached (their values are used, their
+Gradient isolation is per head: `AlterModel.set_grad_heads` names the heads that may receive
+gradients in the next forward (kept in `HeadMix.keep`); the others enter the forward detached (their values are used, their
 gradient is exactly zero). A head with ω_h = 0 also gets exactly zero gradient.
 
 No host sync in the forward: everything a layer branches on is a Python value (mode, the
@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .runtime import to_device
+
 if TYPE_CHECKING:
     from alter_serve.core.bundle import AlterBundle, EntropySpec, RouterSpec
 
@@ -52,10 +54,10 @@ class HeadMix(nn.Module):
     """What every AlterLinear of one model applies on its next forward (one instance, shared).
 
     `mode`: "off", "view" or "routed". `weights`: [H] in view mode, [..., H] broadcastable to the
-    layer input's leading dims in routed mode. `grad_heads`: the names of the heads that may
-    receive gradients (None = all); `isolate` and `keep` ([1, H, 1] bool) are derived from it once,
-    when it is set, so that no forward has to inspect a device tensor (on CUDA that is a host sync
-    in every adapted layer).
+    layer input's leading dims in routed mode. `keep` ([1, H, 1] bool, None = all heads): the heads
+    that may receive gradients, built once when they are set (`AlterModel.set_grad_heads`), so
+    that no forward has to inspect a device tensor (on CUDA that is a host sync in every adapted
+    layer).
 
     It is a module registered under every AlterLinear (and the AlterModel), with `weights` and
     `keep` as non-persistent buffers: whichever enclosing module is moved or cast (`alter.to`,
@@ -66,10 +68,13 @@ class HeadMix(nn.Module):
         super().__init__()
         self.heads = list(heads)
         self.mode = "view"
-        self.grad_heads: tuple[str, ...] | None = None
-        self.isolate = False
         self.register_buffer("weights", None, persistent=False)
         self.register_buffer("keep", None, persistent=False)
+
+    @property
+    def isolate(self) -> bool:
+        """Whether some heads are detached in the next forward (a Python value: no device read)."""
+        return self.keep is not None
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, mode={self.mode!r}"
@@ -132,7 +137,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _isolate(stacked: torch.Tensor, mix: HeadMix) -> torch.Tensor:
-    """Detach the heads not in `mix.grad_heads`: same values, exactly zero gradient for them.
+    """Detach the heads not in `mix.keep`: same values, exactly zero gradient for them.
 
     Decided by the Python flag `mix.isolate`, never by reading a device tensor (no host sync)."""
     if not mix.isolate or not stacked.requires_grad:
@@ -141,17 +146,9 @@ def _isolate(stacked: torch.Tensor, mix: HeadMix) -> torch.Tensor:
 
 
 def host_to_device(values: Sequence[float] | Sequence[bool], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small tensor built on the host, on `device`, without a host sync.
-
-    A plain host→CUDA copy from pageable memory waits for the GPU queue to drain; a copy from
-    pinned memory with non_blocking=True is queued instead (PyTorch's pinned-memory cache keeps the
-    source alive until the copy has run). Setting elements of a CUDA tensor one by one would copy
-    each value the blocking way.
-    """
-    tensor = torch.tensor(list(values), dtype=dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    """A small tensor built on the host, on `device`, without a host sync (`runtime.to_device`);
+    setting elements of a CUDA tensor one by one would copy each value the blocking way."""
+    return to_device(torch.tensor(list(values), dtype=dtype), device)
 
 
 class AlterModel(nn.Module):
@@ -245,20 +242,18 @@ class AlterModel(nn.Module):
         forward of each adapted layer needs neither a mask rebuild nor a device read."""
         mix = self.mix
         if names is None:
-            mix.grad_heads, mix.isolate, mix.keep = None, False, None
+            mix.keep = None
             return
         chosen = {self.head_index(name) for name in names}
-        mix.grad_heads = tuple(mix.heads[i] for i in sorted(chosen))
-        mix.isolate = len(chosen) < len(mix.heads)
         flags = [i in chosen for i in range(len(mix.heads))]
-        mix.keep = host_to_device(flags, torch.bool, self._device()).view(1, -1, 1) if mix.isolate else None
+        mix.keep = host_to_device(flags, torch.bool, self._device()).view(1, -1, 1) if not all(flags) else None
 
     @contextmanager
     def mixing(self, mode: str = "view", retain: float = 1.0, forget: dict[str, float] | None = None,
                routed: torch.Tensor | None = None, grad_heads: Sequence[str] | None = None) -> Iterator[None]:
         """Temporarily set the mode, head weights and trainable heads; restore on exit."""
         mix = self.mix
-        saved = (mix.mode, mix.weights, mix.grad_heads, mix.isolate, mix.keep)
+        saved = (mix.mode, mix.weights, mix.keep)
         try:
             if mode == "off":
                 self.set_off()
@@ -273,7 +268,7 @@ class AlterModel(nn.Module):
             self.set_grad_heads(grad_heads)
             yield
         finally:
-            mix.mode, mix.weights, mix.grad_heads, mix.isolate, mix.keep = saved
+            mix.mode, mix.weights, mix.keep = saved
 
     @property
     def device(self) -> torch.device:

@@ -31,9 +31,15 @@ import torch
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 
 
-def resolve_device(name: str) -> torch.device:
+def check_device_name(name: str) -> str:
+    """`name` if it is a supported device setting (DEVICE_PATTERN), else ValueError."""
     if not re.match(DEVICE_PATTERN, name):
         raise ValueError(f"runtime.device {name!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return name
+
+
+def resolve_device(name: str) -> torch.device:
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -43,6 +49,17 @@ def resolve_device(name: str) -> torch.device:
         raise RuntimeError(f"runtime.device is {name!r} but this machine has {torch.cuda.device_count()} "
                            "CUDA device(s), numbered from 0")
     return device
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`, host → CUDA without a host sync.
+
+    A plain host→CUDA copy from pageable memory waits for the GPU queue to drain; a copy from
+    pinned memory with non_blocking=True is queued behind the running kernels instead (PyTorch's
+    pinned-memory cache keeps the source alive until the copy has run)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def weight_dtype(setting: str, device: torch.device) -> torch.dtype:

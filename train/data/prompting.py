@@ -99,14 +99,14 @@ def prompt_format(spec: str | Mapping[str, Any] | PromptFormat) -> PromptFormat:
                         answer_prefix=spec.get("answer_prefix", " "), stop=tuple(spec.get("stop", ())))
 
 
-def format_prompt(question: str, fmt: PromptFormat = QA_FORMAT) -> str:
-    """The prompt for a question; `qa`: `Question: {question}\\nAnswer:` (no trailing space)."""
-    return fmt.prompt(question)
+def format_prompt(question: str) -> str:
+    """The `qa` prompt for a question: `Question: {question}\\nAnswer:` (no trailing space)."""
+    return QA_FORMAT.prompt(question)
 
 
-def format_answer(answer: str, fmt: PromptFormat = QA_FORMAT) -> str:
-    """The answer continuation; `qa`: `" " + answer`. The EOS token follows it as a token id."""
-    return fmt.answer(answer)
+def format_answer(answer: str) -> str:
+    """The `qa` answer continuation, `" " + answer`. The EOS token follows it as a token id."""
+    return QA_FORMAT.answer(answer)
 
 
 def answer_token_indices(spans: Sequence[tuple[int, int]], answer_start: int, answer_end: int) -> list[int]:
