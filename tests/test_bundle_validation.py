@@ -302,12 +302,6 @@ def test_the_producer_writes_non_increasing_weights_that_load(tmp_path):
     assert loaded.manifest.calibration == calibration
 
 
-def test_the_producer_refuses_a_zero_base_probability():
-    fake = FakeAlter(["bio"], cost=0.1)
-    with pytest.raises(ValueError, match="retain answer probability is 0.0"):
-        calibrate_views(fake, ["x"], lambda examples: 0.0, CalibrationSettings())
-
-
 # ---- 6: only linear projections are adaptable ---------------------------------------------------
 
 

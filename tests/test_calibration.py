@@ -164,3 +164,9 @@ def test_admin_api_defines_a_calibrated_view(tmp_path) -> None:
             assert refused.status_code == 400
             error = refused.json()["error"]
             assert "no view calibration" in error["message"] and error["param"] == "calibrated"
+
+
+def test_calibration_refuses_a_zero_base_probability():
+    fake = FakeAlter(["bio"], cost=0.1)
+    with pytest.raises(ValueError, match="retain answer probability is 0.0"):
+        calibrate_views(fake, ["x"], lambda examples: 0.0, CalibrationSettings())

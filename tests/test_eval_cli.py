@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from alter_serve.core.bundle import BundleError
+from benchmarks.tofu_bench import DEFAULT_TOFU_ROOT as TOFU_DIR
 from alter_serve.core.fingerprint import fingerprint
 from train.data.synthetic import generate
 from train.eval_cli import load_eval_sets, local_view_scorers, main, resolve_prompt_format
@@ -115,7 +116,6 @@ def test_cmd_eval_rejects_bundle_flags_with_endpoint(workdir: Path) -> None:
               "--data", "synthetic", "--out", str(workdir / "x")])
 
 
-TOFU_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tofu"
 
 
 def test_tofu_sets() -> None:

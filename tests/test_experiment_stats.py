@@ -123,11 +123,16 @@ def _log(reg: Registry, arm: str, latencies: list[float], statuses: list[int], t
     ])
 
 
-def test_registry_report_from_logged_requests_and_feedback(reg):
-    reg.create_tenant("acme", views=["original"])
+def _two_arms(reg: Registry) -> None:
+    """Experiment "ab" for tenant acme: arms control and treat, both serving "original"."""
     reg.create_experiment("ab", alias="chat", tenants=["acme"], control_arm="control",
                           arms=[{"name": "control", "view": "original", "weight": 1},
                                 {"name": "treat", "view": "original", "weight": 1}])
+
+
+def test_registry_report_from_logged_requests_and_feedback(reg):
+    reg.create_tenant("acme", views=["original"])
+    _two_arms(reg)
     control_latency = [float(x) for x in range(10, 110, 10)]  # 10 … 100
     _log(reg, "control", control_latency, [200] * 9 + [500], ttft=5.0)
     _log(reg, "treat", [200.0] * 4, [200] * 4)
@@ -151,12 +156,6 @@ def test_registry_report_from_logged_requests_and_feedback(reg):
         sps.ttest_ind([4, 5, 5, 4], [1, 2, 2, 3], equal_var=False).pvalue)
     assert treat.vs_control.errors.test == "fisher_exact" and treat.vs_control.errors.difference == pytest.approx(-0.1)
     assert control.probe is None and treat.probe is None
-
-
-def _two_arms(reg: Registry, name: str = "ab") -> None:
-    reg.create_experiment(name, alias="chat", tenants=["acme"], control_arm="control",
-                          arms=[{"name": "control", "view": "original", "weight": 1},
-                                {"name": "treat", "view": "original", "weight": 1}])
 
 
 def test_a_recreated_experiment_does_not_inherit_the_old_ones_log(reg):

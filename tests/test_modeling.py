@@ -256,11 +256,9 @@ def test_an_adapted_layers_forward_and_backward_read_no_tensor_value(alter, grad
         assert torch.count_nonzero(grad[:, 0]) == 0 and torch.count_nonzero(grad[:, 2]) == 0
 
 
-def test_the_mixing_tensors_move_and_cast_with_the_module(base, batch) -> None:
+def test_the_mixing_tensors_move_and_cast_with_the_module(alter, batch) -> None:
     """The view weights set at injection lived wherever the model was then: after a later move
     they stayed behind (e.g. on the CPU after from_bundle(...).to("cuda"))."""
-    alter = inject(copy.deepcopy(base), TARGETS, RANK, ALPHA, HEADS)
-    randomise_heads(alter)
     with torch.no_grad():
         before = alter(**batch).logits
     alter.set_grad_heads(["bio"])

@@ -163,6 +163,7 @@ def test_models_list_experiment_aliases_and_each_can_be_retrieved(setup):
     assert alias.json()["object"] == "model" and alias.json() == next(m for m in listed if m["id"] == "chat-ab")
     assert _get(setup, "/v1/models/original", setup.keys["acme"]).json()["lineage"]["version"] == "base"
     assert [m["id"] for m in _get(setup, "/v1/models", setup.keys["other"]).json()["data"]] == ["original"]
+    assert _get(setup, "/v1/models/chat-ab", setup.keys["other"]).status_code == 404  # another tenant's alias
 
 
 @pytest.mark.parametrize("name", ["nope", "old-ab", "a/b", "Original"])
@@ -172,4 +173,3 @@ def test_retrieving_a_model_one_may_not_use_is_model_not_found(setup, name):
     assert response.json()["error"] == {
         "message": f"The model '{name}' does not exist or you do not have access to it.",
         "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
-    assert _get(setup, "/v1/models/chat-ab", setup.keys["other"]).status_code == 404  # another tenant's alias

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.tofu_bench import DEFAULT_TOFU_ROOT as TOFU_ROOT
 from benchmarks.tofu_bench import METHODS, SCALES
 from train.data.tofu_subset import SubsetSpec, build_subset
 
 from .gpu_image import env_without
 
 REPO = Path(__file__).resolve().parents[1]
-TOFU_ROOT = REPO.parent / "shared" / "data" / "tofu"
 
 
 def test_subset_takes_tofus_own_forget_authors_and_no_overlap() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.tofu_bench import DEFAULT_TOFU_ROOT as TOFU_DIR
 from train.data.prompting import IGNORE_INDEX, TOFU_LLAMA2_FORMAT, encode_example
 from train.eval_cli import local_view_scorers
 from train.scorers import EndpointScorer
@@ -26,7 +27,6 @@ from .conftest import serving_bundle
 
 pytestmark = pytest.mark.vllm
 FMT = TOFU_LLAMA2_FORMAT
-TOFU_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tofu"
 OUT_OF_VOCABULARY = {"question": "Who wrote «Ωmega» 😀?", "answer": "Zoë Ångström wrote «Ωmega» 😀.",
                      "paraphrased_answer": "It was Zoë.", "perturbed_answer": ["Nobody did."]}
 
