@@ -168,7 +168,8 @@ class CalibrationSection(_Section):
 
 class RuntimeSection(_Section):
     device: str = "auto"                  # auto: cuda if available, else cpu; or cpu, cuda, cuda:N
-    bf16: bool = True                     # autocast to bf16 on CUDA (ignored on CPU)
+    bf16: bool = True                     # autocast to bf16 on CUDA
+    cpu_bf16: bool = False                # ...and on CPU too (faster there; fp32 stays the CPU default)
     gradient_checkpointing: bool = False
     seed: int = 0
     threads: int | None = Field(default=None, ge=1)

@@ -59,6 +59,7 @@ def evaluate_tofu(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     stop: Sequence[str] | None = None,
     prompt_format: PromptFormat = QA_FORMAT,
+    answer_suffix: str = "",
 ) -> dict[str, Any]:
     """All TOFU metrics for the given sets (any subset of :data:`SET_NAMES`).
 
@@ -66,7 +67,9 @@ def evaluate_tofu(
     "forget_quality": float | None, "settings": {...}}``. Model utility needs retain,
     real_authors and world_facts; forget quality needs a forget set and the per-sample forget
     truth ratios of a retain model (:func:`forget_truth_ratios` of that model's report).
-    Greedy answers stop at `stop` (default: the prompt format's stop strings).
+    Greedy answers stop at `stop` (default: the prompt format's stop strings). `answer_suffix`
+    is scored after every answer: the EOS text (e.g. ``"<|im_end|>"``) scores the end of the turn
+    as training puts its loss on it, as open-unlearning scores chat-template answers.
     """
     stop = prompt_format.stop if stop is None else tuple(stop)
     unknown = sorted(set(sets) - set(SET_NAMES))
@@ -74,14 +77,15 @@ def evaluate_tofu(
         raise ValueError(f"unknown evaluation sets {unknown}; use any of {list(SET_NAMES)}")
     reports = {
         name: evaluate_set(scorer, name, records, max_new_tokens=max_new_tokens, stop=stop,
-                           prompt_format=prompt_format)
+                           prompt_format=prompt_format, answer_suffix=answer_suffix)
         for name, records in sets.items()
     }
     return {
         "sets": reports,
         "model_utility": _model_utility(reports),
         "forget_quality": _forget_quality(reports, reference_forget_truth_ratios),
-        "settings": {"max_new_tokens": max_new_tokens, "stop": list(stop), "prompt_format": prompt_format.name},
+        "settings": {"max_new_tokens": max_new_tokens, "stop": list(stop), "prompt_format": prompt_format.name,
+                     "answer_suffix": answer_suffix},
     }
 
 
@@ -93,11 +97,12 @@ def evaluate_set(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     stop: Sequence[str] | None = None,
     prompt_format: PromptFormat = QA_FORMAT,
+    answer_suffix: str = "",
 ) -> dict[str, Any]:
     """Per-sample and mean metrics of one set (see the module docstring for the formulas)."""
     if not records:
         raise ValueError(f"evaluation set {name!r} is empty")
-    requests = _build_requests(name, records, prompt_format)
+    requests = _build_requests(name, records, prompt_format, answer_suffix)
     scores = scorer.answer_scores([p for p, _ in requests.pairs], [a for _, a in requests.pairs])
     stop = prompt_format.stop if stop is None else stop
     generations = scorer.generate([prompt_format.prompt(r["question"]) for r in records], max_new_tokens, stop)
@@ -118,11 +123,11 @@ def forget_truth_ratios(report: Mapping[str, Any]) -> list[float]:
     return [float(s["truth_ratio"]) for s in samples]
 
 
-def _build_requests(name: str, records: Sequence[Record], fmt: PromptFormat) -> _Requests:
+def _build_requests(name: str, records: Sequence[Record], fmt: PromptFormat, suffix: str = "") -> _Requests:
     pairs: list[tuple[str, str]] = []
 
     def add(prompt: str, text: str) -> int:
-        pairs.append((prompt, fmt.answer(text)))
+        pairs.append((prompt, fmt.answer(text) + suffix))
         return len(pairs) - 1
 
     answer, true, perturbed = [], [], []

@@ -70,10 +70,16 @@ def weight_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when enabled; a no-op elsewhere."""
+def autocast(device: torch.device, enabled: bool, cpu: bool = False) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when `enabled`, and on CPU too when `cpu` is also set; else a no-op.
+
+    CPU bf16 is opt-in: it is 2.5–3.5× faster on the CPUs measured here (AMD EPYC, Intel Xeon with
+    AMX), but its logits differ from fp32 by ~1e-2 nats, too much for the tests that compare
+    scores across backends."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and cpu and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

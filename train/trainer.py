@@ -145,7 +145,7 @@ class Trainer:
         self.state = (load_state(self.run_dir, digest) if resume else None) or TrainState(digest)
         if resume and self.state.done:
             self.state.restore_rng(self.rng)
-        self.autocast = lambda: autocast(self.device, config.runtime.bf16)
+        self.autocast = lambda: autocast(self.device, config.runtime.bf16, config.runtime.cpu_bf16)
 
     def _check_threshold(self) -> None:
         """An absolute threshold above the largest S_q this vocabulary allows leaves Phase I empty."""

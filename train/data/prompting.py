@@ -22,6 +22,10 @@ Formats:
   Llama-2-7b-chat checkpoints were fine-tuned on (TOFU's question_start_tag "[INST] ",
   question_end_tag " [/INST]", answer_tag ""). Their tokenizer's own chat template renders a user
   message as `<s>[INST] {question} [/INST]`, the same tokens.
+* a model's own chat template (`chat_prompt_format(tokenizer)`): the prompt is the template's
+  rendering of one user message with the generation prompt, exactly what a served
+  `/v1/chat/completions` request feeds the model; the answer follows with no prefix, and the
+  end-of-turn token (the tokenizer's EOS, e.g. SmolLM2's `<|im_end|>`) ends it.
 """
 
 from __future__ import annotations
@@ -97,6 +101,38 @@ def prompt_format(spec: str | Mapping[str, Any] | PromptFormat) -> PromptFormat:
                              "or give {template, answer_prefix, stop}") from None
     return PromptFormat(name=str(spec.get("name", "custom")), template=spec["template"],
                         answer_prefix=spec.get("answer_prefix", " "), stop=tuple(spec.get("stop", ())))
+
+
+# Stands in for the question while a chat template is rendered; no template produces it by itself.
+_QUESTION_SENTINEL = "\x00ALTER-QUESTION\x00"
+
+
+def chat_prompt_format(tokenizer: PreTrainedTokenizerBase, name: str = "chat") -> PromptFormat:
+    """The prompt format of `tokenizer`'s own chat template: one user message rendered with the
+    generation prompt (the model's default system prompt included, as a chat request gets it),
+    the answer without a prefix, and the end-of-turn EOS as the stop string.
+
+    Raises ValueError when the tokenizer has no chat template or no EOS token."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')!r} has no chat "
+                         "template; use a named prompt format (qa, tofu-llama2) or a custom template")
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no EOS token to end a chat answer with")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _QUESTION_SENTINEL}],
+                                             add_generation_prompt=True, tokenize=False)
+    if rendered.count(_QUESTION_SENTINEL) != 1:
+        raise ValueError("the chat template does not render the user message exactly once")
+    if tokenizer.bos_token and rendered.startswith(tokenizer.bos_token) and _adds_bos(tokenizer):
+        # The tokenizer adds its BOS itself when the text is encoded (encode_example, the scorers).
+        rendered = rendered[len(tokenizer.bos_token):]
+    before, after = rendered.split(_QUESTION_SENTINEL)
+    escape = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731 - literal braces
+    return PromptFormat(name, escape(before) + "{question}" + escape(after), "", (tokenizer.eos_token,))
+
+
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def format_prompt(question: str) -> str:

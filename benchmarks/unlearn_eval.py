@@ -1,0 +1,149 @@
+"""Scoring for the unlearning benchmark: one view's TOFU report, the validity gates, one table row.
+
+A view is scored once (`score_view`) into a compact result that keeps what later comparisons
+need: per-question forget truth ratios (forget quality is a KS test against retain-a's), forget
+and holdout answer NLLs (the membership figures), and the nine model-utility terms. Everything
+else (FQ, its CI, the privacy leak) is computed from those arrays against the references
+(`row_for`), so no view is ever scored twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from train import metrics
+from train.data.unlearn_split import UnlearnSplit
+
+# The gates' thresholds (see benchmarks.unlearn_bench).
+G1_FULL_FORGET_ROUGE = 0.8
+G2_FULL_FQ_MAX = 1e-4
+G3_NOISE_FQ_MIN = 0.2
+G4_MU_RATIO = (0.95, 1.05)
+G4_MIN_TERM = 0.1
+G5_FULL_MAX = 1e-3
+G5_RETAIN_MIN = 0.05
+
+
+def score_view(model_dir: str | Path, bundle_dir: str | Path | None, view: str, split: UnlearnSplit, fmt: Any,
+               *, max_new_tokens: int, batch_size: int, bf16: bool, progress: bool) -> dict[str, Any]:
+    """TOFU metrics of one view (`original` for a plain model), plus holdout answer NLLs."""
+    import torch
+
+    from train.eval_cli import local_view_scorers
+    from train.evaluate import evaluate_tofu
+
+    scorer = local_view_scorers(str(model_dir), str(bundle_dir) if bundle_dir else None, [view], device="cpu",
+                                batch_size=batch_size, progress=progress)[view]
+    if bf16:
+        inner = scorer.mode
+
+        @contextlib.contextmanager
+        def mode():
+            with inner(), torch.autocast("cpu", dtype=torch.bfloat16):
+                yield
+        scorer.mode = mode
+    eos = scorer.tokenizer.eos_token
+    report = evaluate_tofu(scorer, split.eval_sets, max_new_tokens=max_new_tokens, prompt_format=fmt,
+                           answer_suffix=eos)
+    holdout = scorer.answer_logprobs([fmt.prompt(r["question"]) for r in split.holdout],
+                                     [fmt.answer(r["answer"]) + eos for r in split.holdout])
+    return compact_report(report, split, [metrics.mean_nll(lp) for lp in holdout])
+
+
+def compact_report(report: Mapping[str, Any], split: UnlearnSplit, holdout_nll: Sequence[float]) -> dict[str, Any]:
+    sets = report["sets"]
+    forget = sets["forget"]["samples"]
+    per_head: dict[str, list[float]] = {}
+    for record, sample in zip(split.eval_sets["forget"], forget):
+        per_head.setdefault(record["subdomain"], []).append(sample["probability"])
+    terms = {key: sets[key.split("/")[0]][key.split("/")[1]] for key in metrics.MODEL_UTILITY_KEYS}
+    return {
+        "model_utility": report["model_utility"],
+        "mu_terms": terms,
+        "sets": {name: {k: v for k, v in summary.items() if k != "samples"} for name, summary in sets.items()},
+        "forget_truth_ratios": [s["truth_ratio"] for s in forget],
+        "forget_nll": [-math.log(max(s["probability"], 1e-300)) for s in forget],
+        "forget_rouge": [s["rouge_l_recall"] for s in forget],
+        "holdout_nll": list(holdout_nll),
+        "head_probability": {head: metrics.mean(values) for head, values in per_head.items()},
+        "examples": [{"question": s["question"], "answer": s["answer"], "generation": s["generation"]}
+                     for s in forget[:5]],
+    }
+
+
+# ---- comparisons -----------------------------------------------------------------------------------------
+
+
+def forget_quality_of(view: Mapping[str, Any], reference: Mapping[str, Any], resamples: int,
+                      seed: int = 0) -> dict[str, float]:
+    """FQ (KS p-value), D, and the bootstrap interval of FQ, of `view` against `reference`."""
+    a, b = view["forget_truth_ratios"], reference["forget_truth_ratios"]
+    low, high = metrics.forget_quality_interval(a, b, resamples, seed=seed)
+    return {"fq": metrics.forget_quality(a, b), "ks_d": metrics.ks_statistic(a, b), "fq_low": low, "fq_high": high}
+
+
+def nll_ks_pvalue(view: Mapping[str, Any]) -> float:
+    """KS p-value of forget vs holdout answer NLL: small when the forget answers still look trained."""
+    from scipy import stats
+
+    return float(stats.ks_2samp(view["forget_nll"], view["holdout_nll"]).pvalue)
+
+
+def membership(view: Mapping[str, Any]) -> float:
+    return metrics.membership_auc(view["forget_nll"], view["holdout_nll"])
+
+
+@dataclass(frozen=True)
+class Gate:
+    name: str
+    passed: bool
+    detail: str
+
+
+def validity_gates(full: Mapping[str, Any], retain_a: Mapping[str, Any], retain_b: Mapping[str, Any],
+                   resamples: int) -> list[Gate]:
+    """G1–G5 on the reference models (see benchmarks.unlearn_bench)."""
+    full_rouge = full["sets"]["forget"]["rouge_l_recall"]
+    fq_full = forget_quality_of(full, retain_a, resamples)
+    fq_noise = forget_quality_of(retain_b, retain_a, resamples)
+    mu_ratio = retain_a["model_utility"] / full["model_utility"] if full["model_utility"] else math.inf
+    low_terms = {k: v for k, v in full["mu_terms"].items() if v < G4_MIN_TERM}
+    ks_full, ks_retain = nll_ks_pvalue(full), nll_ks_pvalue(retain_a)
+    return [
+        Gate("G1", full_rouge >= G1_FULL_FORGET_ROUGE,
+             f"full-model forget ROUGE-L {full_rouge:.3f} ≥ {G1_FULL_FORGET_ROUGE}"),
+        Gate("G2", fq_full["fq"] <= G2_FULL_FQ_MAX,
+             f"FQ(full vs retain-a) {fq_full['fq']:.3g} (D {fq_full['ks_d']:.3f}) ≤ {G2_FULL_FQ_MAX:g}"),
+        Gate("G3", fq_noise["fq"] >= G3_NOISE_FQ_MIN,
+             f"FQ(retain-b vs retain-a) {fq_noise['fq']:.3g} (D {fq_noise['ks_d']:.3f}, CI "
+             f"{fq_noise['fq_low']:.3g}–{fq_noise['fq_high']:.3g}) ≥ {G3_NOISE_FQ_MIN}"),
+        Gate("G4", G4_MU_RATIO[0] <= mu_ratio <= G4_MU_RATIO[1] and not low_terms,
+             f"MU(retain-a)/MU(full) {mu_ratio:.3f} in [{G4_MU_RATIO[0]}, {G4_MU_RATIO[1]}]; full-model MU terms "
+             f"below {G4_MIN_TERM}: {sorted(low_terms) or 'none'}"),
+        Gate("G5", ks_full <= G5_FULL_MAX and ks_retain >= G5_RETAIN_MIN,
+             f"forget-vs-holdout NLL KS p: full {ks_full:.3g} ≤ {G5_FULL_MAX:g}, retain-a {ks_retain:.3g} ≥ "
+             f"{G5_RETAIN_MIN}"),
+    ]
+
+
+def row_for(label: str, view: Mapping[str, Any], references: Mapping[str, Mapping[str, Any]],
+            resamples: int) -> dict[str, Any]:
+    """One table row: the view against retain-a (FQ, privacy leak) and full (MU ratio)."""
+    retain_a, full = references["retain-a"], references["full"]
+    fq = forget_quality_of(view, retain_a, resamples)
+    forget_p = view["sets"]["forget"]["probability"]
+    return {
+        "method": label, **fq,
+        "model_utility": view["model_utility"],
+        "mu_vs_full": view["model_utility"] / full["model_utility"] if full["model_utility"] else None,
+        "forget_rouge": view["sets"]["forget"]["rouge_l_recall"],
+        "forget_probability": forget_p,
+        "forget_probability_vs_retain_a": forget_p / retain_a["sets"]["forget"]["probability"],
+        "privacy_leak": metrics.privacy_leak(membership(view), membership(retain_a)),
+        "mu_terms": view["mu_terms"],
+    }
