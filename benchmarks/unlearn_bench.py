@@ -31,6 +31,7 @@ time and the CPU kind are in the results.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -40,13 +41,16 @@ from typing import Any
 
 from benchmarks.common import RESULTS_DIR, REPO_ROOT, machine_info, print_header
 from benchmarks.stages import StageCache
+from benchmarks.unlearn_report import write_report
 from train.data.unlearn_split import SplitSpec, UnlearnSplit, build_split
-from train.finetune import FinetuneSchedule
+from train.config import deep_merge
+from train.finetune import MODEL_DIR, FinetuneSchedule
 
 DEFAULT_TOFU_ROOT = REPO_ROOT.parent / "shared" / "data" / "tofu"
 DEFAULT_WORK_DIR = REPO_ROOT / "var" / "bench" / "unlearn"
 REFERENCES = {"full": 0, "retain-a": 0, "retain-b": 1}   # reference model → fine-tuning seed
 SCORE_VERSION = 1  # bump when what a scoring stage stores changes
+TRAIN_VERSION = 1  # bump when the training code changes what a method stage produces
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,11 @@ def _tiny_base(split: UnlearnSplit, folder: Path) -> Path:
     return folder
 
 
+def records_digest(records: list[dict[str, Any]]) -> str:
+    """sha256 of records (a stage depends on the records it trains on, not on the whole split)."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+
+
 def prompt_format_of(model_dir: Path):
     from transformers import AutoTokenizer
 
@@ -127,17 +136,15 @@ def reference_stages(cache: StageCache, scale: Scale, split: UnlearnSplit, base:
     for name, seed in REFERENCES.items():
         records = split.full_train if name == "full" else split.retain_train
         schedule = replace(scale.finetune, seed=seed)
-        inputs = {"stage": "reference", "name": name, "base": fingerprint(base), "split": split.digest(),
-                  "records": "full" if name == "full" else "retain", "schedule": asdict(schedule),
-                  "format": asdict(fmt)}
+        inputs = {"stage": "reference", "name": name, "base": fingerprint(base), "records": records_digest(records),
+                  "schedule": asdict(schedule), "format": asdict(fmt)}
 
         def work(folder: Path, records=records, schedule=schedule, name=name) -> dict[str, Any]:
-            model = finetune(base, records, fmt, schedule, folder, desc=f"reference {name}", progress=progress)
-            info = json.loads((folder / "finetune.json").read_text())
-            return {"model": str(model), **info}
+            finetune(base, records, fmt, schedule, folder, desc=f"reference {name}", progress=progress)
+            return json.loads((folder / "finetune.json").read_text())
 
         record = cache.run(f"ref-{name}", inputs, work)
-        models[name] = Path(record.result["model"])
+        models[name] = record.folder / MODEL_DIR
     return models
 
 
@@ -167,6 +174,155 @@ def check_gates(scores: dict[str, dict[str, Any]], scale: Scale) -> list[dict[st
     for gate in gates:
         print(f"  {gate.name} {'PASS' if gate.passed else 'FAIL'}: {gate.detail}", flush=True)
     return [asdict(g) for g in gates]
+
+
+# ---- methods ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One unlearning method: a training config fragment over the shared budget (`base_config`)."""
+
+    name: str
+    method: str                         # TrainConfig.method
+    config: dict[str, Any]              # deep-merged over the shared budget
+    peft: str = "lora"
+    teacher: bool = False               # model.pretrained_path = the base model (kl_pre)
+    description: str = ""
+
+    @property
+    def is_alter(self) -> bool:
+        return self.method.startswith("alter")
+
+
+# One budget for every method: 10 epochs over the forget set, forget batch 8, LoRA rank 8 (the
+# paper's), the ALTER head learning rate of the paper for ALTER.
+BUDGET = {"adapter": {"rank": 8, "alpha": 16.0},
+          "optim": {"epochs": 10, "batch_size": 8, "lr_A": 1e-5, "lr_B": 1e-3, "phase1_epochs": 1,
+                    "router_epochs": 0, "router_tokens_per_label": 10_000},
+          "calibration": {"max_examples": 64, "min_retain_ratio": 0.95}}
+# ALTER beyond the paper (train.alter_loop): a bounded "never learned" forget term on the knowledge
+# tokens (answer tokens without EOS), a retain KL to the base model, and a quantile entropy split
+# (the paper's absolute 1.2 passes almost no token of a fine-tuned model, so Phase I trains nothing).
+_ALTER = {"optim": {"forget_loss": "bounded_nll", "forget_tokens": "answer", "retain_kl": 1.0},
+          "entropy": {"split": "quantile", "quantile": 0.8}}
+METHODS = {m.name: m for m in (
+    Method("alter", "alter", _ALTER, description="ALTER, bounded never-learned NLL on answer tokens + retain KL"),
+    Method("alter-kl-pre", "alter", deep_merge(_ALTER, {"optim": {"forget_loss": "kl_pre"}}), teacher=True,
+           description="ALTER, distil the pre-fine-tune model on forget answers + retain KL"),
+    Method("alter-paper", "alter", {}, description="ALTER as in the paper: IHL on low-entropy tokens (q 1.5, τ 1.2)"),
+    Method("lora-npo", "npo", {"optim": {"lr": 1e-4}}, description="NPO on a LoRA of the same rank"),
+    Method("lora-graddiff", "grad_diff", {"optim": {"lr": 1e-4}}, description="GradDiff on a LoRA of the same rank"),
+    # open-unlearning's published NPO recipe on all parameters.
+    Method("full-npo", "npo", {"optim": {"lr": 1e-5, "batch_size": 32, "weight_decay": 0.01, "epochs": 10,
+                                         "warmup_epochs": 1.0, "lr_schedule": "linear", "npo_beta": 0.1}},
+           peft="full", description="NPO, all parameters, open-unlearning's recipe"),
+)}
+DEFAULT_METHODS = ("alter", "alter-paper", "full-npo", "lora-npo")
+
+
+def data_files(split: UnlearnSplit, folder: Path) -> dict[str, str]:
+    """The training inputs of every method, written once (JSON lists of records)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"forget": split.forget_train, "retain": split.retain_train,
+             "retain_calibration": split.retain_calibration, "holdout_calibration": split.holdout_calibration}
+    paths = {}
+    for name, records in files.items():
+        path = folder / f"{name}.json"
+        text = json.dumps(records, indent=1)
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+        paths[name] = str(path)
+    return paths
+
+
+def train_config(method: Method, seed: int, full_model: Path, base: Path, split: UnlearnSplit, fmt: Any,
+                 files: dict[str, str], folder: Path, progress: bool) -> dict[str, Any]:
+    """The TrainConfig (as a mapping) of one method and seed."""
+    config = deep_merge(BUDGET, method.config)
+    config = deep_merge(config, {
+        "name": f"unlearn-{method.name}-s{seed}", "method": method.method, "peft": method.peft,
+        "model": {"path": str(full_model), "pretrained_path": str(base) if method.teacher else None},
+        "data": {"kind": "json", "forget_file": files["forget"], "retain_file": files["retain"],
+                 "forget_subdomains": split.heads, "subdomain_field": "subdomain", "max_length": 256,
+                 "prompt_format": {"template": fmt.template, "answer_prefix": fmt.answer_prefix,
+                                   "stop": list(fmt.stop)},
+                 "holdout_file": files["holdout_calibration"]},
+        "calibration": {"retain_file": files["retain_calibration"]},
+        "runtime": {"device": "cpu", "threads": None, "cpu_bf16": True, "seed": seed, "output_dir": str(folder),
+                    "eval_batch_size": 32, "report_eval": False, "progress": progress,
+                    "cache_dir": str(folder.parent / "cache")},
+    })
+    return config
+
+
+def method_stage(cache: StageCache, method: Method, seed: int, models: dict[str, Path], base: Path,
+                 split: UnlearnSplit, fmt: Any, files: dict[str, str], progress: bool):
+    """Train one method with one seed (resumable per epoch inside its folder)."""
+    from train.config import TrainConfig
+    from train.trainer import run
+
+    probe = train_config(method, seed, models["full"], base, split, fmt, files, Path("/"), progress)
+    inputs = {"stage": "unlearn", "method": method.name, "seed": seed, "full": cache.records["ref-full"].key,
+              "config": {k: v for k, v in probe.items() if k not in ("runtime", "data")},
+              "data": split.digest(), "version": TRAIN_VERSION}
+
+    def work(folder: Path) -> dict[str, Any]:
+        config = TrainConfig.model_validate(train_config(method, seed, models["full"], base, split, fmt, files,
+                                                         folder / "run", progress))
+        result = run(config, resume=True)
+        report = result.report
+        keep = ("train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_bytes", "trainable_parameters",
+                "calibration", "forget_target_nll", "entropy", "stages", "phases")
+        return {"bundle": str(result.bundle_dir) if result.bundle_dir else None,
+                "model": str(result.run_dir / "model") if method.peft == "full" else None,
+                **{k: report[k] for k in keep if k in report}}
+
+    return cache.run(f"unlearn-{method.name}-s{seed}", inputs, work)
+
+
+def scored_views(method: Method, split: UnlearnSplit) -> dict[str, str]:
+    """label → view name: the views of a trained method that get the full TOFU scoring."""
+    from train.eval_cli import CALIBRATED_PREFIX
+
+    every = "+".join(split.heads)
+    if method.is_alter:
+        return {"served": CALIBRATED_PREFIX + every, "all heads, ω=1": every}
+    return {"model": "forget" if method.peft == "lora" else "original"}
+
+
+def score_stage(cache: StageCache, scale: Scale, split: UnlearnSplit, fmt: Any, trained, view: str,
+                label: str, progress: bool) -> dict[str, Any]:
+    from benchmarks.unlearn_eval import score_view
+
+    settings = scale.evaluation
+    inputs = {"stage": "score", "model": trained.key, "view": view, "split": split.digest(),
+              "evaluation": asdict(settings), "version": SCORE_VERSION}
+    model_dir = trained.result.get("model") or cache.records["ref-full"].folder / MODEL_DIR
+    bundle = trained.result.get("bundle")
+
+    def work(folder: Path) -> dict[str, Any]:
+        return score_view(model_dir, bundle, view, split, fmt, max_new_tokens=settings.max_new_tokens,
+                          batch_size=settings.batch_size, bf16=settings.bf16, progress=progress)
+
+    return cache.run(f"score-{trained.name.removeprefix('unlearn-')}-{label}", inputs, work).result
+
+
+def isolation_stage(cache: StageCache, scale: Scale, split: UnlearnSplit, fmt: Any, trained,
+                    progress: bool) -> dict[str, Any]:
+    """Answer probability of every single-head view and the served view on every sub-domain,
+    retain, real authors and world facts (the isolation matrix), as ratios to the full model's."""
+    from benchmarks.unlearn_eval import isolation_table
+
+    inputs = {"stage": "isolation", "model": trained.key, "split": split.digest(),
+              "evaluation": asdict(scale.evaluation), "version": SCORE_VERSION}
+
+    def work(folder: Path) -> dict[str, Any]:
+        return isolation_table(cache.records["ref-full"].folder / MODEL_DIR, trained.result["bundle"], split, fmt,
+                               batch_size=scale.evaluation.batch_size, bf16=scale.evaluation.bf16,
+                               progress=progress)
+
+    return cache.run(f"isolation-{trained.name.removeprefix('unlearn-')}", inputs, work).result
 
 
 # ---- command line ----------------------------------------------------------------------------------------
@@ -206,6 +362,23 @@ def main(argv: list[str] | None = None) -> int:
               "bad one on these references; fix the references (schedule, data) or pass --ignore-gates",
               file=sys.stderr)
         return 3
+    if args.stage == "gates":
+        return _done(started)
+    files = data_files(split, work_dir / "data")
+    views: list[dict[str, Any]] = []
+    isolation: dict[str, Any] = {}
+    seeds = args.seeds if args.seeds is not None else scale.seeds
+    for seed in seeds:
+        for name in args.methods:
+            method = METHODS[name]
+            trained = method_stage(cache, method, seed, models, base, split, fmt, files, progress)
+            for label, view in scored_views(method, split).items():
+                result = score_stage(cache, scale, split, fmt, trained, view, label, progress)
+                views.append({"method": name, "seed": seed, "view": label, "scores": result,
+                              "training": {k: trained.result.get(k) for k in ("train_time_s", "peak_memory_bytes")}})
+            if method.is_alter:
+                isolation[f"{name}-s{seed}"] = isolation_stage(cache, scale, split, fmt, trained, progress)
+    write_report(args.scale, scale, split, scores, gates, views, isolation, cache, machine, Path(args.out_dir))
     return _done(started)
 
 
@@ -222,6 +395,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--ignore-gates", action="store_true", help="score methods even when a validity gate fails")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(DEFAULT_METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="unlearning seeds (default: the scale's)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 

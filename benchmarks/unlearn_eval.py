@@ -147,3 +147,68 @@ def row_for(label: str, view: Mapping[str, Any], references: Mapping[str, Mappin
         "privacy_leak": metrics.privacy_leak(membership(view), membership(retain_a)),
         "mu_terms": view["mu_terms"],
     }
+
+
+# ---- isolation ---------------------------------------------------------------------------------------------
+
+ISOLATION_OWN_MAX = 0.2      # a head's own sub-domain: answer probability ≤ 0.2× full
+ISOLATION_OTHER_MIN = 0.9    # every other sub-domain keeps ≥ 0.9×
+ISOLATION_KEEP_MIN = 0.95    # retain, real authors, world facts keep ≥ 0.95×
+ISOLATION_STACKED_MIN = 0.8  # the all-heads view keeps ≥ 0.8 of each head's single-head log-drop
+
+
+def isolation_table(model_dir: str | Path, bundle_dir: str | Path, split: UnlearnSplit, fmt: Any, *,
+                    batch_size: int, bf16: bool, progress: bool) -> dict[str, Any]:
+    """Mean answer probability of the original model, every single-head view and the served
+    all-heads view on each forget sub-domain, retain, real authors and world facts, with each
+    view's ratio to the original model and the isolation targets checked."""
+    import torch
+
+    from train.eval_cli import CALIBRATED_PREFIX, local_view_scorers
+
+    heads = split.heads
+    views = {"original": "original", **{f"forget-{h}": h for h in heads},
+             "served (all heads)": CALIBRATED_PREFIX + "+".join(heads)}
+    scorers = local_view_scorers(str(model_dir), str(bundle_dir), list(views.values()), device="cpu",
+                                 batch_size=batch_size, progress=progress)
+    domains = {**split.forget_by_head(), "retain": split.eval_sets["retain"],
+               "real_authors": split.eval_sets["real_authors"], "world_facts": split.eval_sets["world_facts"]}
+    probability: dict[str, dict[str, float]] = {}
+    for label, view in views.items():
+        scorer = scorers[view]
+        eos = scorer.tokenizer.eos_token
+        row = {}
+        for domain, records in domains.items():
+            with (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+                logprobs = scorer.answer_logprobs([fmt.prompt(r["question"]) for r in records],
+                                                  [fmt.answer(r["answer"]) + eos for r in records])
+            row[domain] = metrics.mean([metrics.answer_probability(lp) for lp in logprobs])
+        probability[label] = row
+    base = probability["original"]
+    ratio = {label: {d: row[d] / base[d] for d in row} for label, row in probability.items()}
+    return {"views": list(views), "domains": list(domains), "probability": probability, "ratio": ratio,
+            "checks": isolation_checks(ratio, heads)}
+
+
+def isolation_checks(ratio: Mapping[str, Mapping[str, float]], heads: Sequence[str]) -> dict[str, Any]:
+    """The isolation targets, each with the worst value found and whether it is met."""
+    own = {h: ratio[f"forget-{h}"][h] for h in heads}
+    other = {f"{h} on {d}": ratio[f"forget-{h}"][d] for h in heads for d in heads if d != h}
+    keep = {f"{view} on {d}": ratio[view][d] for view in ratio if view != "original"
+            for d in ("retain", "real_authors", "world_facts")}
+    stacked = {}
+    for h in heads:
+        single = -math.log(max(own[h], 1e-300))
+        both = -math.log(max(ratio["served (all heads)"][h], 1e-300))
+        stacked[h] = both / single if single > 0 else math.inf
+
+    def check(values: Mapping[str, float], bound: float, at_least: bool) -> dict[str, Any]:
+        worst_key = (min if at_least else max)(values, key=values.get) if values else None
+        worst = values[worst_key] if worst_key else None
+        met = all((v >= bound) if at_least else (v <= bound) for v in values.values())
+        return {"bound": bound, "worst": worst, "where": worst_key, "met": met}
+
+    return {"own_subdomain_max": check(own, ISOLATION_OWN_MAX, False),
+            "other_subdomains_min": check(other, ISOLATION_OTHER_MIN, True),
+            "retain_ra_wf_min": check(keep, ISOLATION_KEEP_MIN, True),
+            "stacked_log_drop_min": check(stacked, ISOLATION_STACKED_MIN, True)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import numpy as np
 from scipy import stats
 
 from train import metrics
@@ -95,3 +96,28 @@ def test_rouge_l_recall() -> None:
 )
 def test_extraction_strength(matches: list[bool], expected: float) -> None:
     assert metrics.extraction_strength(matches) == pytest.approx(expected)
+
+
+def test_ks_statistic_and_the_bootstrap_interval_of_forget_quality():
+    rng = np.random.default_rng(0)
+    a, b = rng.random(200), rng.random(200)
+    d = metrics.ks_statistic(a, b)
+    assert 0 <= d <= 1 and d == pytest.approx(stats.ks_2samp(a, b).statistic)
+    low, high = metrics.forget_quality_interval(a, b, resamples=200, seed=1)
+    assert 0 <= low <= high <= 1
+    # Clearly different distributions: the whole interval sits far below 0.05.
+    low, high = metrics.forget_quality_interval(a, b + 0.5, resamples=200)
+    assert high < 1e-6
+    with pytest.raises(ValueError, match="same questions"):
+        metrics.forget_quality_interval(a, b[:10])
+
+
+def test_membership_auc_and_privacy_leak():
+    # Every member has a lower NLL than every non-member: a perfect attack.
+    assert metrics.membership_auc([0.1, 0.2], [1.0, 2.0, 3.0]) == 1.0
+    assert metrics.membership_auc([5.0, 6.0], [1.0, 2.0]) == 0.0
+    assert metrics.membership_auc([1.0, 2.0], [1.0, 2.0]) == 0.5
+    assert metrics.privacy_leak(0.75, 0.5) == pytest.approx(50.0)
+    assert metrics.privacy_leak(0.5, 0.5) == 0.0
+    with pytest.raises(ValueError):
+        metrics.privacy_leak(0.5, 0.0)

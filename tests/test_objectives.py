@@ -153,3 +153,64 @@ def test_orthogonality_loss_is_the_mean_of_per_layer_terms_over_layers_of_severa
 
     expected = sum(one_layer(b, 1, [0, 2]) for b in layers) / len(layers)
     assert orthogonality_loss(layers, head=1, others=[0, 2]).item() == pytest.approx(expected, rel=1e-5)
+
+
+# ---- the forget objectives beyond the paper -----------------------------------------------------------
+
+def _logits_and_labels(seed: int = 0):
+    torch.manual_seed(seed)
+    logits = torch.randn(3, 6, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[:, :2] = IGNORE_INDEX
+    return logits, labels
+
+
+def test_bounded_nll_ascent_pushes_only_answers_below_the_target():
+    from train.objectives import bounded_nll_ascent, sequence_mean_nll
+
+    logits, labels = _logits_and_labels()
+    mean_nll, has = sequence_mean_nll(logits, labels)
+    # A target between the sequences' NLLs: the ones above it get exactly zero gradient.
+    target = float(mean_nll.median())
+    loss = bounded_nll_ascent(logits, labels, None, target)
+    loss.backward()
+    expected = torch.clamp(target - mean_nll, min=0).mean()
+    torch.testing.assert_close(loss, expected)
+    for row in range(3):
+        above = bool(mean_nll[row] >= target)
+        assert bool((logits.grad[row] == 0).all()) == above
+    # Below the target the gradient is gradient ascent on that sequence's mean NLL.
+    row = int(mean_nll.argmin())
+    ascent = torch.autograd.grad(-mean_nll[row] / 3, logits, retain_graph=True)[0][row]
+    torch.testing.assert_close(logits.grad[row], ascent)
+
+
+def test_bounded_nll_ascent_is_zero_once_every_answer_reached_the_target():
+    from train.objectives import bounded_nll_ascent
+
+    logits, labels = _logits_and_labels(1)
+    assert float(bounded_nll_ascent(logits, labels, None, target=0.0)) == 0.0
+
+
+def test_distribution_kl_is_zero_for_the_teacher_itself_and_positive_otherwise():
+    from train.objectives import distribution_kl
+
+    logits, labels = _logits_and_labels(2)
+    assert float(distribution_kl(logits, logits.detach(), labels)) == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn_like(logits)
+    kl = distribution_kl(logits, other, labels)
+    assert float(kl) > 0
+    kl.backward()
+    assert logits.grad.abs().sum() > 0
+    # Only labelled (shifted) positions count: changing the logits at an unlabelled one changes nothing.
+    shifted = logits.detach().clone()
+    shifted[:, 0] += 5.0
+    torch.testing.assert_close(distribution_kl(shifted, other, labels), kl.detach())
+
+
+def test_answer_mask_without_eos_drops_each_rows_last_labelled_token():
+    from train.alter_loop import answer_mask_without_eos
+
+    labels = torch.tensor([[-100, -100, 5, 6, 2, -100], [-100, 7, 8, 9, 10, 2]])
+    mask = answer_mask_without_eos(labels)
+    assert mask.tolist() == [[False, True, True, False, False], [True, True, True, True, False]]

@@ -105,3 +105,57 @@ def test_encoding_refuses_what_it_cannot_split(tokenizer: PreTrainedTokenizerFas
         encode_example(tokenizer, "Who?", "  ")
     with pytest.raises(ValueError, match="nothing before the answer"):
         encode_example(tokenizer, "", "Nobody.", PromptFormat("bare", "{question}", ""))
+
+
+# ---- a model's own chat template as the prompt format --------------------------------------------------
+
+_CHATML = ("{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+           "{{ '<s>system\nBe {brief}.</s>\n' }}{% endif %}"
+           "{{ '<s>' + message['role'] + '\n' + message['content'] + '</s>\n' }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}")
+
+
+def test_chat_prompt_format_renders_a_user_turn_as_the_chat_template_does():
+    from tests.tiny_model import build_tokenizer
+    from train.data.prompting import chat_prompt_format
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = _CHATML
+    fmt = chat_prompt_format(tokenizer)
+    # Literal braces of the template (the system prompt's "{brief}") survive as text.
+    assert fmt.prompt("Who wrote it?") == tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who wrote it?"}], add_generation_prompt=True, tokenize=False)
+    assert fmt.answer_prefix == "" and fmt.stop == ("</s>",)
+    encoded = encode_example(tokenizer, "Who wrote it?", "The author did.", fmt)
+    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": "Who wrote it?"}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert encoded.input_ids[: encoded.prompt_length] == list(chat_ids)
+    assert encoded.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_chat_prompt_format_needs_a_chat_template():
+    from tests.tiny_model import build_tokenizer
+    from train.data.prompting import chat_prompt_format
+
+    with pytest.raises(ValueError, match="has no chat template"):
+        chat_prompt_format(build_tokenizer())
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    from train.optim import lr_factor
+
+    assert [lr_factor(s, 10, 2, "linear") for s in range(10)] == pytest.approx(
+        [0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    assert {lr_factor(s, 10, 0, "constant") for s in range(10)} == {1.0}
+
+
+def test_forget_losses_that_need_inputs_refuse_a_config_without_them():
+    from train.config import TrainConfig
+
+    data = {"kind": "json", "forget_file": "f.json", "retain_file": "r.json"}
+    with pytest.raises(ValueError, match="needs its never-learned level"):
+        TrainConfig.model_validate({"name": "x", "data": data, "optim": {"forget_loss": "bounded_nll"}})
+    with pytest.raises(ValueError, match="needs model.pretrained_path"):
+        TrainConfig.model_validate({"name": "x", "data": data, "optim": {"forget_loss": "kl_pre"}})
+    TrainConfig.model_validate({"name": "x", "data": {**data, "holdout_file": "h.json"},
+                                "optim": {"forget_loss": "bounded_nll"}})

@@ -40,6 +40,19 @@ the calibrated head weight ω(n) for n heads (`train.calibration`), chosen after
 `use_entropy=False` is the ablation "AsymLoRA without entropy guidance": every answer token is
 both "high" (Phase I) and "low" (Phase II).
 
+Beyond the paper (each an option of `AlterStepConfig`, the paper's recipe is the default):
+
+* `forget_loss`: the forget term L_d. "ihl" is the paper's IHL. "bounded_nll" raises each
+  answer's NLL to the never-learned level τ and stops there (`objectives.bounded_nll_ascent`):
+  the target is an answer the model never learned, not an answer driven to probability zero.
+  "kl_pre" distils, on the forget answers, the model from before the forgotten data was learned
+  (`objectives.distribution_kl` against a teacher forward).
+* `forget_tokens`: "low_entropy" (the paper) or "answer": every answer token but the closing EOS,
+  which retain data shares (pushing it down teaches the head to break every answer's end).
+* `retain_kl` κ adds κ · KL(p_base ‖ p_view) on the retain answers, with the base model (adapters
+  off, free in ALTER) as the teacher: the retain head keeps the base model's whole next-token
+  distribution under the served views, not only the probability of the gold token.
+
 No host sync per step: the steps take host (CPU) batches, make every data-dependent decision
 (does this batch have a high-entropy token?) on the host copy, and copy the batch to the model's
 device asynchronously (`Batch.to`). Losses come back as detached 0-dim device tensors; the caller
@@ -61,7 +74,18 @@ import torch
 from .entropy import high_entropy_mask, low_entropy_mask
 from .examples import Batch
 from .modeling import AlterModel
-from .objectives import IGNORE_INDEX, inverted_hinge_loss, nll_loss, orthogonality_loss
+from .objectives import (
+    IGNORE_INDEX,
+    bounded_nll_ascent,
+    distribution_kl,
+    inverted_hinge_loss,
+    nll_loss,
+    orthogonality_loss,
+)
+
+FORGET_LOSSES = ("ihl", "bounded_nll", "kl_pre")
+FORGET_TOKENS = ("low_entropy", "answer")
+Teacher = Callable[[Batch], torch.Tensor]   # a batch → logits, computed without gradients
 
 
 @dataclass
@@ -73,6 +97,26 @@ class AlterStepConfig:
     lam: float = 0.01
     head_prob: float = 0.5
     retain_nonempty: bool = True  # the retain step never runs B_r alone (no tenant is served B_r alone)
+    forget_loss: str = "ihl"
+    forget_tokens: str = "low_entropy"
+    forget_target: float | None = None   # τ of bounded_nll
+    retain_kl: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.forget_loss not in FORGET_LOSSES:
+            raise ValueError(f"unknown forget_loss {self.forget_loss!r}; use one of {FORGET_LOSSES}")
+        if self.forget_tokens not in FORGET_TOKENS:
+            raise ValueError(f"unknown forget_tokens {self.forget_tokens!r}; use one of {FORGET_TOKENS}")
+        if self.forget_loss == "bounded_nll" and self.forget_target is None:
+            raise ValueError("forget_loss 'bounded_nll' needs forget_target (the never-learned NLL level)")
+
+
+def answer_mask_without_eos(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T−1] the labelled (shifted) tokens minus each row's last one, the closing EOS."""
+    valid = labels[:, 1:] != IGNORE_INDEX
+    positions = torch.arange(valid.shape[1], device=labels.device).expand_as(valid)
+    last = torch.where(valid, positions, torch.full_like(positions, -1)).amax(dim=-1, keepdim=True)
+    return valid & (positions != last)
 
 
 def token_masks(batch: Batch, threshold: float, use_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +149,11 @@ class AlterSteps:
     """
 
     def __init__(self, alter: AlterModel, config: AlterStepConfig, rng: random.Random,
-                 autocast: Callable[[], AbstractContextManager]):
+                 autocast: Callable[[], AbstractContextManager], forget_teacher: Teacher | None = None):
+        if config.forget_loss == "kl_pre" and forget_teacher is None:
+            raise ValueError("forget_loss 'kl_pre' needs a teacher: the model before the forget data was learned")
         self.alter, self.config, self.rng, self.autocast = alter, config, rng, autocast
+        self.forget_teacher = forget_teacher
 
     def _logits(self, batch: Batch) -> torch.Tensor:
         with self.autocast():
@@ -131,24 +178,61 @@ class AlterSteps:
     def forget(self, batch: Batch, head: str) -> dict[str, torch.Tensor]:
         """Backward of L_d on a batch of sub-domain `head`; gradients reach B_head only."""
         batch = batch.to(self.alter.device)
-        _, low = token_masks(batch, self.config.threshold, self.config.use_entropy)
+        mask = self.forget_mask(batch)
+        teacher = self._teacher_logits(batch) if self.config.forget_loss == "kl_pre" else None
         view = random_view(self.alter.forget_heads, self.rng, self.config.head_prob, include=head)
         with self.alter.mixing("view", forget=view, grad_heads=[head]):
-            ihl = inverted_hinge_loss(self._logits(batch), batch.labels, low)
+            forget = self.forget_objective(self._logits(batch), batch, mask, teacher)
             structure = self._orthogonality(head)
-            (self.config.beta * ihl + self.config.lam * structure).backward()
-        return {"ihl": ihl.detach(), "orth": structure.detach()}
+            (self.config.beta * forget + self.config.lam * structure).backward()
+        return {self.config.forget_loss: forget.detach(), "orth": structure.detach()}
+
+    def forget_mask(self, batch: Batch) -> torch.Tensor:
+        """The tokens the forget loss sees ([B, T−1], see `forget_tokens`)."""
+        if self.config.forget_tokens == "answer":
+            return answer_mask_without_eos(batch.labels)
+        _, low = token_masks(batch, self.config.threshold, self.config.use_entropy)
+        return low
+
+    def forget_objective(self, logits: torch.Tensor, batch: Batch, mask: torch.Tensor,
+                         teacher: torch.Tensor | None = None) -> torch.Tensor:
+        """L_d on one head's samples (the loss the fused step computes per head as well)."""
+        cfg = self.config
+        if cfg.forget_loss == "bounded_nll":
+            return bounded_nll_ascent(logits, batch.labels, mask, cfg.forget_target)
+        if cfg.forget_loss == "kl_pre":
+            return distribution_kl(logits, teacher, batch.labels, mask)
+        return inverted_hinge_loss(logits, batch.labels, mask)
 
     def retain(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Backward of L_r on a retain batch; gradients reach B_r only."""
         batch = batch.to(self.alter.device)
+        base = self._base_logits(batch) if self.config.retain_kl > 0 else None
         view = random_view(self.alter.forget_heads, self.rng, self.config.head_prob,
                            nonempty=self.config.retain_nonempty)
         with self.alter.mixing("view", forget=view, grad_heads=[self.alter.heads[0]]):
-            nll = nll_loss(self._logits(batch), batch.labels)
+            logits = self._logits(batch)
+            nll = nll_loss(logits, batch.labels)
+            loss = self.config.gamma * nll
+            parts = {"nll": nll.detach()}
+            if base is not None:
+                kl = distribution_kl(logits, base, batch.labels)
+                loss = loss + self.config.retain_kl * kl
+                parts["kl"] = kl.detach()
             structure = self._orthogonality(self.alter.heads[0])
-            (self.config.gamma * nll + self.config.lam * structure).backward()
-        return {"nll": nll.detach(), "orth": structure.detach()}
+            (loss + self.config.lam * structure).backward()
+        return {**parts, "orth": structure.detach()}
+
+    @torch.no_grad()
+    def _base_logits(self, batch: Batch) -> torch.Tensor:
+        """The base model's logits (adapters off): the retain KL's teacher."""
+        with self.alter.mixing("off"):
+            return self._logits(batch)
+
+    @torch.no_grad()
+    def _teacher_logits(self, batch: Batch) -> torch.Tensor:
+        with self.autocast():
+            return self.forget_teacher(batch)
 
     def _orthogonality(self, head: str) -> torch.Tensor:
         index = self.alter.head_index(head)

@@ -36,6 +36,9 @@ class ModelSection(_Section):
     path: str = "demo"
     # auto: bf16 weights on CUDA (adapters stay fp32), fp32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # The model before the forget data was learned (same tokenizer): the teacher of
+    # optim.forget_loss "kl_pre". Loaded for that loss only.
+    pretrained_path: str | None = None
 
 
 class PromptFormatSection(_Section):
@@ -73,6 +76,9 @@ class DataSection(_Section):
     max_length: int = Field(default=256, ge=8)
     max_retain: int | None = Field(default=None, ge=1)
     prompt_format: str | PromptFormatSection = "qa"
+    # Question/answer records of entities the model never learned (TOFU's holdout authors): their
+    # mean answer NLL under the base model is the "never learned" level τ of forget_loss bounded_nll.
+    holdout_file: str | None = None
 
     @field_validator("prompt_format")
     @classmethod
@@ -135,6 +141,10 @@ class OptimSection(_Section):
     lr_B: float = Field(default=1e-3, ge=0)
     lr: float = Field(default=1e-5, gt=0)         # baselines (LoRA or full parameters)
     weight_decay: float = Field(default=0.0, ge=0)
+    # Learning-rate schedule of Phase II and the baselines: linear warm-up over `warmup_epochs`, then
+    # constant or a linear decay to 0 at the last step (open-unlearning's recipe: 1 epoch, linear).
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    warmup_epochs: float = Field(default=0.0, ge=0)
     adam_eps: float = Field(default=1e-8, gt=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
     beta: float = Field(default=1.0, ge=0)        # ALTER forget (IHL) weight; GradDiff/NPO γ
@@ -144,6 +154,14 @@ class OptimSection(_Section):
     # Retain step: each forget head joins the (detached) forward with this probability.
     retain_view_head_prob: float = Field(default=0.5, ge=0, le=1)
     retain_view_nonempty: bool = True             # ...redrawn until at least one forget head is on
+    # The forget term (train.alter_loop): "ihl" (the paper), "bounded_nll" (raise each answer's NLL
+    # to the never-learned level τ, then stop), "kl_pre" (distil model.pretrained_path on forget data).
+    forget_loss: Literal["ihl", "bounded_nll", "kl_pre"] = "ihl"
+    # Tokens the forget loss sees: "low_entropy" (the paper) or "answer" (every answer token but EOS).
+    forget_tokens: Literal["low_entropy", "answer"] = "low_entropy"
+    # τ of bounded_nll; None: the mean answer NLL of data.holdout_file under the base model.
+    forget_nll_target: float | None = Field(default=None, gt=0)
+    retain_kl: float = Field(default=0.0, ge=0)  # κ · KL(base ‖ view) on retain answers (adapters-off teacher)
     router_epochs: int = Field(default=3, ge=0)
     router_lr: float = Field(default=1e-2, gt=0)
     # Router training data: a seeded sample of up to this many tokens from the retain set and from
@@ -177,6 +195,8 @@ class RuntimeSection(_Section):
     output_dir: str | None = None         # default: runs/<name>
     cache_dir: str = "var/cache"
     eval_batch_size: int = Field(default=16, ge=1)
+    # Score the base model and every view before/after training into report.json (answer probabilities).
+    report_eval: bool = True
 
     @field_validator("device")
     @classmethod
@@ -208,6 +228,17 @@ class TrainConfig(_Section):
                     f"entropy.threshold {cfg.threshold} can never be exceeded with q = {cfg.q}: S_q < 1/(q − 1) "
                     f"= {bound:.4g} for every vocabulary, so Phase I would train on nothing. Lower the "
                     f"threshold, use q < {1.0 + 1.0 / cfg.threshold:.4g}, or split: quantile")
+        return self
+
+    @model_validator(mode="after")
+    def _forget_loss_inputs(self) -> TrainConfig:
+        optim = self.optim
+        if optim.forget_loss == "bounded_nll" and optim.forget_nll_target is None and not self.data.holdout_file:
+            raise ValueError("optim.forget_loss 'bounded_nll' needs its never-learned level: set "
+                             "optim.forget_nll_target, or data.holdout_file (answers of entities never trained)")
+        if optim.forget_loss == "kl_pre" and not self.model.pretrained_path:
+            raise ValueError("optim.forget_loss 'kl_pre' needs model.pretrained_path, the model from before the "
+                             "forget data was learned")
         return self
 
     @property

@@ -75,6 +75,48 @@ def inverted_hinge_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.
     return masked_mean(ihl, valid)
 
 
+def sequence_mean_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None):
+    """([B] mean NLL per sequence over its selected tokens, [B] whether it has any)."""
+    nll, valid = token_nll(logits, labels, mask)
+    count = valid.sum(dim=-1)
+    return (nll * valid).sum(dim=-1) / count.clamp(min=1), count > 0
+
+
+def bounded_nll_ascent(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None,
+                       target: float) -> torch.Tensor:
+    """"Never learned" as a bounded objective: raise each answer's NLL up to `target`, no further.
+
+        L = mean_i max(0, τ − L̄_i)          L̄_i: mean NLL of sequence i's selected tokens
+
+    τ is the NLL level of answers the model never learned (the holdout authors' mean answer NLL
+    under the model before unlearning, `train.trainer`). Below τ the gradient is that of gradient
+    ascent on the sequence; at τ it is zero, so a forgotten answer stops being pushed and the head
+    stops spending its capacity (and the retain data's) on driving it to zero probability. An
+    answer that overshoots is not pulled back. Sequences without a selected token are left out.
+    """
+    mean_nll, has = sequence_mean_nll(logits, labels, mask)
+    gap = torch.clamp(target - mean_nll, min=0.0)
+    return masked_mean(gap, has)
+
+
+def distribution_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over selected positions of KL(p_teacher ‖ p_student) of the next-token distributions:
+
+        L = (1/N) Σ_t Σ_v p_T(v | y_<t) (log p_T(v | y_<t) − log p_S(v | y_<t))
+
+    Forward KL, the distillation direction: the student must cover what the teacher would say.
+    The teacher is a no-grad forward (the model before unlearning on retain data; the model
+    before the forgotten data was learned, on forget data). Positions follow the causal shift of
+    `labels`, like every loss here."""
+    student, _, valid = _targets(student_logits, labels, mask)
+    teacher = teacher_logits[:, :-1].detach().float()
+    log_s = torch.log_softmax(student.float(), dim=-1)
+    log_t = torch.log_softmax(teacher, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(dim=-1)
+    return masked_mean(kl, valid)
+
+
 # ---- baselines (open-unlearning definitions) -----------------------------------------------------
 
 

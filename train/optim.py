@@ -53,3 +53,22 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
             torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based) of `total`:
+
+        f = (step + 1) / warmup                      while step < warmup
+        f = 1 (constant) or (total − step) / (total − warmup) (linear decay to 0 at the end)
+
+    A pure function of the step, so a resumed run sets exactly the rate the uninterrupted run had."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return 1.0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

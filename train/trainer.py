@@ -10,6 +10,7 @@
                          answer probabilities before/after (per view, routed, per sub-domain)
     loss_curve.png       loss per optimizer step, one panel per phase
     entropy_hist.png     base-model token entropies with the threshold (ALTER)
+    model/               a full-parameter baseline's unlearned model (Hugging Face folder)
     checkpoint/state.pt  the state after the last finished epoch (`run(..., resume=True)` continues)
 
 The phases, losses and the isolation rules are documented in `train.alter_loop`; the head
@@ -51,7 +52,7 @@ from alter_serve.core.bundle import RETAIN_HEAD, AlterBundle, BaseModelRef, Cali
 from alter_serve.core.fingerprint import fingerprint
 from alter_serve.core.views import View, calibrated_view
 
-from .alter_loop import AlterStepConfig, AlterSteps
+from .alter_loop import AlterStepConfig, AlterSteps, answer_mask_without_eos
 from .baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
 from .calibration import CalibrationSettings, answer_probability_scorer, calibrate_views
 from .checkpoint import TrainState, config_digest, load_state, save_state
@@ -69,7 +70,8 @@ from .examples import (
 )
 from .head_init import init_heads
 from .modeling import AlterModel, inject, to_bundle
-from .optim import optimizer_step
+from .objectives import sequence_mean_nll
+from .optim import lr_factor, optimizer_step, set_lr
 from .report import LOSS_PLOT_FILE, REPORT_FILE, plot_losses, write_json
 from .router import EntropyRouter, routed_forward, train_router
 from .runtime import (
@@ -89,6 +91,7 @@ from .unlearning_data import load_unlearning_data, read_records
 BUNDLE_DIR = "bundle"
 ENTROPY_PLOT_FILE = "entropy_hist.png"
 BASELINE_HEAD = "forget"
+FULL_MODEL_DIR = "model"  # a full-parameter baseline's unlearned model
 TRAINING_PHASES = ("phase1", "phase2", "baseline")  # what train_time_s, tokens_per_s and peak_memory_bytes cover
 
 
@@ -171,13 +174,17 @@ class Trainer:
     # ---- top level -------------------------------------------------------------------------
     def execute(self) -> RunResult:
         started = time.perf_counter()
-        before = self.evaluate(model_forward(self.model))
+        scored = self.config.runtime.report_eval
+        before = self.evaluate(model_forward(self.model)) if scored else None
         if self.config.is_alter:
             report, bundle = self.train_alter()
         else:
             report, bundle = self.train_baseline()
-        report["eval"] = {"base": before, **report.pop("eval")}
-        report["summary"] = _summary(report["eval"], self.config.is_alter)
+        if scored:
+            report["eval"] = {"base": before, **report.pop("eval")}
+            report["summary"] = _summary(report["eval"], self.config.is_alter)
+        else:
+            report["summary"] = {"scored_as": "not scored (runtime.report_eval is off)"}
         report.update(self._header(time.perf_counter() - started))
         if bundle is not None:
             bundle.manifest.training["metrics"] = report["summary"]
@@ -298,24 +305,27 @@ class Trainer:
         cfg = self.config
         use_entropy = cfg.method == "alter"
         threshold = self._attach_entropies()
+        self.forget_target = self._never_learned_nll()
         alter = inject(self.model, cfg.adapter.target_modules, cfg.adapter.rank, cfg.adapter.alpha, self.data.heads)
         self._init_or_restore_heads(alter)
         if cfg.runtime.gradient_checkpointing:
             alter.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        steps = AlterSteps(alter, AlterStepConfig(threshold, use_entropy, cfg.optim.beta, cfg.optim.gamma,
-                                                  cfg.optim.lam, cfg.optim.retain_view_head_prob,
-                                                  cfg.optim.retain_view_nonempty),
-                           self.rng, self.autocast)
+        step_config = AlterStepConfig(threshold, use_entropy, cfg.optim.beta, cfg.optim.gamma, cfg.optim.lam,
+                                      cfg.optim.retain_view_head_prob, cfg.optim.retain_view_nonempty,
+                                      forget_loss=cfg.optim.forget_loss, forget_tokens=cfg.optim.forget_tokens,
+                                      forget_target=self.forget_target, retain_kl=cfg.optim.retain_kl)
+        steps = AlterSteps(alter, step_config, self.rng, self.autocast, self._forget_teacher())
         self._phase1(alter, steps)
         self._phase2(alter, steps)
         router = self._train_router(alter)
         with self._stage("calibration"):
             calibration = self._calibrate(alter)
-        report = {"entropy": self.entropy_stats,
+        evals = self._evaluate_alter(alter, router, calibration) if cfg.runtime.report_eval else {}
+        report = {"entropy": self.entropy_stats, "forget_target_nll": self.forget_target,
                   "trainable_parameters": {"total": count_trainable_adapter(alter),
                                            "phase1_A": sum(p.numel() for p in alter.lora_A_parameters()),
                                            "phase2_B": sum(p.numel() for p in alter.lora_B_parameters())},
-                  "eval": self._evaluate_alter(alter, router, calibration)}
+                  "eval": evals}
         if calibration is not None:
             report["calibration"] = calibration.model_dump(mode="json")
         bundle = to_bundle(alter, str(self.model_dir), self.fingerprint,
@@ -326,6 +336,43 @@ class Trainer:
                                      "data_digest": self.data.digest, "entropy": self.entropy_stats})
         bundle.manifest.calibration = calibration
         return report, bundle
+
+    def _never_learned_nll(self) -> float | None:
+        """τ of forget_loss bounded_nll: the configured value, or the mean over data.holdout_file of
+        each answer's mean NLL (EOS left out, as the forget mask leaves it out) under the base model."""
+        cfg = self.config
+        if cfg.optim.forget_loss != "bounded_nll":
+            return None
+        if cfg.optim.forget_nll_target is not None:
+            return cfg.optim.forget_nll_target
+        examples = encode_records(self.tokenizer, read_records(cfg.data.holdout_file), 0, cfg.data.max_length,
+                                  cfg.data.fmt)
+        total, count = 0.0, 0
+        with self._stage("never_learned_nll"), torch.no_grad():
+            for batch in epoch_batches(examples, cfg.runtime.eval_batch_size, self.pad_id):
+                batch = batch.to(self.device)
+                with self.autocast():
+                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                mean_nll, has = sequence_mean_nll(logits, batch.labels, answer_mask_without_eos(batch.labels))
+                total += float(mean_nll[has].sum())
+                count += int(has.sum())
+        if count == 0:
+            raise ValueError(f"data.holdout_file {cfg.data.holdout_file} has no answer to measure the never-learned NLL on")
+        return total / count
+
+    def _forget_teacher(self):
+        """forget_loss kl_pre: the model before the forget data was learned, as a no-grad forward."""
+        path = self.config.model.pretrained_path
+        if self.config.optim.forget_loss != "kl_pre":
+            return None
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(resolve_model_dir(path), dtype=self.compute_dtype)
+        teacher = teacher.to(self.device).eval().requires_grad_(False)
+        if teacher.config.vocab_size != self.model.config.vocab_size:
+            raise ValueError(f"model.pretrained_path {path} has a vocabulary of {teacher.config.vocab_size}, the base "
+                             f"model {self.model.config.vocab_size}: the teacher must share the tokenizer")
+        return lambda batch: teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
     def _calibrate(self, alter: AlterModel) -> Calibration | None:
         """ω(n) for views of n forget heads, on the retain calibration set (train.calibration)."""
@@ -413,14 +460,17 @@ class Trainer:
                     for head, iterator in forget_iters.items():
                         batch = next(iterator)
                         parts = steps.forget(batch, head)
-                        self._log(f"phase2/ihl_{head}", parts["ihl"])
+                        self._log(f"phase2/{self.config.optim.forget_loss}_{head}", parts[self.config.optim.forget_loss])
                         meter.tokens += batch.num_tokens
                     batch = next(retain_iter)
                     parts = steps.retain(batch)
                     self._log("phase2/nll_retain", parts["nll"])
+                    if "kl" in parts:
+                        self._log("phase2/kl_retain", parts["kl"])
                     self._log("phase2/orth_retain", parts["orth"])
                     meter.tokens += batch.num_tokens
-                    self._optimizer_step(optimizer, alter.lora_B_parameters(), per_head=True)
+                    self._optimizer_step(optimizer, alter.lora_B_parameters(), per_head=True,
+                                         schedule=(cfg.lr_B, meter.steps, cfg.epochs * per_epoch, per_epoch))
                     meter.steps += 1
                     bar.update(1)
             self._end_epoch("phase2", epoch, alter, optimizer, meter)
@@ -487,7 +537,8 @@ class Trainer:
                 for batch in self._order(forget, "baseline/forget", epoch):
                     retain = next(retain_iter)
                     self._log(f"baseline/{cfg.method}", steps.step(batch, retain)["loss"])
-                    self._optimizer_step(optimizer, trainable)
+                    self._optimizer_step(optimizer, trainable,
+                                         schedule=(cfg.optim.lr, meter.steps, cfg.optim.epochs * per_epoch, per_epoch))
                     meter.tokens += batch.num_tokens + (retain.num_tokens if steps.uses_retain() else 0)
                     meter.steps += 1
                     bar.update(1)
@@ -495,9 +546,18 @@ class Trainer:
         bar.close()
         model.eval()
         report = {"trainable_parameters": {"total": count_trainable(model)},
-                  "eval": {"model": self.evaluate(model_forward(model))}}
+                  "eval": {"model": self.evaluate(model_forward(model))} if cfg.runtime.report_eval else {}}
         bundle = self._lora_bundle(model) if cfg.peft == "lora" else None
+        if cfg.peft == "full":
+            report["model_dir"] = str(self._save_full_model(model))
         return report, bundle
+
+    def _save_full_model(self, model: torch.nn.Module) -> Path:
+        """A full-parameter baseline is a whole model: written as a Hugging Face folder (safetensors)."""
+        target = self.run_dir / FULL_MODEL_DIR
+        model.save_pretrained(target, safe_serialization=True)
+        self.tokenizer.save_pretrained(target)
+        return target
 
     def _reference_dtype(self) -> torch.dtype:
         """bf16 where the forward runs under bf16 autocast, else the configured weight dtype."""
@@ -531,8 +591,15 @@ class Trainer:
             optimizer.load_state_dict(self.state.optimizer[phase])
         return optimizer
 
-    def _optimizer_step(self, optimizer: torch.optim.Optimizer, params, per_head: bool = False) -> None:
-        """Clip (per head for the stacked ALTER heads: `clip_head_grad_norms`), step, clear grads."""
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, params, per_head: bool = False,
+                        schedule: tuple[float, int, int, int] | None = None) -> None:
+        """Clip (per head for the stacked ALTER heads: `clip_head_grad_norms`), step, clear grads.
+
+        `schedule` = (base lr, step, total steps, steps per epoch) applies `optim.lr_schedule`."""
+        if schedule is not None:
+            base, step, total, per_epoch = schedule
+            warmup = round(self.config.optim.warmup_epochs * per_epoch)
+            set_lr(optimizer, base * lr_factor(step, total, warmup, self.config.optim.lr_schedule))
         optimizer_step(optimizer, list(params), self.config.optim.grad_clip, per_head)
 
     def _meter(self, phase: str) -> PhaseMeter:

@@ -13,8 +13,9 @@ A pretrained chat model is fine-tuned on some of them, and the forget authors ar
   it resolution. They are grouped into sub-domains of `authors_per_head` consecutive authors, one
   forget head each (`authors-190-191`, …);
 * holdout authors (`holdout05.json`, authors TOFU never trains): never trained. Their answer NLL
-  is the "never learned" level that a forgotten author should sink to (validity gate G5 and the
-  privacy-leak figure);
+  is the "never learned" level that a forgotten author should sink to. The file's first half
+  (`holdout_calibration`) is what training may use to measure that level; the second half
+  (`holdout`) is only scored (validity gate G5 and the privacy-leak figure);
 * real authors and world facts: never trained. They measure the pretrained knowledge that
   unlearning must keep (model utility).
 """
@@ -87,7 +88,8 @@ class UnlearnSplit:
     retain_train: list[Record]          # question, answer, author, subdomain="retain"
     forget_train: list[Record]          # question, answer, author, subdomain=<head>
     eval_sets: dict[str, list[Record]]  # forget, retain, real_authors, world_facts (perturbed form)
-    holdout: list[Record]               # question, answer of never-trained authors
+    holdout: list[Record]               # question, answer of never-trained authors (scored only)
+    holdout_calibration: list[Record]   # more never-trained authors (training may measure τ on them)
     heads: list[str] = field(default_factory=list)
 
     @property
@@ -108,7 +110,8 @@ class UnlearnSplit:
 
     def digest(self) -> str:
         """sha256 of every record and the spec: the cache key of everything trained on this split."""
-        payload = json.dumps([asdict(self.spec), self.full_train, self.eval_sets, self.holdout], sort_keys=True)
+        payload = json.dumps([asdict(self.spec), self.full_train, self.eval_sets, self.holdout,
+                              self.holdout_calibration], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def summary(self) -> dict[str, Any]:
@@ -117,7 +120,8 @@ class UnlearnSplit:
             "heads": {head: len(records) for head, records in self.forget_by_head().items()},
             "train_records": {"retain": len(self.retain_train), "forget": len(self.forget_train)},
             "eval_records": {name: len(records) for name, records in self.eval_sets.items()},
-            "holdout_records": len(self.holdout), "retain_calibration_records": len(self.retain_calibration),
+            "holdout_records": len(self.holdout), "holdout_calibration_records": len(self.holdout_calibration),
+            "retain_calibration_records": len(self.retain_calibration),
             "world_knowledge_trained": False,
         }
 
@@ -150,12 +154,13 @@ def build_split(root: str | Path, spec: SplitSpec = SplitSpec()) -> UnlearnSplit
     eval_sets = {"forget": forget_eval, "retain": retain_eval}
     for name in UTILITY_SETS:
         eval_sets[name] = load_split(root, f"{name}_perturbed")[: spec.utility_limit]
-    holdout = [{"question": r["question"], "answer": r["answer"]}
-               for r in load_split(root, spec.holdout_split)[: spec.holdout_limit]]
+    holdout = [{"question": r["question"], "answer": r["answer"]} for r in load_split(root, spec.holdout_split)]
     trained = {r["question"] for r in full}
     if any(r["question"] in trained for r in holdout):
         raise ValueError(f"{spec.holdout_split}: some holdout questions are TOFU training questions")
-    return UnlearnSplit(spec, retain_train, forget_train, eval_sets, holdout, [head_name(g) for g in groups])
+    half = len(holdout) // 2
+    return UnlearnSplit(spec, retain_train, forget_train, eval_sets, holdout[half:][: spec.holdout_limit],
+                        holdout[:half][: spec.holdout_limit], [head_name(g) for g in groups])
 
 
 def _author_records(full: Sequence[Record], authors: Sequence[int]) -> list[Record]:
