@@ -144,6 +144,9 @@ class OptimSection(_Section):
     # Retain step: each forget head joins the (detached) forward with this probability.
     retain_view_head_prob: float = Field(default=0.5, ge=0, le=1)
     retain_view_nonempty: bool = True             # ...redrawn until at least one forget head is on
+    # Phase II: every head in one forward/backward (train.fused_step); false: one pass per head
+    # (train.alter_loop, the reference). Same views, same gradients.
+    fused_step: bool = True
     router_epochs: int = Field(default=3, ge=0)
     router_lr: float = Field(default=1e-2, gt=0)
     # Router training data: a seeded sample of up to this many tokens from the retain set and from

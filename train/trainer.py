@@ -67,6 +67,7 @@ from .examples import (
     sample_by_tokens,
     with_entropies,
 )
+from .fused_step import FusedPhase2
 from .head_init import init_heads
 from .modeling import AlterModel, inject, to_bundle
 from .optim import optimizer_step
@@ -406,10 +407,16 @@ class Trainer:
                         for head, ex in self.forget_examples.items()}
         retain_iter = self._stream(self.retain_examples, "phase2/retain", done * per_epoch)
         bar = self._bar("Phase II (heads: IHL forget / NLL retain)", cfg.epochs * per_epoch, "phase2", per_epoch)
+        fused = FusedPhase2(alter, steps.config, steps.rng, steps.autocast, self.pad_id) if cfg.fused_step else None
         alter.train()
         for epoch in range(done, cfg.epochs):
             with meter:
                 for _ in range(per_epoch):
+                    if fused is not None:
+                        self._fused_phase2_step(fused, optimizer, forget_iters, retain_iter, meter)
+                        bar.update(1)
+                        continue
+                    # The sequential reference step: one forward/backward per head.
                     for head, iterator in forget_iters.items():
                         batch = next(iterator)
                         parts = steps.forget(batch, head)
@@ -428,6 +435,22 @@ class Trainer:
             bar.set_postfix(retain=f"{sum(retain) / max(len(retain), 1):.3f}")
         bar.close()
         _set_trainable(alter.lora_B_parameters(), False)
+
+    def _fused_phase2_step(self, fused: FusedPhase2, optimizer: torch.optim.Optimizer,
+                           forget_iters: dict[str, Iterator[Batch]], retain_iter: Iterator[Batch],
+                           meter: PhaseMeter) -> None:
+        """One Phase II optimizer step with every head in one forward/backward (train.fused_step);
+        logs the same series as the sequential step."""
+        forget = {head: next(iterator) for head, iterator in forget_iters.items()}
+        retain = next(retain_iter)
+        losses = fused.step(forget, retain)
+        for head in forget:
+            self._log(f"phase2/ihl_{head}", losses.per_head[head])
+        self._log("phase2/nll_retain", losses.per_head[RETAIN_HEAD])
+        self._log("phase2/orth_retain", losses.orthogonality[0])
+        meter.tokens += sum(batch.num_tokens for batch in (*forget.values(), retain))
+        self._optimizer_step(optimizer, fused.alter.lora_B_parameters(), per_head=True)
+        meter.steps += 1
 
     def _train_router(self, alter: AlterModel) -> EntropyRouter | None:
         cfg = self.config

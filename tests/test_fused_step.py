@@ -1,0 +1,142 @@
+"""The fused Phase II step gives every head the gradient of the sequential steps (train.fused_step)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+
+import pytest
+import torch
+
+from tests.test_alter_steps import HEADS, THRESHOLD, b_grads, base, set_phase  # noqa: F401 (fixture)
+from train.alter_loop import AlterStepConfig, AlterSteps
+from train.examples import Example, collate
+from train.fused_step import FusedPhase2, concat_batches, draw_views, head_orthogonality, row_mixing, groups_of
+from train.modeling import inject
+from train.objectives import orthogonality_loss
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture()
+def alter(base):  # noqa: F811
+    model = inject(copy.deepcopy(base), TARGETS, 8, 16.0, HEADS)
+    with torch.no_grad():
+        for layer in model.layers.values():
+            layer.lora_B.normal_(0, 0.05)
+    set_phase(model, a=False, b=True)
+    return model
+
+
+def ragged_batch(seed: int, head: int, lengths: tuple[int, ...]):
+    """A host batch of rows of the given lengths (so rows and batches are padded differently)."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in lengths:
+        ids = torch.randint(3, 256, (n,), generator=generator).tolist()
+        labels = [-100] * 3 + ids[3:]
+        examples.append(Example(tuple(ids), tuple(labels), head, torch.rand(n - 1, generator=generator) * 2))
+    return collate(examples, pad_id=0)
+
+
+def batches(seed: int) -> tuple[dict, object]:
+    forget = {"bio": ragged_batch(seed, 1, (9, 12, 7)), "cyber": ragged_batch(seed + 1, 2, (10, 10))}
+    return forget, ragged_batch(seed + 2, 0, (14, 6, 11, 8))
+
+
+def config(head_prob: float) -> AlterStepConfig:
+    return AlterStepConfig(THRESHOLD, True, beta=1.3, gamma=0.7, lam=0.05, head_prob=head_prob)
+
+
+def sequential(alter, forget, retain, cfg, seed) -> dict:
+    steps = AlterSteps(alter, cfg, random.Random(seed), contextlib.nullcontext)
+    losses = {head: steps.forget(batch, head)["ihl"] for head, batch in forget.items()}
+    losses["retain"] = steps.retain(retain)["nll"]
+    return losses
+
+
+def fused(alter, forget, retain, cfg, seed):
+    return FusedPhase2(alter, cfg, random.Random(seed), contextlib.nullcontext, pad_id=0).step(forget, retain)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("head_prob", [0.0, 0.5, 1.0])
+def test_every_heads_gradient_equals_the_sequential_steps(alter, seed: int, head_prob: float) -> None:
+    forget, retain = batches(10 * seed)
+    cfg = config(head_prob)
+    reference = copy.deepcopy(alter)
+    expected = sequential(reference, forget, retain, cfg, seed)
+    got = fused(alter, forget, retain, cfg, seed)
+    want, have = b_grads(reference), b_grads(alter)
+    for index in range(len(HEADS) + 1):
+        assert torch.count_nonzero(want[:, :, index]) > 0
+        torch.testing.assert_close(have[:, :, index], want[:, :, index], atol=1e-5, rtol=1e-5)
+    for head, loss in expected.items():
+        torch.testing.assert_close(got.per_head[head], loss, atol=1e-6, rtol=1e-5)
+
+
+def test_both_paths_draw_the_same_views() -> None:
+    """Same RNG state: the fused step's views are the ones the sequential steps draw, in order."""
+    cfg = config(0.5)
+    drawn = draw_views(HEADS, HEADS, random.Random(3), cfg.head_prob, cfg.retain_nonempty)
+    steps_rng = random.Random(3)
+    from train.alter_loop import random_view
+
+    expected = {h: random_view(HEADS, steps_rng, 0.5, include=h) for h in HEADS}
+    expected["retain"] = random_view(HEADS, steps_rng, 0.5, nonempty=True)
+    assert drawn == expected and list(drawn) == [*HEADS, "retain"]
+
+
+def test_a_heads_gradient_ignores_the_other_groups_rows(alter) -> None:
+    """B_bio's gradient is the same, bit for bit, whatever the labels of cyber's or retain's rows."""
+    forget, retain = batches(5)
+    fused(alter, forget, retain, config(1.0), 0)
+    bio = b_grads(alter)[:, :, 1].clone()
+    alter.zero_grad(set_to_none=True)
+    for batch in (forget["cyber"], retain):
+        labelled = batch.labels != -100
+        batch.labels = torch.where(labelled, (batch.labels + 11) % 256, batch.labels)
+    fused(alter, forget, retain, config(1.0), 0)
+    after = b_grads(alter)
+    assert torch.equal(after[:, :, 1], bio)
+    assert not torch.equal(after[:, :, 0], torch.zeros_like(after[:, :, 0]))
+
+
+def test_head_orthogonality_matches_the_per_head_term(alter) -> None:
+    params = alter.lora_B_parameters()
+    heads = len(HEADS) + 1
+    every = head_orthogonality(params)
+    for h in range(heads):
+        one = orthogonality_loss(params, h, [j for j in range(heads) if j != h])
+        torch.testing.assert_close(every[h], one, atol=1e-7, rtol=1e-6)
+
+
+def test_rows_are_padded_to_the_widest_batch_only_and_mixed_per_group() -> None:
+    forget, retain = batches(0)
+    fused_batch = concat_batches([*forget.values(), retain], pad_id=0)
+    assert fused_batch.input_ids.shape == (9, 14) and fused_batch.padded
+    assert torch.equal(fused_batch.attention_mask.sum(1), torch.tensor([9, 12, 7, 10, 10, 14, 6, 11, 8]))
+    views = {"bio": {"bio": 1.0}, "cyber": {"cyber": 1.0, "bio": 1.0}, "retain": {"cyber": 1.0}}
+    groups = groups_of({**forget, "retain": retain}, views)
+    weights, trainable = row_mixing(["retain", *HEADS], groups)
+    assert weights[:, 0].eq(1).all() and weights[0].tolist() == [1.0, 1.0, 0.0] and weights[3].tolist() == [1.0, 1.0, 1.0]
+    assert trainable.sum(1).eq(1).all()
+    assert trainable[:3, 1].all() and trainable[3:5, 2].all() and trainable[5:, 0].all()
+
+
+def test_the_fused_step_reads_no_tensor_value(alter) -> None:
+    from tests.test_modeling import no_device_reads
+
+    forget, retain = batches(1)
+    step = FusedPhase2(alter, config(0.5), random.Random(0), contextlib.nullcontext, pad_id=0)
+    with no_device_reads():
+        losses = step.step(forget, retain)
+    assert all(v.dim() == 0 and not v.requires_grad for v in losses.per_head.values())
+
+
+def test_a_missing_head_batch_is_refused(alter) -> None:
+    forget, retain = batches(2)
+    del forget["cyber"]
+    with pytest.raises(ValueError, match="missing \\['cyber'\\]"):
+        fused(alter, forget, retain, config(0.5), 0)
