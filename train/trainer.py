@@ -12,8 +12,9 @@
     entropy_hist.png     base-model token entropies with the threshold (ALTER)
     checkpoint/state.pt  the state after the last finished epoch (`run(..., resume=True)` continues)
 
-The phases, losses and the isolation rules are documented in `train.alter_loop`; the head
-initialisation in `train.head_init`; the router in `train.router`.
+The phases, losses and the isolation rules are documented in `train.alter_loop`; Phase II's fused
+step (every head in one forward/backward, `optim.fused_step`, the default) in `train.fused_step`;
+the head initialisation in `train.head_init`; the router in `train.router`.
 
 Cost accounting in the report. `phases` holds each checkpointed phase (phase1, phase2, router;
 baseline) with its steps, tokens, wall time, tokens/s and peak memory. The headline numbers are
