@@ -12,7 +12,7 @@ import torch
 from tests.test_alter_steps import HEADS, THRESHOLD, b_grads, base, set_phase  # noqa: F401 (fixture)
 from train.alter_loop import AlterStepConfig, AlterSteps
 from train.examples import Example, collate
-from train.fused_step import FusedPhase2, concat_batches, draw_views, head_orthogonality, row_mixing, groups_of
+from train.fused_step import FusedPhase2, concat_batches, draw_views, groups_of, head_orthogonality, row_mixing
 from train.modeling import inject
 from train.objectives import orthogonality_loss
 
@@ -120,7 +120,8 @@ def test_rows_are_padded_to_the_widest_batch_only_and_mixed_per_group() -> None:
     views = {"bio": {"bio": 1.0}, "cyber": {"cyber": 1.0, "bio": 1.0}, "retain": {"cyber": 1.0}}
     groups = groups_of({**forget, "retain": retain}, views)
     weights, trainable = row_mixing(["retain", *HEADS], groups)
-    assert weights[:, 0].eq(1).all() and weights[0].tolist() == [1.0, 1.0, 0.0] and weights[3].tolist() == [1.0, 1.0, 1.0]
+    assert weights[:, 0].eq(1).all()
+    assert weights[0].tolist() == [1.0, 1.0, 0.0] and weights[3].tolist() == [1.0, 1.0, 1.0]
     assert trainable.sum(1).eq(1).all()
     assert trainable[:3, 1].all() and trainable[3:5, 2].all() and trainable[5:, 0].all()
 
