@@ -12,9 +12,11 @@ Methods, each one optimizer step exactly as the trainer runs it (the same step c
 train.alter_loop / train.baseline_loop, and the same optimizer step, train.optim.optimizer_step:
 gradient clipping at --grad-clip, the trainer's default 1.0, then AdamW):
 
-    alter     AsymLoRA rank 8 on q/k/v/o/gate/up/down, 2 forget heads, Phase II step: one forget
-              step per head (IHL, B_d only) + one retain step (NLL, B_r only), per-head clipping;
-              frozen bf16 base
+    alter     AsymLoRA rank 8 on q/k/v/o/gate/up/down, 2 forget heads, the fused Phase II step
+              (train.fused_step: every head's batch in one forward/backward, IHL → B_d only,
+              NLL → B_r only), per-head clipping; frozen bf16 base
+    alter_sequential  the same step the sequential way (train.alter_loop: one forward/backward per
+              forget head + one retain), the reference the fused step is measured against
     lora_graddiff  PEFT LoRA rank 8, same targets; GradDiff (ascent on a forget batch + NLL on a
               retain batch); frozen bf16 base
     lora_npo  PEFT LoRA rank 8, same targets; NPO on a forget batch (reference = adapter disabled)
@@ -35,10 +37,10 @@ never waits for the GPU counts 0.
 Nothing but torch, transformers, peft and safetensors is needed (no vLLM).
 
 With --out-dir it also writes gpu_train.json (machine, settings, every summary, and the ratios
-below) and gpu_train.md. The targets (issue #3), ALTER against the others in one run:
+below) and gpu_train.md. The targets (issue #17), the fused ALTER step against the others in one run:
 
-    step time  alter / lora_graddiff ≤ 1.3     step time  alter / full_npo ≤ 0.8
-    peak memory  alter / full_npo ≤ 0.9
+    time per trained token  alter / lora_graddiff ≤ 0.8    alter / full_npo ≤ 0.7
+    step time  alter / lora_graddiff ≤ 1.0 (stretch)       peak memory  alter / full_npo ≤ 0.35
 
 ALTER's step trains on more tokens (2 forget + 1 retain batch against 2 batches), so the table
 also gives time per trained token. On the lent GPU machine: `benchmarks/gpu_run.sh train`.
@@ -61,11 +63,12 @@ from pathlib import Path
 import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("alter", "lora_graddiff", "lora_npo", "full_npo")
-# (name, ALTER's measure ÷ the other method's, at most): the cost targets of issue #3.
-TARGETS_VS_ALTER = (("step time vs LoRA-GradDiff", "median_step_s", "lora_graddiff", 1.3),
-                    ("step time vs full-parameter NPO", "median_step_s", "full_npo", 0.8),
-                    ("peak memory vs full-parameter NPO", "peak_memory_gib", "full_npo", 0.9))
+METHODS = ("alter", "alter_sequential", "lora_graddiff", "lora_npo", "full_npo")
+# (name, ALTER's measure ÷ the other method's, at most): the cost targets of issue #17.
+TARGETS_VS_ALTER = (("time per token vs LoRA-GradDiff", "s_per_1k_tokens", "lora_graddiff", 0.8),
+                    ("time per token vs full-parameter NPO", "s_per_1k_tokens", "full_npo", 0.7),
+                    ("step time vs LoRA-GradDiff", "median_step_s", "lora_graddiff", 1.0),
+                    ("peak memory vs full-parameter NPO", "peak_memory_gib", "full_npo", 0.35))
 PROMPT_TOKENS = 64
 
 
@@ -113,8 +116,9 @@ def random_batch(shape: Shape, generator: torch.Generator, head: int = 0):
 
 
 def alter_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckpt: bool, heads: int,
-                  grad_clip: float | None):
+                  grad_clip: float | None, fused: bool = True):
     from train.alter_loop import AlterStepConfig, AlterSteps
+    from train.fused_step import FusedPhase2
     from train.modeling import inject
     from train.optim import optimizer_step
 
@@ -130,20 +134,22 @@ def alter_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_c
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     steps = AlterSteps(alter, AlterStepConfig(threshold=1.2), random.Random(0), autocast)
+    fused_step = FusedPhase2(alter, steps.config, steps.rng, autocast, pad_id=0)
     params = alter.lora_B_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     generator = torch.Generator().manual_seed(0)
 
     def step() -> int:
-        tokens = 0
-        for i, name in enumerate(names):
-            batch = random_batch(shape, generator, head=i + 1)
-            steps.forget(batch, name)
-            tokens += batch.num_tokens
-        batch = random_batch(shape, generator)
-        steps.retain(batch)
+        forget = {name: random_batch(shape, generator, head=i + 1) for i, name in enumerate(names)}
+        retain = random_batch(shape, generator)
+        if fused:
+            fused_step.step(forget, retain)
+        else:
+            for name, batch in forget.items():
+                steps.forget(batch, name)
+            steps.retain(retain)
         optimizer_step(optimizer, params, grad_clip, per_head=True)
-        return tokens + batch.num_tokens
+        return sum(batch.num_tokens for batch in (*forget.values(), retain))
 
     trainable = sum(p.numel() for p in params)
     return step, trainable, (alter, optimizer)
@@ -206,8 +212,9 @@ def bench_method(method: str, shape: Shape, device: torch.device, steps: int, wa
     autocast = lambda: bf16_autocast(device, True)  # noqa: E731
     torch.manual_seed(0)
     started = time.perf_counter()
-    if method == "alter":
-        step, trainable, keep = alter_step_fn(shape, device, autocast, grad_ckpt, heads, grad_clip)
+    if method in ("alter", "alter_sequential"):
+        step, trainable, keep = alter_step_fn(shape, device, autocast, grad_ckpt, heads, grad_clip,
+                                              fused=method == "alter")
     else:
         loss = "grad_diff" if method == "lora_graddiff" else "npo"
         step, trainable, keep = baseline_step_fn(shape, device, autocast, grad_ckpt, method == "full_npo", grad_clip,
@@ -228,6 +235,7 @@ def bench_method(method: str, shape: Shape, device: torch.device, steps: int, wa
     syncs = count_host_syncs(step, device)
     summary = {"method": method, "summary": True, "median_step_s": round(median, 4),
                "tokens_per_step": tokens, "tokens_per_s": round(tokens / median, 1),
+               "s_per_1k_tokens": round(1000 * median / tokens, 5),
                "peak_memory_gib": round(peak_memory_bytes(device) / 2**30, 3), "trainable_parameters": trainable,
                "setup_s": round(setup_s, 2), "steps": steps, "warmup": warmup, "gradient_checkpointing": grad_ckpt,
                "grad_clip": grad_clip, "host_syncs_per_step": syncs}
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def compare_to_targets(summaries: list[dict]) -> list[dict]:
-    """ALTER's step time and peak memory ÷ each other method's, against the targets of issue #3
+    """ALTER's time per token, step time and peak memory ÷ each other method's, against the targets of issue #17
     (`TARGETS_VS_ALTER`); a target whose methods did not both run is left out."""
     by_method = {s["method"]: s for s in summaries if "error" not in s}
     rows = []
@@ -310,10 +318,12 @@ def write_report(out_dir: Path, settings: dict, summaries: list[dict], compariso
     from benchmarks.common import markdown_table, write_results
 
     methods = markdown_table(
-        ["method", "s/step", "tokens/step", "tokens/s", "s per 1k tokens", "peak GiB", "trainable params"],
-        [[s["method"], s["median_step_s"], s["tokens_per_step"], s["tokens_per_s"],
-          round(1000 * s["median_step_s"] / s["tokens_per_step"], 4), s["peak_memory_gib"], s["trainable_parameters"]]
-         if "error" not in s else [s["method"], s["error"], "", "", "", "", ""] for s in summaries])
+        ["method", "s/step", "tokens/step", "tokens/s", "s per 1k tokens", "peak GiB", "host syncs/step",
+         "trainable params"],
+        [[s["method"], s["median_step_s"], s["tokens_per_step"], s["tokens_per_s"], s["s_per_1k_tokens"],
+          s["peak_memory_gib"], "-" if s["host_syncs_per_step"] is None else s["host_syncs_per_step"],
+          s["trainable_parameters"]]
+         if "error" not in s else [s["method"], s["error"], "", "", "", "", "", ""] for s in summaries])
     targets = markdown_table(["ALTER ÷ other", "ratio", "target", "met"],
                              [[r["target"], r["ratio"], f"≤ {r['at_most']}", "yes" if r["met"] else "NO"]
                               for r in comparison])

@@ -7,8 +7,11 @@
 Part 1, "methods": `--epochs` unlearning epochs (default 3, the paper's) on the demo model and data (forget = two synthetic genres,
 one ALTER forget head each; retain = the other genres), batch 8, for
 
-    alter            ALTER Phase II (per step: one IHL step per forget head + one retain step),
-                     after its one-off setup (entropy pass + data-driven head init, timed apart)
+    alter            ALTER Phase II, fused (train.fused_step: per step, one forward/backward over
+                     a batch of every forget head + a retain batch), after its one-off setup
+                     (entropy pass + data-driven head init, timed apart)
+    alter_sequential the same Phase II step the sequential way (train.alter_loop: one IHL step per
+                     forget head + one retain step), the reference the fused step replaces
     lora_grad_ascent / lora_grad_diff / lora_npo    PEFT LoRA, same rank and targets as ALTER
     full_grad_diff / full_npo                       all parameters
 
@@ -48,7 +51,7 @@ import torch
 
 from benchmarks.common import machine_info, markdown_table, print_header, summarize, time_call, write_results
 
-METHODS = ("alter", "lora_grad_ascent", "lora_grad_diff", "lora_npo", "full_grad_diff", "full_npo")
+METHODS = ("alter", "alter_sequential", "lora_grad_ascent", "lora_grad_diff", "lora_npo", "full_grad_diff", "full_npo")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FORGET = ["mystery", "fantasy"]
 RANK, ALPHA, BATCH = 8, 16.0, 8
@@ -82,20 +85,21 @@ def run_method(method: str, model_dir: Path, data_dir: Path, epochs: int, thread
     forget = {h: encode_records(tokenizer, data.by_subdomain(h), i + 1) for i, h in enumerate(FORGET)}
     retain = encode_records(tokenizer, data.split(FORGET)[1])
     rss_loaded = _current_rss_bytes()
-    if method == "alter":
-        result = _alter_epochs(model, tokenizer, forget, retain, epochs)
+    if method in ("alter", "alter_sequential"):
+        result = _alter_epochs(model, tokenizer, forget, retain, epochs, fused=method == "alter")
     else:
         result = _baseline_epochs(method, model, tokenizer, forget, retain, epochs)
     return {"method": method, **result, "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": _rss_bytes(),
             "training_overhead_bytes": _rss_bytes() - rss_loaded}
 
 
-def _alter_epochs(model, tokenizer, forget, retain, epochs: int) -> dict[str, Any]:
+def _alter_epochs(model, tokenizer, forget, retain, epochs: int, fused: bool = True) -> dict[str, Any]:
     import contextlib
 
     from train.alter_loop import AlterStepConfig, AlterSteps
     from train.entropy import example_entropies
     from train.examples import epoch_batches, with_entropies
+    from train.fused_step import FusedPhase2
     from train.head_init import init_heads
     from train.modeling import inject
     from train.optim import optimizer_step
@@ -120,6 +124,7 @@ def _alter_epochs(model, tokenizer, forget, retain, epochs: int) -> dict[str, An
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     rng = random.Random(0)
     steps = AlterSteps(alter, AlterStepConfig(threshold=1.2), rng, contextlib.nullcontext)
+    fused_step = FusedPhase2(alter, steps.config, rng, contextlib.nullcontext, pad) if fused else None
     per_epoch = math.ceil(max(len(ex) for ex in forget.values()) / BATCH)
     alter.train()
     tokens, n_steps, started = 0, 0, time.perf_counter()
@@ -127,13 +132,15 @@ def _alter_epochs(model, tokenizer, forget, retain, epochs: int) -> dict[str, An
         forget_batches = {h: epoch_batches(ex, BATCH, pad, rng) for h, ex in forget.items()}
         retain_batches = epoch_batches(retain, BATCH, pad, rng)
         for i in range(per_epoch):
-            for head, batches in forget_batches.items():
-                batch = batches[i % len(batches)]
-                steps.forget(batch, head)
-                tokens += batch.num_tokens
-            batch = retain_batches[i % len(retain_batches)]
-            steps.retain(batch)
-            tokens += batch.num_tokens
+            batch_of = {head: batches[i % len(batches)] for head, batches in forget_batches.items()}
+            retain_batch = retain_batches[i % len(retain_batches)]
+            if fused_step is not None:
+                fused_step.step(batch_of, retain_batch)
+            else:
+                for head, batch in batch_of.items():
+                    steps.forget(batch, head)
+                steps.retain(retain_batch)
+            tokens += sum(batch.num_tokens for batch in (*batch_of.values(), retain_batch))
             optimizer_step(optimizer, params, GRAD_CLIP, per_head=True)
             n_steps += 1
     wall = time.perf_counter() - started

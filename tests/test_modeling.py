@@ -271,3 +271,22 @@ def test_the_mixing_tensors_move_and_cast_with_the_module(alter, batch) -> None:
     alter.model.to("meta")
     assert alter.mix.weights.device.type == "meta" and alter.mix.keep.device.type == "meta"
     assert not any(name.endswith(("mix.weights", "mix.keep")) for name in alter.state_dict())
+
+
+def test_samples_mode_gives_each_row_its_own_view(alter, batch) -> None:
+    """Row n under per-sample weights ω_n is the same as the whole batch under the view ω_n."""
+    views = [{"bio": 1.0}, {"bio": 1.0, "cyber": 0.5}, {}]
+    weights = torch.tensor([[1.0, *(view.get(h, 0.0) for h in HEADS)] for view in views])
+    with alter.sample_mixing(weights, trainable=torch.eye(3, dtype=torch.bool)), torch.no_grad():
+        mixed = alter(**batch).logits
+    assert alter.mix.mode == "view"  # restored
+    for row, view in enumerate(views):
+        with alter.mixing("view", forget=view):
+            torch.testing.assert_close(mixed[row], logits(alter, batch)[row], atol=ATOL, rtol=0)
+
+
+def test_samples_mode_refuses_weights_for_another_batch_size(alter, batch) -> None:
+    with alter.sample_mixing(torch.ones(2, 3)), pytest.raises(ValueError, match="head weights for 2 samples"):
+        alter(**batch)
+    with pytest.raises(ValueError, match=r"shape \[N, 3\]"):
+        alter.set_samples(torch.ones(3, 2))

@@ -119,6 +119,25 @@ def answer_mask_without_eos(labels: torch.Tensor) -> torch.Tensor:
     return valid & (positions != last)
 
 
+def forget_token_mask(batch: Batch, config: AlterStepConfig) -> torch.Tensor:
+    """[B, T−1] the tokens the forget loss sees (`config.forget_tokens`): the low-entropy answer
+    tokens (the paper), or every answer token but the closing EOS."""
+    if config.forget_tokens == "answer":
+        return answer_mask_without_eos(batch.labels)
+    return token_masks(batch, config.threshold, config.use_entropy)[1]
+
+
+def forget_term(config: AlterStepConfig, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                teacher: torch.Tensor | None = None) -> torch.Tensor:
+    """L_d (without β) on one head's rows, as `config.forget_loss` says; `teacher` is the kl_pre
+    teacher's logits for the same rows."""
+    if config.forget_loss == "bounded_nll":
+        return bounded_nll_ascent(logits, labels, mask, config.forget_target)
+    if config.forget_loss == "kl_pre":
+        return distribution_kl(logits, teacher, labels, mask)
+    return inverted_hinge_loss(logits, labels, mask)
+
+
 def token_masks(batch: Batch, threshold: float, use_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(high, low) boolean masks [B, T−1] over the labelled (shifted) tokens."""
     valid = batch.labels[:, 1:] != IGNORE_INDEX
@@ -188,21 +207,11 @@ class AlterSteps:
         return {self.config.forget_loss: forget.detach(), "orth": structure.detach()}
 
     def forget_mask(self, batch: Batch) -> torch.Tensor:
-        """The tokens the forget loss sees ([B, T−1], see `forget_tokens`)."""
-        if self.config.forget_tokens == "answer":
-            return answer_mask_without_eos(batch.labels)
-        _, low = token_masks(batch, self.config.threshold, self.config.use_entropy)
-        return low
+        return forget_token_mask(batch, self.config)
 
     def forget_objective(self, logits: torch.Tensor, batch: Batch, mask: torch.Tensor,
                          teacher: torch.Tensor | None = None) -> torch.Tensor:
-        """L_d on one head's samples (the loss the fused step computes per head as well)."""
-        cfg = self.config
-        if cfg.forget_loss == "bounded_nll":
-            return bounded_nll_ascent(logits, batch.labels, mask, cfg.forget_target)
-        if cfg.forget_loss == "kl_pre":
-            return distribution_kl(logits, teacher, batch.labels, mask)
-        return inverted_hinge_loss(logits, batch.labels, mask)
+        return forget_term(self.config, logits, batch.labels, mask, teacher)
 
     def retain(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Backward of L_r on a retain batch; gradients reach B_r only."""

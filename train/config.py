@@ -162,6 +162,9 @@ class OptimSection(_Section):
     # τ of bounded_nll; None: the mean answer NLL of data.holdout_file under the base model.
     forget_nll_target: float | None = Field(default=None, gt=0)
     retain_kl: float = Field(default=0.0, ge=0)  # κ · KL(base ‖ view) on retain answers (adapters-off teacher)
+    # Phase II: every head in one forward/backward (train.fused_step); false: one pass per head
+    # (train.alter_loop, the reference). Same views, same gradients.
+    fused_step: bool = True
     router_epochs: int = Field(default=3, ge=0)
     router_lr: float = Field(default=1e-2, gt=0)
     # Router training data: a seeded sample of up to this many tokens from the retain set and from

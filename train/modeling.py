@@ -13,6 +13,15 @@ with heads h = 0 (retain, B_r) and h = 1 … H−1 (one forget head B_d per forg
 * `routed` mode (the paper's per-token inference): ω is [..., H] per token, so the heads are
   concatenated, B_cat = [B_0 | … | B_{H−1}] ∈ [out, H·r], and the layer adds
   s · B_cat ((ω ⊗ A x) flattened to [..., H·r]).
+* `samples` mode (the fused training step, `train.fused_step`): every sample n of the batch has
+  its own view, ω ∈ [N, H], split into the part that trains and the part that does not,
+  `weights` = [2, N, H] with ω = weights[0] + weights[1]. Sample n adds s · B_n (A x_n) with
+
+      B_n = Σ_h weights[0, n, h] · B_h + Σ_h weights[1, n, h] · sg(B_h)      (sg: stop-gradient)
+
+  so B_h gets gradients from exactly the samples n with weights[0, n, h] ≠ 0, whatever other
+  heads those samples switch on. `A x` is still computed once for all samples; the per-sample
+  [out, r] matrices are one tiny einsum, and the mix is one batched matmul [N, T, r] × [N, r, out].
 * `off`: the base model, adapters skipped.
 
 Gradient isolation is per head: `AlterModel.set_grad_heads` names the heads that may receive
@@ -47,14 +56,15 @@ if TYPE_CHECKING:
 # The bundle module is imported only by to_bundle/from_bundle, so the layers need nothing but torch
 # (the GPU benchmark runs them where only torch, transformers and peft are installed).
 RETAIN_HEAD = "retain"
-MODES = ("off", "view", "routed")
+MODES = ("off", "view", "routed", "samples")
 
 
 class HeadMix(nn.Module):
     """What every AlterLinear of one model applies on its next forward (one instance, shared).
 
-    `mode`: "off", "view" or "routed". `weights`: [H] in view mode, [..., H] broadcastable to the
-    layer input's leading dims in routed mode. `keep` ([1, H, 1] bool, None = all heads): the heads
+    `mode`: "off", "view", "routed" or "samples". `weights`: [H] in view mode, [..., H] broadcastable
+    to the layer input's leading dims in routed mode, [2, N, H] (trained part, detached part) per
+    sample of the batch in samples mode. `keep` ([1, H, 1] bool, None = all heads): the heads
     that may receive gradients, built once when they are set (`AlterModel.set_grad_heads`), so
     that no forward has to inspect a device tensor (on CUDA that is a host sync in every adapted
     layer).
@@ -120,6 +130,8 @@ class AlterLinear(nn.Module):
             weights = mix.weights.to(dtype)
             mixed = (weights.unsqueeze(-1) * ax.unsqueeze(-2)).flatten(-2)
             delta = F.linear(mixed, heads.flatten(1).to(dtype))
+        elif mix.mode == "samples":
+            delta = _per_sample_delta(ax, heads, mix.weights, dtype)
         else:
             raise ValueError(f"unknown adapter mode {mix.mode!r}; use one of {MODES}")
         return result + (self.scale * delta).to(result.dtype)
@@ -143,6 +155,23 @@ def _isolate(stacked: torch.Tensor, mix: HeadMix) -> torch.Tensor:
     if not mix.isolate or not stacked.requires_grad:
         return stacked
     return torch.where(mix.keep.to(stacked.device), stacked, stacked.detach())
+
+
+def _per_sample_delta(ax: torch.Tensor, stacked: torch.Tensor, weights: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """B_n (A x_n) for every sample n (see the module docstring, samples mode).
+
+    `ax` [N, ..., r], `stacked` [out, H, r], `weights` [2, N, H]. The trained part goes through
+    B and the rest through B.detach(): the same values as one mix, the gradient only where
+    weights[0] says."""
+    if ax.dim() < 2 or ax.shape[0] != weights.shape[1]:
+        raise ValueError(f"samples mode has head weights for {weights.shape[1]} samples, but the layer input "
+                         f"has leading shape {tuple(ax.shape[:-1])}; set the weights for this batch")
+    per_sample = (torch.einsum("nh,ohr->nor", weights[0].to(stacked.dtype), stacked)
+                  + torch.einsum("nh,ohr->nor", weights[1].to(stacked.dtype), stacked.detach()))
+    flat = ax.reshape(ax.shape[0], -1, ax.shape[-1])                       # [N, T, r]
+    delta = torch.bmm(flat, per_sample.to(dtype).transpose(1, 2))          # [N, T, out]
+    return delta.reshape(*ax.shape[:-1], delta.shape[-1])
 
 
 def host_to_device(values: Sequence[float] | Sequence[bool], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -248,6 +277,34 @@ class AlterModel(nn.Module):
         flags = [i in chosen for i in range(len(mix.heads))]
         mix.keep = host_to_device(flags, torch.bool, self._device()).view(1, -1, 1) if not all(flags) else None
 
+    def set_samples(self, weights: torch.Tensor, trainable: torch.Tensor | None = None) -> None:
+        """Per-sample head weights ω [N, H] for the next forwards (samples mode).
+
+        `trainable` [N, H] bool: head h receives gradients from sample n only where it is True
+        (None: everywhere). Both are best host tensors: the split is made here, once, and copied
+        to the device without a host sync."""
+        heads = len(self.mix.heads)
+        if weights.dim() != 2 or weights.shape[1] != heads:
+            raise ValueError(f"per-sample weights need shape [N, {heads}] (heads {self.mix.heads}), "
+                             f"got {tuple(weights.shape)}")
+        weights = weights.float()
+        if trainable is None:
+            split = torch.stack([weights, torch.zeros_like(weights)])
+        else:
+            split = torch.stack([weights * trainable, weights * ~trainable.bool()])
+        self.mix.mode, self.mix.weights, self.mix.keep = "samples", to_device(split, self._device()), None
+
+    @contextmanager
+    def sample_mixing(self, weights: torch.Tensor, trainable: torch.Tensor | None = None) -> Iterator[None]:
+        """Temporarily use per-sample head weights (`set_samples`); restore the mode on exit."""
+        mix = self.mix
+        saved = (mix.mode, mix.weights, mix.keep)
+        try:
+            self.set_samples(weights, trainable)
+            yield
+        finally:
+            mix.mode, mix.weights, mix.keep = saved
+
     @contextmanager
     def mixing(self, mode: str = "view", retain: float = 1.0, forget: dict[str, float] | None = None,
                routed: torch.Tensor | None = None, grad_heads: Sequence[str] | None = None) -> Iterator[None]:
@@ -263,6 +320,8 @@ class AlterModel(nn.Module):
                 if routed is None:
                     raise ValueError("routed mode needs per-token weights")
                 self.set_routed(routed)
+            elif mode == "samples":
+                raise ValueError("per-sample head weights are set with `sample_mixing`, not `mixing`")
             else:
                 raise ValueError(f"unknown adapter mode {mode!r}; use one of {MODES}")
             self.set_grad_heads(grad_heads)

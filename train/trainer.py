@@ -13,8 +13,9 @@
     model/               a full-parameter baseline's unlearned model (Hugging Face folder)
     checkpoint/state.pt  the state after the last finished epoch (`run(..., resume=True)` continues)
 
-The phases, losses and the isolation rules are documented in `train.alter_loop`; the head
-initialisation in `train.head_init`; the router in `train.router`.
+The phases, losses and the isolation rules are documented in `train.alter_loop`; Phase II's fused
+step (every head in one forward/backward, `optim.fused_step`, the default) in `train.fused_step`;
+the head initialisation in `train.head_init`; the router in `train.router`.
 
 Cost accounting in the report. `phases` holds each checkpointed phase (phase1, phase2, router;
 baseline) with its steps, tokens, wall time, tokens/s and peak memory. The headline numbers are
@@ -68,6 +69,7 @@ from .examples import (
     sample_by_tokens,
     with_entropies,
 )
+from .fused_step import FusedPhase2
 from .head_init import init_heads
 from .modeling import AlterModel, inject, to_bundle
 from .objectives import sequence_mean_nll
@@ -453,10 +455,18 @@ class Trainer:
                         for head, ex in self.forget_examples.items()}
         retain_iter = self._stream(self.retain_examples, "phase2/retain", done * per_epoch)
         bar = self._bar("Phase II (heads: IHL forget / NLL retain)", cfg.epochs * per_epoch, "phase2", per_epoch)
+        fused = (FusedPhase2(alter, steps.config, steps.rng, steps.autocast, self.pad_id,
+                             forget_teacher=steps.forget_teacher) if cfg.fused_step else None)
         alter.train()
         for epoch in range(done, cfg.epochs):
             with meter:
                 for _ in range(per_epoch):
+                    if fused is not None:
+                        self._fused_phase2_step(fused, optimizer, forget_iters, retain_iter, meter,
+                                                (cfg.lr_B, meter.steps, cfg.epochs * per_epoch, per_epoch))
+                        bar.update(1)
+                        continue
+                    # The sequential reference step: one forward/backward per head.
                     for head, iterator in forget_iters.items():
                         batch = next(iterator)
                         parts = steps.forget(batch, head)
@@ -478,6 +488,24 @@ class Trainer:
             bar.set_postfix(retain=f"{sum(retain) / max(len(retain), 1):.3f}")
         bar.close()
         _set_trainable(alter.lora_B_parameters(), False)
+
+    def _fused_phase2_step(self, fused: FusedPhase2, optimizer: torch.optim.Optimizer,
+                           forget_iters: dict[str, Iterator[Batch]], retain_iter: Iterator[Batch],
+                           meter: PhaseMeter, schedule: tuple[float, int, int, int]) -> None:
+        """One Phase II optimizer step with every head in one forward/backward (train.fused_step);
+        logs the same series as the sequential step."""
+        forget = {head: next(iterator) for head, iterator in forget_iters.items()}
+        retain = next(retain_iter)
+        losses = fused.step(forget, retain)
+        for head in forget:
+            self._log(f"phase2/{self.config.optim.forget_loss}_{head}", losses.per_head[head])
+        self._log("phase2/nll_retain", losses.per_head[RETAIN_HEAD])
+        if losses.retain_kl is not None:
+            self._log("phase2/kl_retain", losses.retain_kl)
+        self._log("phase2/orth_retain", losses.orthogonality[0])
+        meter.tokens += sum(batch.num_tokens for batch in (*forget.values(), retain))
+        self._optimizer_step(optimizer, fused.alter.lora_B_parameters(), per_head=True, schedule=schedule)
+        meter.steps += 1
 
     def _train_router(self, alter: AlterModel) -> EntropyRouter | None:
         cfg = self.config
