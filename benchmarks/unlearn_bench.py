@@ -333,6 +333,8 @@ STAGE_CHOICES = ("references", "gates", "all")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     scale = SCALES[args.scale]
+    if args.forget_authors is not None:
+        scale = replace(scale, split=replace(scale.split, forget_authors=tuple(args.forget_authors)))
     work_dir = Path(args.work_dir) / args.scale
     machine = machine_info()
     print_header(f"unlearn_{args.scale}", machine)
@@ -392,6 +394,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--stage", choices=STAGE_CHOICES, default="all", help="run up to and including this stage")
     parser.add_argument("--tofu-root", default=str(DEFAULT_TOFU_ROOT), help="a folder in the TOFU layout")
+    parser.add_argument("--forget-authors", nargs="+", type=int, default=None,
+                        help="TOFU author ids to forget (default: forget05's, 190-199; any of 180-199)")
     parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--ignore-gates", action="store_true", help="score methods even when a validity gate fails")

@@ -97,14 +97,16 @@ def goal_checks(summary: Sequence[Mapping[str, Any]], references: Mapping[str, M
     if served is None or "fq" not in served:
         return {"evaluated": False}
     retain_rouge = references["retain-a"]["sets"]["forget"]["rouge_l_recall"]
-    fq, mu = served["fq"]["median"], served["mu_vs_full"]["median"]
+    fq = served["fq"]["median"]
+    # No ratio when the full model's utility is 0 (a smoke-scale model): then the goal is not met.
+    mu = served["mu_vs_full"]["median"] if "mu_vs_full" in served else None
     rivals = [e for e in summary if e["method"] in ("lora-npo", "full-npo") and e["view"] != "reference"
               and "mu_vs_full" in e and e["mu_vs_full"]["median"] >= GOAL_MU]
     best_rival = max((e["fq"]["median"] for e in rivals), default=None)
     return {
         "evaluated": True, "seeds": len(served["seeds"]),
         "fq": fq, "fq_met": fq >= GOAL_FQ,
-        "mu_vs_full": mu, "mu_met": mu >= GOAL_MU,
+        "mu_vs_full": mu, "mu_met": mu is not None and mu >= GOAL_MU,
         "forget_rouge": served["forget_rouge"]["median"], "retain_a_forget_rouge": retain_rouge,
         "rouge_met": served["forget_rouge"]["median"] <= retain_rouge + GOAL_ROUGE_MARGIN,
         "best_npo_fq_at_mu_goal": best_rival,
@@ -121,11 +123,15 @@ def goal_text(goals: Mapping[str, Any]) -> str:
 
     rival = goals["best_npo_fq_at_mu_goal"]
     return (f"Goals for ALTER's served all-heads view (median of {goals['seeds']} seed(s)): "
-            f"FQ {goals['fq']:.3g} ≥ {GOAL_FQ}: {mark(goals['fq_met'])}; MU {goals['mu_vs_full']:.3f}× full ≥ "
+            f"FQ {goals['fq']:.3g} ≥ {GOAL_FQ}: {mark(goals['fq_met'])}; MU {_ratio(goals['mu_vs_full'])}× full ≥ "
             f"{GOAL_MU}: {mark(goals['mu_met'])}; forget ROUGE-L {goals['forget_rouge']:.3f} ≤ retain-a's "
             f"{goals['retain_a_forget_rouge']:.3f} + {GOAL_ROUGE_MARGIN}: {mark(goals['rouge_met'])}; ahead of "
             f"LoRA-NPO and full NPO at MU ≥ {GOAL_MU}× (best {'none there' if rival is None else f'{rival:.3g}'}): "
             f"{mark(goals['ahead_of_npo'])}.")
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path, scale: str) -> Path:
@@ -141,7 +147,7 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path, scale: str) -> Pa
     for i, label in enumerate(labels):
         points = [r for r in rows if f"{r['method']} ({r['view']})" == label]
         marker = "s" if points[0]["view"] == "reference" else ("*" if points[0]["method"].startswith("alter") else "o")
-        ax.scatter([p["mu_vs_full"] for p in points], [max(p["fq"], 1e-30) for p in points], label=label,
+        ax.scatter([p["mu_vs_full"] or 0.0 for p in points], [max(p["fq"], 1e-30) for p in points], label=label,
                    marker=marker, s=140 if marker == "*" else 60, color=colors[i % len(colors)],
                    edgecolor="black", linewidth=0.5, alpha=0.9)
     ax.axhline(GOAL_FQ, color="grey", linestyle="--", linewidth=0.8)

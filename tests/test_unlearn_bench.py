@@ -1,0 +1,86 @@
+"""The unlearning benchmark end to end at the smoke scale (a tiny model): every stage runs, the
+gates and goals are reported, a second run finds every stage cached, and bad input is refused.
+The numbers mean nothing at this scale; the full benchmark is `make bench-unlearn`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import unlearn_bench
+from benchmarks.stages import StageCache, stage_key
+
+METHODS = ["alter", "alter-paper", "lora-npo", "full-npo"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unlearn")
+    argv = ["--scale", "smoke", "--work-dir", str(root / "work"), "--out-dir", str(root / "out"),
+            "--no-progress", "--ignore-gates", "--methods", *METHODS]
+    assert unlearn_bench.main(argv) == 0
+    return root, argv
+
+
+def test_the_smoke_run_writes_results_with_gates_goals_and_plots(smoke):
+    root, _ = smoke
+    out = root / "out"
+    payload = json.loads((out / "unlearn_smoke.json").read_text())
+    settings, rows = payload["settings"], payload["results"]
+    assert [g["name"] for g in settings["gates"]] == ["G1", "G2", "G3", "G4", "G5"]
+    assert {(r["method"], r["view"]) for r in rows} >= {
+        ("full", "reference"), ("retain-a", "reference"), ("retain-b", "reference"),
+        ("alter", "served"), ("alter-paper", "served"), ("lora-npo", "model"), ("full-npo", "model")}
+    for row in rows:
+        assert 0.0 <= row["fq"] <= 1.0 and 0.0 <= row["ks_d"] <= 1.0
+        assert row["fq_low"] <= row["fq_high"]
+        assert set(row["mu_terms"]) == {"retain/probability", "retain/rouge_l_recall", "retain/truth_ratio",
+                                        "real_authors/probability", "real_authors/rouge_l_recall",
+                                        "real_authors/truth_ratio", "world_facts/probability",
+                                        "world_facts/rouge_l_recall", "world_facts/truth_ratio"}
+    # retain-a against itself: D = 0, FQ = 1, no privacy leak.
+    retain_a = next(r for r in rows if r["method"] == "retain-a")
+    assert retain_a["ks_d"] == 0.0 and retain_a["fq"] == 1.0 and retain_a["privacy_leak"] == 0.0
+    assert settings["goals"]["evaluated"] is True
+    isolation = settings["isolation"]["alter-s0"]
+    assert set(isolation["checks"]) == {"own_subdomain_max", "other_subdomains_min", "retain_ra_wf_min",
+                                        "stacked_log_drop_min"}
+    assert all(t["cpu"] and t["wall_s"] >= 0 for t in settings["stages"])
+    for name in ("unlearn_smoke_pareto.png", "unlearn_smoke_isolation.png", "unlearn_smoke.md"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_a_second_run_takes_every_stage_from_the_cache(smoke, capsys):
+    _, argv = smoke
+    capsys.readouterr()
+    assert unlearn_bench.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[stage]")]
+    assert lines and all(": cached (" in line for line in lines), lines
+
+
+def test_stage_cache_reruns_an_interrupted_stage_and_keys_by_inputs(tmp_path):
+    cache = StageCache(tmp_path, log=lambda line: None)
+    calls = []
+
+    def boom(folder):
+        calls.append(folder)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.run("s", {"a": 1}, boom)
+    record = cache.run("s", {"a": 1}, lambda folder: {"x": 2})
+    assert record.result == {"x": 2} and not record.cached and record.folder == calls[0]
+    assert cache.run("s", {"a": 1}, boom).cached
+    assert cache.folder("s", {"a": 2}) != record.folder and stage_key({"a": 1}) != stage_key({"a": 2})
+
+
+def test_bad_input_is_refused_with_a_clear_message(tmp_path, capsys):
+    argv = ["--scale", "smoke", "--work-dir", str(tmp_path), "--out-dir", str(tmp_path), "--no-progress"]
+    assert unlearn_bench.main([*argv, "--tofu-root", str(tmp_path / "nowhere")]) == 2
+    assert "full.json" in capsys.readouterr().err
+    assert unlearn_bench.main([*argv, "--forget-authors", "5", "250"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown forget author ids [250]" in err and "forget authors [5] have no paraphrased" in err
+    assert unlearn_bench.main([*argv, "--forget-authors", "19", "199"]) == 2
+    assert "both retain and forget authors" in capsys.readouterr().err
