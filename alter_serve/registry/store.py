@@ -808,8 +808,8 @@ class Registry:
     def create_key(self, tenant: str | None, role: str = "tenant", *, secret: str | None = None) -> tuple[int, str]:
         """A new key; returns `(key_id, secret)`. The secret is shown here once and never stored.
 
-        `secret` imports an operator-chosen key (e.g. the deployment's ALTER_SERVE_ADMIN_KEY); it must
-        look like one of ours (`as-` prefix, at most 128 characters) and at least 32 characters long.
+        `secret` imports an operator-chosen key (e.g. the deployment's ALTER_SERVE_ADMIN_KEY): any
+        random secret of 32 to 128 printable characters (`keys.imported_secret_problem`).
         """
         if role not in ROLES:
             raise InvalidInput(f"key role {role!r} must be one of {list(ROLES)}")
@@ -819,9 +819,8 @@ class Registry:
             raise InvalidInput("a tenant key needs a tenant name")
         if secret is None:
             secret = keys.new_secret()
-        elif not keys.looks_like_secret(secret) or len(secret) < 32:
-            raise InvalidInput(f"an imported key must start with {keys.KEY_PREFIX!r} and have 32 to "
-                               f"{keys.MAX_SECRET_CHARS} characters")
+        elif (problem := keys.imported_secret_problem(secret)) is not None:
+            raise InvalidInput(f"an imported key must be a random secret; {problem}")
         with self._writing("API key") as s:
             tenant_id = None if tenant is None else self._tenant_row(s, tenant).id
             row = ApiKeyRow(tenant_id=tenant_id, role=role, prefix=keys.display_prefix(secret), key_hash=keys.hash_secret(secret))
