@@ -215,6 +215,6 @@ def test_http_cap_is_a_400_and_limits_answer_429_with_retry_after(app):
     assert _complete(app, noisy, max_tokens=8).status_code == 503
     assert limiter.usage(noisy_id) == {"active": 0, "reserved": 0, "charged": 0}
 
-    scraped = httpx.get(app.url + "/metrics").text
+    scraped = httpx.get(app.url + "/metrics", headers=app.admin_headers).text
     assert 'alter_rejected_requests_total{reason="rate_limit"}' in scraped
     assert 'alter_rejected_requests_total{reason="max_tokens"}' in scraped

@@ -22,8 +22,6 @@ from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 router = APIRouter()
 Tenant = Annotated[Principal, Depends(tenant_principal)]
 ModelKey = Annotated[str, Depends(model_request_key)]
-# Routes whose key is authenticated after the body is parsed (with the model: one registry read).
-KEY_AFTER_BODY = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 @router.get("/v1/models")
