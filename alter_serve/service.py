@@ -340,9 +340,12 @@ def _check_configured_admin_key(key: KeyInfo) -> None:
     if key.role != "admin":
         raise ValueError(f"{where} is an API key of tenant {key.tenant!r}, not an admin key; set "
                          "ALTER_SERVE_ADMIN_KEY to another secret (or unset it to have one created)")
-    if not key.active:
+    if key.revoked_at is not None:
         raise ValueError(f"{where} was revoked at {key.revoked_at.isoformat()}, and a revoked key stays revoked; set "
                          "ALTER_SERVE_ADMIN_KEY to a new secret (or unset it to have one created)")
+    if key.expired:
+        raise ValueError(f"{where} expired at {key.expires_at.isoformat()}; set ALTER_SERVE_ADMIN_KEY to a new secret "
+                         "(or unset it to have one created)")
 
 
 async def _every(interval_s: float, action: Callable[[], Awaitable[object]], failure: str) -> None:

@@ -139,6 +139,7 @@ def test_the_configured_admin_key_is_imported_and_checked_with_a_clear_message(s
     assert service.ensure_admin_key() is None
     assert registry.authenticate(secret).is_admin
     assert service.ensure_admin_key() is None  # already imported
+    registry.create_key(None, "admin")  # the last active admin key cannot be revoked
     registry.revoke_key(registry.find_key(secret).id)
     with pytest.raises(ValueError, match=r"configured admin key \(ALTER_SERVE_ADMIN_KEY, key id \d+, prefix 9f8e7d6c\) "
                                          r"was revoked at .*; set ALTER_SERVE_ADMIN_KEY to a new secret"):
