@@ -255,7 +255,9 @@ class AlterService:
         metrics.REJECTED.labels("model_not_found").inc()
         return model_not_found(model)
 
-    def target(self, model: str, routed: Routed) -> Target:
+    def target(self, model: str, routed: Routed, principal: Principal) -> Target:
+        """Where `principal`'s request for `model` goes: a lease on the routed view's current version,
+        in the tenant's own prefix-cache partition (`cache_salt`)."""
         if not self.ready:
             metrics.REJECTED.labels("engine_not_ready").inc()
             raise unavailable(f"The model engine is {self.engine.state}; retry shortly.", 5)
@@ -264,7 +266,7 @@ class AlterService:
         except UnknownView:
             self._load_soon(routed.view)  # in the registry (route found it) but not on this replica yet
             raise unavailable(f"The view for model '{model}' is being loaded; retry shortly.", 2) from None
-        return Target(model, lease, routed.experiment, routed.arm, routed.paused)
+        return Target(model, lease, routed.experiment, routed.arm, routed.paused, cache_salt(principal))
 
     def log_request(self, row: RequestLogEntry) -> None:
         # Stamped now, not when its batch is written (maybe much later, after a failed write): the
@@ -332,6 +334,13 @@ class AlterService:
             return None
         _, secret = self.registry.create_key(None, "admin")
         return secret
+
+
+def cache_salt(principal: Principal) -> str | None:
+    """vLLM's cache salt for a tenant's requests: prefix-cache blocks are shared within a tenant,
+    never across tenants, even on a shared view (a cache hit answers faster: a timing channel).
+    The salt is not secret; what matters is that a tenant cannot choose it."""
+    return None if principal.tenant_id is None else f"tenant-{principal.tenant_id}-{principal.tenant_name}"
 
 
 def _check_configured_admin_key(key: KeyInfo) -> None:

@@ -142,7 +142,7 @@ async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, on
     permit = service.limiter.admit(principal, body)  # 400 over the max_tokens cap, 429 over a tenant limit
     try:
         plan = await plan_fn(body, permit.max_tokens)  # tokenised in a worker thread
-        target: Target = service.target(body.model, routed)
+        target: Target = service.target(body.model, routed, principal)
     except BaseException:
         permit.release(0)
         raise
