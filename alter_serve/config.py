@@ -34,6 +34,8 @@ class ServeConfig(BaseSettings):
     registry_poll_s: float = Field(default=2.0, ge=0, description="how often a replica checks the registry for "
                                    "views changed by other replicas (0: never; one single-row query per poll)")
     log_level: str = "info"
+    feedback_per_minute: int = Field(default=120, ge=1, le=1_000_000, description="feedback ratings a tenant may "
+                                     "send per minute (per server process); more answer 429")
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="serve Prometheus metrics, "
                                      "without authentication, on this separate port (None: only /metrics on the "
                                      "API port, which needs an admin key)")

@@ -27,7 +27,7 @@ from .core.fingerprint import fingerprint, module_shapes
 from .core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW
 from .engine.adapters import AdapterManager, UnknownView
 from .engine.vllm_engine import VllmEngine
-from .limits import TenantLimiter
+from .limits import FeedbackLimiter, TenantLimiter
 from . import metrics
 from .registry import (
     Conflict,
@@ -80,6 +80,7 @@ class AlterService:
         self.adapters = AdapterManager(self.engine)
         self.generator = Generator(self.engine)
         self.limiter = TenantLimiter()  # per-tenant concurrency / tokens-per-minute / max_tokens limits
+        self.feedback_limiter = FeedbackLimiter(config.feedback_per_minute)
         self._log_rows: list[RequestLogEntry] = []
         self.dropped_log_rows = 0  # rows given up on while the registry could not be written
         self._background: list[asyncio.Task] = []

@@ -1127,13 +1127,15 @@ class Registry:
 
     # ---- feedback, request log, results ---------------------------------------------------------
 
-    def record_feedback(self, tenant: str, response_id: str, rating: float, *, comment: str | None = None) -> FeedbackInfo:
+    def record_feedback(self, tenant: str, response_id: str, rating: float, *, comment: str | None = None,
+                        require_logged: bool = False) -> FeedbackInfo:
         """Store `tenant`'s rating of one response. Rating a response again replaces its rating (one
         response is one sample; a race that leaves two rows is settled when counting: the newest
         wins). A response the request log has for another tenant is not found (a tenant cannot rate,
         or learn of, another tenant's responses); one it has not (yet) is stored all the same and
         counts once it is logged, because statistics attribute ratings through the request log when
-        they are computed (see `FeedbackInfo`)."""
+        they are computed (see `FeedbackInfo`) — unless `require_logged` (the API's choice: a rating
+        of an id nobody was served is refused, so a client cannot fill the table with made-up ids)."""
         if not isinstance(response_id, str) or not 0 < len(response_id) <= MAX_RESPONSE_ID_CHARS:
             raise InvalidInput(f"response id must be 1 to {MAX_RESPONSE_ID_CHARS} characters")
         if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
@@ -1144,7 +1146,7 @@ class Registry:
         with self._writing(f"feedback on response {response_id!r}") as s:
             logged = s.execute(select(log.tenant, log.experiment, log.arm, log.view)
                                .where(log.response_id == response_id).limit(1)).first()
-            if logged is not None and logged.tenant != tenant:
+            if (logged is None and require_logged) or (logged is not None and logged.tenant != tenant):
                 raise NotFound(f"response {response_id!r} not found for tenant {tenant!r}")
             row = s.scalar(select(fb).where(fb.tenant == tenant, fb.response_id == response_id)
                            .order_by(fb.id.desc()).limit(1).with_for_update())
