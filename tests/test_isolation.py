@@ -34,11 +34,14 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app(model_dir, tmp_path_factory):
-    metrics_port = free_port()
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def app(model_dir, metrics_port, tmp_path_factory):
     with AdminApp.start(tmp_path_factory.mktemp("app"), model_dir, metrics_port=metrics_port) as running:
         running.service.registry.create_tenant("acme", views=["original"])
-        running.metrics_port = metrics_port
         yield running
 
 
@@ -61,8 +64,8 @@ def test_metrics_are_not_readable_by_tenants(app, tenant_key):
     assert "alter_engine_ready" in _get(app, "/metrics", app.admin_key).text
 
 
-def test_prometheus_scrapes_the_separate_metrics_port_without_a_key(app):
-    scraped = httpx.get(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=30)
+def test_prometheus_scrapes_the_separate_metrics_port_without_a_key(app, metrics_port):
+    scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
     assert scraped.status_code == 200 and "alter_engine_ready" in scraped.text
 
 

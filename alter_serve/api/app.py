@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import metrics
+from ..registry import Principal
 from ..service import AlterService
 from . import admin_routes, dashboard, openai_routes
 from .auth import PRINCIPAL_STATE, bearer_key, check_admin, check_any_key
@@ -84,7 +86,8 @@ class AuthGate:
             scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
         await self.app(scope, receive, send)
 
-    def _check_for(self, path: str):
+    def _check_for(self, path: str) -> Callable[[AlterService, str | None], Awaitable[Principal]] | None:
+        """Who may call `path`: the check to run before its body is read (None: anyone)."""
         if path in ("/admin", "/metrics") or path.startswith("/admin/"):
             return check_admin
         if path == "/openapi.json" and not self.service.config.openapi_docs:

@@ -55,13 +55,18 @@ def _container_stand_ins(model: Path, data: Path, bundles: Path, port: int, metr
 
 
 @pytest.fixture(scope="module")
-def compose_server(tmp_path_factory) -> LiveServer:
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def compose_server(tmp_path_factory, metrics_port) -> LiveServer:
     tmp = tmp_path_factory.mktemp("compose")
     service = load_yaml(COMPOSE_FILE)["services"][SERVICE]
     env_file = env_example()
     compose_env = service_environment(service, env_file)
     assert compose_env["ALTER_SERVE_ADMIN_KEY"] == env_file["ALTER_SERVE_ADMIN_KEY"]
-    port, metrics_port = free_port(), free_port()
+    port = free_port()
     (tmp / "bundles").mkdir()
     runner = {k: v for k, v in os.environ.items() if not k.startswith("ALTER_SERVE_")}
     env = {**runner, **compose_env,
@@ -69,7 +74,6 @@ def compose_server(tmp_path_factory) -> LiveServer:
     server = LiveServer(tmp / "model", tmp / "data", {"admin": compose_env["ALTER_SERVE_ADMIN_KEY"]}, port=port,
                         command=_host_argv(service), env=env)
     (tmp / "data").mkdir()
-    server.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     server.start()
     try:
         server.wait_ready()
@@ -91,8 +95,8 @@ def test_the_compose_command_serves_with_the_env_example_admin_key(compose_serve
     assert answer.status_code == 200, answer.text
 
 
-def test_prometheus_reads_the_metrics_port_and_tenants_cannot(compose_server):
-    scraped = httpx.get(compose_server.metrics_url, timeout=30)
+def test_prometheus_reads_the_metrics_port_and_tenants_cannot(compose_server, metrics_port):
+    scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
     assert scraped.status_code == 200 and "alter_engine_ready" in scraped.text
     with compose_server.http(None) as http:
         assert http.get("/metrics").status_code == 401
