@@ -4,7 +4,8 @@ database directly, so the commands work against any replica, local or remote.
 
     export ALTER_SERVE_URL=http://127.0.0.1:8000 ALTER_SERVE_ADMIN_KEY=as-...
     alter-serve tenants create acme --view original --view no-bio --default-view original --max-concurrent 8
-    alter-serve keys create acme
+    alter-serve keys create acme --expires-in 90d
+    alter-serve keys create --admin
     alter-serve experiments create bio-ab --alias chat --tenant acme --arm control=original --arm forget=no-bio:1
     alter-serve experiments results bio-ab
     alter-serve tenants list --json
@@ -19,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -285,14 +288,45 @@ def tenants_delete(client: AdminClient, args: argparse.Namespace) -> Output:
 
 def keys_list(client: AdminClient, args: argparse.Namespace) -> Output:
     data = client.get("/admin/keys", params={"tenant": args.tenant} if args.tenant else None)["data"]
-    rows = [[k["id"], k["tenant"], k["role"], k["prefix"] + "…", k["created_at"],
-             "revoked " + k["revoked_at"] if k["revoked_at"] else "active"] for k in data]
-    return Output(data, ["id", "tenant", "role", "prefix", "created", "state"], rows)
+    rows = [[k["id"], k["tenant"], k["role"], k["prefix"] + "…", k["created_at"], k.get("expires_at") or "never",
+             _key_state(k)] for k in data]
+    return Output(data, ["id", "tenant", "role", "prefix", "created", "expires", "state"], rows)
+
+
+def _key_state(key: Mapping[str, Any]) -> str:
+    if key["revoked_at"]:
+        return "revoked " + key["revoked_at"]
+    expires = key.get("expires_at")
+    if expires and datetime.fromisoformat(expires) <= datetime.now(timezone.utc):
+        return "expired"
+    return "active"
 
 
 def keys_create(client: AdminClient, args: argparse.Namespace) -> Output:
-    created = client.request("POST", admin_path("tenants", args.tenant, "keys"))
+    if args.admin == (args.tenant is not None):
+        raise AdminError("name a tenant for a tenant key, or pass --admin (and no tenant) for an admin key", 2)
+    body = {"role": "admin" if args.admin else "tenant", "tenant": args.tenant, "expires_at": args.expires_at}
+    created = client.request("POST", "/admin/keys", json=body)
     return Output(created, note="Store this key now; it is not shown again.")
+
+
+_DURATION = re.compile(r"(?P<n>\d+)(?P<unit>[smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _expiry(text: str) -> str:
+    """`--expires-in 90d` (s, m, h or d) or `--expires-at` an ISO time with a zone → RFC 3339 UTC."""
+    match = _DURATION.fullmatch(text)
+    if match:
+        when = datetime.now(timezone.utc) + timedelta(seconds=int(match["n"]) * _UNIT_S[match["unit"]])
+        return when.isoformat()
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration (90d, 12h, 30m, 3600s) or an ISO time") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a time zone, e.g. 2027-01-31T00:00:00Z")
+    return when.isoformat()
 
 
 def keys_revoke(client: AdminClient, args: argparse.Namespace) -> Output:
@@ -513,7 +547,15 @@ def _add_tenants(sub: Any, common: argparse.ArgumentParser) -> None:
 def _add_keys(sub: Any, common: argparse.ArgumentParser) -> None:
     group = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     _command(group, "list", keys_list, "list keys (never their secrets)", common).add_argument("--tenant")
-    _command(group, "create", keys_create, "create a tenant key (shown once)", common).add_argument("tenant")
+    create = _command(group, "create", keys_create, "create a tenant key, or with --admin an admin key (shown once)",
+                      common)
+    create.add_argument("tenant", nargs="?", help="the tenant of a tenant key")
+    create.add_argument("--admin", action="store_true", help="an admin key (no tenant)")
+    expiry = create.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-in", dest="expires_at", type=_expiry, metavar="DURATION",
+                        help="the key stops working after this long: 90d, 12h, 30m, 3600s (default: never)")
+    expiry.add_argument("--expires-at", dest="expires_at", type=_expiry, metavar="TIME",
+                        help="the key stops working at this ISO time with a zone, e.g. 2027-01-31T00:00:00Z")
     _command(group, "revoke", keys_revoke, "revoke a key by id", common).add_argument("id", type=int)
 
 

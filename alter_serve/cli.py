@@ -18,6 +18,8 @@ from .admin_cli import add_admin_commands
 from .config import ServeConfig, load_config
 
 DEMO_TENANT = "demo"
+# In data_dir: where a server started without ALTER_SERVE_ADMIN_KEY leaves the admin key it created.
+BOOTSTRAP_KEY_FILE = "admin-key"
 
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -56,8 +58,18 @@ def run_server(config: ServeConfig, prepare=None) -> None:
         prepare(service)
     admin_secret = service.ensure_admin_key()
     if admin_secret:
-        print(f"admin key (shown once): {admin_secret}", flush=True)
+        save_bootstrap_admin_key(config.data_dir / BOOTSTRAP_KEY_FILE, admin_secret)
     uvicorn.run(create_app(service), host=config.host, port=config.port, log_level=config.log_level)
+
+
+def save_bootstrap_admin_key(path: Path, secret: str) -> None:
+    """Hand a created admin key to the operator through a 0600 file, never through the log: logs
+    are shipped, kept and read by more people than the admins (only the demo prints its keys)."""
+    from .registry.keys import write_secret_file
+
+    write_secret_file(path, secret + "\n")
+    print(f"no admin key was configured (ALTER_SERVE_ADMIN_KEY), so one was created and written to {path} "
+          "(mode 0600). Read it, keep it in your secret store, and delete the file.", flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

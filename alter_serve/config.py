@@ -9,14 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine.config import EngineConfig
+from .registry.keys import imported_secret_problem
 
 
 class ServeConfig(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ALTER_SERVE_", env_nested_delimiter="__", extra="forbid")
+    # hide_input_in_errors: a refused admin key must not be echoed into the log by its error message.
+    model_config = SettingsConfigDict(env_prefix="ALTER_SERVE_", env_nested_delimiter="__", extra="forbid",
+                                      hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -31,6 +34,25 @@ class ServeConfig(BaseSettings):
     registry_poll_s: float = Field(default=2.0, ge=0, description="how often a replica checks the registry for "
                                    "views changed by other replicas (0: never; one single-row query per poll)")
     log_level: str = "info"
+    feedback_per_minute: int = Field(default=120, ge=1, le=1_000_000, description="feedback ratings a tenant may "
+                                     "send per minute (per server process); more answer 429")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="serve Prometheus metrics, "
+                                     "without authentication, on this separate port (None: only /metrics on the "
+                                     "API port, which needs an admin key)")
+    metrics_host: str = Field(default="127.0.0.1", description="interface of the metrics port: only Prometheus "
+                              "should reach it (their labels name every tenant, view and arm)")
+    openapi_docs: bool = Field(default=False, description="publish /docs, /redoc and /openapi.json to anyone; "
+                               "they list the admin API, so by default /openapi.json needs an admin key and the "
+                               "browser pages are off")
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_is_a_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        """Refuse a weak bootstrap key at start, naming the variable, rather than at first login."""
+        problem = None if value is None else imported_secret_problem(value.get_secret_value())
+        if problem is not None:
+            raise ValueError(f"ALTER_SERVE_ADMIN_KEY (admin_key) cannot be an admin key: {problem}")
+        return value
 
     @property
     def registry_url(self) -> str:

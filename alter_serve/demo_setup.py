@@ -5,18 +5,18 @@ Views: "original" (built in), "forget-<head>" for each forget head (B_r + ω(1)�
 one; see train.calibration: stacking heads at full weight would cost most of the retain set).
 
 Secrets are shown once by the registry, so the demo keeps them in a 0600 JSON file next to its
-database — a convenience for the demo only.
+database (created 0600, atomically) — a convenience for the demo only.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .core.bundle import Calibration
 from .core.views import ORIGINAL_VIEW, View, calibrated_view
 from .registry import NotFound, Registry
+from .registry.keys import write_secret_file
 
 DEMO_BUNDLE = "demo"
 DEMO_TENANT = "demo"
@@ -47,9 +47,7 @@ def register_demo(registry: Registry, bundle_dir: Path, keys_file: Path) -> dict
         _, tenant_key = registry.create_key(DEMO_TENANT, "tenant")
         _, admin_key = registry.create_key(None, "admin")
         keys = {"tenant_key": tenant_key, "admin_key": admin_key}
-        keys_file.parent.mkdir(parents=True, exist_ok=True)
-        keys_file.write_text(json.dumps(keys, indent=2))
-        os.chmod(keys_file, 0o600)
+        write_secret_file(keys_file, json.dumps(keys, indent=2))
     return {**keys, "views": names}
 
 

@@ -9,9 +9,15 @@ an admin's change applies to the next request):
   generator lowers it further to the room the prompt leaves in the context).
 - `max_concurrent`: requests of the tenant in flight at once. One more answers 429.
 - `tokens_per_minute`: completion tokens over a sliding 60-second window. Admission *reserves* the
-  request's worst case (`max_tokens × sequences`, at most the whole budget) until it finishes and
-  then charges what it really used, so a burst of parallel requests cannot overshoot the budget:
-  at any moment, tokens charged in the last minute + reservations of requests in flight ≤ the limit.
+  request's worst case (`max_tokens × sequences`) until it finishes and then charges what it really
+  used, so a burst of parallel requests cannot overshoot the budget: at any moment, tokens charged
+  in the last minute + reservations of requests in flight ≤ the limit. A request whose worst case
+  alone is more than the whole budget could never fit, so it is refused up front with a 400 that
+  says so (waiting would not help, and a 429 would invite clients to retry it forever). A request
+  that names no `max_tokens` runs with its default lowered to fit the budget instead.
+
+Feedback (`/v1/feedback`) has its own per-tenant rate, `FeedbackLimiter`: ratings are cheap to send
+and each one is a registry write.
 
 Over a limit the answer is 429 with a `Retry-After` that says when the request would fit: for the
 token window, when enough of the charged tokens age out of it; for concurrency (or a window held by
@@ -143,9 +149,11 @@ class TenantLimiter:
         sequences = int(getattr(body, "n", 1) or 1) * (len(prompts) if isinstance(prompts, list) else 1)
         requested = _sent_max_tokens(body)
         if requested is None:
-            bounds = [x for x in (getattr(body, "default_max_tokens", None), principal.limits.max_tokens_cap)
-                      if x is not None]
-            requested = min(bounds) if bounds else None  # within the cap: never a 400
+            budget = principal.limits.tokens_per_minute
+            per_sequence_budget = None if budget is None else max(1, budget // sequences)
+            bounds = [x for x in (getattr(body, "default_max_tokens", None), principal.limits.max_tokens_cap,
+                                  per_sequence_budget) if x is not None]
+            requested = min(bounds) if bounds else None  # within the cap and the budget: never a 400
         return self.acquire(principal, requested, sequences=sequences)
 
     def usage(self, tenant_id: int) -> dict[str, int]:
@@ -159,10 +167,19 @@ class TenantLimiter:
 
     # ---- internals --------------------------------------------------------------------------
     def _reservation(self, limits: Limits, max_tokens: int | None, sequences: int) -> int:
-        if limits.tokens_per_minute is None:
+        """The request's worst case in completion tokens; a 400 when it alone exceeds the budget."""
+        budget = limits.tokens_per_minute
+        if budget is None:
             return 0
         per_sequence = max_tokens if max_tokens is not None else self._default_reservation
-        return min(per_sequence * max(1, sequences), limits.tokens_per_minute)
+        worst = per_sequence * max(1, sequences)
+        if worst > budget:
+            metrics.REJECTED.labels("over_budget").inc()
+            raise invalid(f"This request may generate up to {worst} tokens ({max(1, sequences)} sequences × "
+                          f"max_tokens {per_sequence}), more than this API key's whole budget of {budget} tokens "
+                          "per minute, so it could never run. Lower max_tokens or n.",
+                          "max_tokens", "request_exceeds_token_budget")
+        return worst
 
     def _admit(self, state: _TenantState, limits: Limits, reservation: int, tenant: str | None) -> None:
         """Raise a 429 when one more request of `reservation` tokens breaks a limit (lock held)."""
@@ -223,3 +240,37 @@ def _checked_max_tokens(limits: Limits, requested: int | None) -> int | None:
 def _reject(message: str, retry_after_s: int) -> None:
     metrics.REJECTED.labels("rate_limit").inc()
     raise rate_limited(message, retry_after_s)
+
+
+class FeedbackLimiter:
+    """At most `per_minute` ratings per tenant per minute (a token bucket: a burst of `per_minute`,
+    then one every 60/per_minute s); over it, 429 with the seconds until the next one fits. Per
+    process, like `TenantLimiter`; admin keys (no tenant) send no feedback."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic):
+        self.per_minute = per_minute
+        self._clock = clock
+        self._buckets: dict[int, tuple[float, float]] = {}  # tenant id → (tokens, at time)
+        self._lock = threading.Lock()
+
+    def take(self, principal: Principal) -> None:
+        if principal.tenant_id is None:
+            return
+        rate = self.per_minute / WINDOW_S
+        with self._lock:
+            now = self._clock()
+            tokens, then = self._buckets.get(principal.tenant_id, (float(self.per_minute), now))
+            tokens = min(float(self.per_minute), tokens + (now - then) * rate)
+            if tokens < 1.0:
+                self._buckets[principal.tenant_id] = (tokens, now)
+                _reject(f"Tenant '{principal.tenant_name}' sent more than {self.per_minute} feedback ratings in "
+                        "a minute. Retry later.", math.ceil((1.0 - tokens) / rate))
+            self._buckets[principal.tenant_id] = (tokens - 1.0, now)
+            self._forget_full(now, rate)
+
+    def _forget_full(self, now: float, rate: float) -> None:
+        """Drop buckets that have refilled (lock held), so idle tenants cost no memory."""
+        if len(self._buckets) > 1024:
+            full = [t for t, (tokens, then) in self._buckets.items() if tokens + (now - then) * rate >= self.per_minute]
+            for tenant_id in full:
+                del self._buckets[tenant_id]

@@ -2,15 +2,23 @@
 
 vLLM registers its own `vllm:*` collectors (including `vllm:lora_requests_info`) in the same
 default registry, so one `/metrics` scrape exports both.
+
+Their labels name every tenant, view, experiment and arm, so they are not for tenants: on the API
+port `/metrics` needs an admin key, and Prometheus scrapes a separate listener (`metrics_port`)
+that only the monitoring network can reach.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Summary, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Summary, generate_latest,
+                               start_http_server)
 
+log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _REQUEST_LABELS = ("tenant", "view", "arm", "endpoint")
 
@@ -60,3 +68,13 @@ def observe_request(tenant: str, view: str, arm: str, endpoint: str, status: int
 
 def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def serve(host: str, port: int | None) -> WSGIServer | None:
+    """Export the metrics on their own listener, `http://host:port/metrics` (any path answers), with
+    no authentication: bind it where only Prometheus reaches it. None when `port` is None."""
+    if port is None:
+        return None
+    server, _ = start_http_server(port, addr=host)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return server

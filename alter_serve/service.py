@@ -27,7 +27,7 @@ from .core.fingerprint import fingerprint, module_shapes
 from .core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW
 from .engine.adapters import AdapterManager, UnknownView
 from .engine.vllm_engine import VllmEngine
-from .limits import TenantLimiter
+from .limits import FeedbackLimiter, TenantLimiter
 from . import metrics
 from .registry import (
     Conflict,
@@ -80,6 +80,7 @@ class AlterService:
         self.adapters = AdapterManager(self.engine)
         self.generator = Generator(self.engine)
         self.limiter = TenantLimiter()  # per-tenant concurrency / tokens-per-minute / max_tokens limits
+        self.feedback_limiter = FeedbackLimiter(config.feedback_per_minute)
         self._log_rows: list[RequestLogEntry] = []
         self.dropped_log_rows = 0  # rows given up on while the registry could not be written
         self._background: list[asyncio.Task] = []
@@ -255,7 +256,9 @@ class AlterService:
         metrics.REJECTED.labels("model_not_found").inc()
         return model_not_found(model)
 
-    def target(self, model: str, routed: Routed) -> Target:
+    def target(self, model: str, routed: Routed, principal: Principal) -> Target:
+        """Where `principal`'s request for `model` goes: a lease on the routed view's current version,
+        in the tenant's own prefix-cache partition (`cache_salt`)."""
         if not self.ready:
             metrics.REJECTED.labels("engine_not_ready").inc()
             raise unavailable(f"The model engine is {self.engine.state}; retry shortly.", 5)
@@ -264,7 +267,7 @@ class AlterService:
         except UnknownView:
             self._load_soon(routed.view)  # in the registry (route found it) but not on this replica yet
             raise unavailable(f"The view for model '{model}' is being loaded; retry shortly.", 2) from None
-        return Target(model, lease, routed.experiment, routed.arm, routed.paused)
+        return Target(model, lease, routed.experiment, routed.arm, routed.paused, cache_salt(principal))
 
     def log_request(self, row: RequestLogEntry) -> None:
         # Stamped now, not when its batch is written (maybe much later, after a failed write): the
@@ -334,15 +337,25 @@ class AlterService:
         return secret
 
 
+def cache_salt(principal: Principal) -> str | None:
+    """vLLM's cache salt for a tenant's requests: prefix-cache blocks are shared within a tenant,
+    never across tenants, even on a shared view (a cache hit answers faster: a timing channel).
+    The salt is not secret; what matters is that a tenant cannot choose it."""
+    return None if principal.tenant_id is None else f"tenant-{principal.tenant_id}-{principal.tenant_name}"
+
+
 def _check_configured_admin_key(key: KeyInfo) -> None:
     """The configured admin key is stored already: fine if it is an active admin key."""
     where = f"the configured admin key (ALTER_SERVE_ADMIN_KEY, key id {key.id}, prefix {key.prefix})"
     if key.role != "admin":
         raise ValueError(f"{where} is an API key of tenant {key.tenant!r}, not an admin key; set "
                          "ALTER_SERVE_ADMIN_KEY to another secret (or unset it to have one created)")
-    if not key.active:
+    if key.revoked_at is not None:
         raise ValueError(f"{where} was revoked at {key.revoked_at.isoformat()}, and a revoked key stays revoked; set "
                          "ALTER_SERVE_ADMIN_KEY to a new secret (or unset it to have one created)")
+    if key.expired:
+        raise ValueError(f"{where} expired at {key.expires_at.isoformat()}; set ALTER_SERVE_ADMIN_KEY to a new secret "
+                         "(or unset it to have one created)")
 
 
 async def _every(interval_s: float, action: Callable[[], Awaitable[object]], failure: str) -> None:

@@ -1,12 +1,13 @@
 """The admin API's changes over HTTP (uvicorn in a thread, no engine): a tenant PATCH is one
 transaction, experiments only serve granted views, numbers out of range answer 400/404 instead of
-500, and a feedback reply says whether its response is known."""
+500, and feedback is for responses the tenant was served (404 otherwise) at a bounded rate."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
+from alter_serve.limits import FeedbackLimiter
 from alter_serve.registry import RequestLogEntry
 
 from .admin_app import AdminApp, store_random_bundle
@@ -90,8 +91,26 @@ def test_a_feedback_reply_says_whether_its_response_is_known(app):
         assert reply.status_code == 200, reply.text
         return reply.json()
 
-    unknown = rate("cmpl-unknown")
-    assert (unknown["attributed"], unknown["arm"]) == (False, None)
+    unknown = httpx.post(app.url + "/v1/feedback", json={"response_id": "cmpl-unknown", "rating": 4},
+                         headers={"Authorization": f"Bearer {tenant_key}"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "response_id"
     registry.log_requests([RequestLogEntry("cmpl-known", "acme", "original", "original", 200, 1.0)])
     known = rate("cmpl-known")
     assert (known["attributed"], known["view"], known["arm"]) == (True, "original", None)
+    # Another tenant's response is the same 404 as one never served: it reveals nothing.
+    registry.create_tenant("globex", views=["original"])
+    registry.log_requests([RequestLogEntry("cmpl-globex", "globex", "original", "original", 200, 1.0)])
+    theirs = httpx.post(app.url + "/v1/feedback", json={"response_id": "cmpl-globex", "rating": 1},
+                        headers={"Authorization": f"Bearer {tenant_key}"})
+    assert theirs.status_code == 404 and theirs.json()["error"]["message"] == unknown.json()["error"]["message"].replace(
+        "cmpl-unknown", "cmpl-globex")
+
+
+def test_feedback_is_rate_limited(app, monkeypatch):
+    _, tenant_key = app.service.registry.create_key("acme")
+    app.service.registry.log_requests([RequestLogEntry("cmpl-rated", "acme", "original", "original", 200, 1.0)])
+    monkeypatch.setattr(app.service, "feedback_limiter", FeedbackLimiter(per_minute=2))  # config feedback_per_minute
+    replies = [httpx.post(app.url + "/v1/feedback", json={"response_id": "cmpl-rated", "rating": 1},
+                          headers={"Authorization": f"Bearer {tenant_key}"}) for _ in range(3)]
+    assert [r.status_code for r in replies] == [200, 200, 429]
+    assert replies[-1].json()["error"]["code"] == "rate_limit_exceeded" and replies[-1].headers["retry-after"] == "30"

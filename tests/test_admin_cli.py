@@ -106,6 +106,25 @@ def test_keys_create_list_and_revoke(cli, app):
     assert code == 1 and "needs an admin key" in err and "HTTP 403" in err
 
 
+def test_admin_keys_and_expiring_tenant_keys(cli, app):
+    created = as_json(cli("keys", "create", "--admin", "--json"))
+    assert created["role"] == "admin"
+    assert ok(cli("tenants", "list", "--admin-key", created["key"]))  # it administers at once
+    admin_rows = [k for k in as_json(cli("keys", "list", "--json")) if k["role"] == "admin"]
+    assert created["id"] in [k["id"] for k in admin_rows]
+    assert as_json(cli("keys", "revoke", str(created["id"]), "--json"))["revoked_at"] is not None
+
+    ok(cli("tenants", "create", "hooli", "--view", "original"))
+    expiring = as_json(cli("keys", "create", "hooli", "--expires-in", "90d", "--json"))
+    assert expiring["expires_at"] is not None
+    listing = ok(cli("keys", "list", "--tenant", "hooli"))
+    assert "expires" in listing and expiring["expires_at"][:10] in listing and "active" in listing
+    code, _, err = cli("keys", "create", "--expires-in", "1d")
+    assert code == 2 and "--admin" in err  # neither a tenant nor --admin
+    code, _, err = cli("keys", "create", "hooli", "--expires-at", "2099-01-01T00:00:00")
+    assert code == 2 and "time zone" in err
+
+
 def test_bundles_views_and_hot_swap(cli, app, tmp_path):
     folder = store_random_bundle(app.service, "rnd", ["x", "y"], seed=5)
     uploaded = as_json(cli("bundles", "upload", "rnd", str(folder), "--json"))

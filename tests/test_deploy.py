@@ -23,56 +23,17 @@ from alter_serve import metrics
 from alter_serve.config import load_config
 from alter_serve.engine.config import EngineConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE_FILE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "Dockerfile"
-ENV_EXAMPLE = ROOT / ".env.example"
+from .compose import (COMPOSE_FILE, DOCKERFILE, ENV_EXAMPLE, INTERPOLATION, ROOT, SERVICE, env_example, interpolate,
+                      load_yaml, volume_mounts)
+
 GPU_CONFIG = ROOT / "configs" / "serve-gpu.yaml"
 CPU_CONFIG = ROOT / "configs" / "serve.yaml"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "grafana"
-SERVICE = "alter-serve"
 IMAGE_APP_DIR = "/app"  # Dockerfile WORKDIR: configs/ is copied to /app/configs
-
-# ${VAR}, ${VAR:-default}, ${VAR:?message}: compose interpolation.
-_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-def _yaml(path: Path) -> dict:
-    data = yaml.safe_load(path.read_text())
-    assert isinstance(data, dict), f"{path}: expected a mapping at the top level"
-    return data
-
-
-def _interpolate(value, env: dict[str, str]):
-    """Resolve compose interpolation in a string the way compose does for the cases used here."""
-    if not isinstance(value, str):
-        return value
-
-    def one(match: re.Match) -> str:
-        name, op, arg = match["name"], match["op"], match["arg"]
-        if env.get(name):
-            return env[name]
-        if op in (":-", "-"):
-            return arg
-        if op in (":?", "?"):
-            raise AssertionError(f"${{{name}}} is required ({arg}) and .env.example does not set it")
-        return ""
-
-    return _INTERPOLATION.sub(one, value)
-
-
-def _env_example() -> dict[str, str]:
-    values = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
-    return values
 
 
 @pytest.fixture
@@ -85,7 +46,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return _yaml(COMPOSE_FILE)
+    return load_yaml(COMPOSE_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -96,21 +57,6 @@ def server(compose: dict) -> dict:
 
 def _gpu_config():
     return load_config(GPU_CONFIG)
-
-
-def _volume_mounts(service: dict) -> list[dict]:
-    """Every volume entry as {type, source, target, read_only}, from short or long syntax."""
-    mounts = []
-    for entry in service.get("volumes", []):
-        if isinstance(entry, str):
-            parts = entry.split(":")
-            source, target = parts[0], parts[1]
-            kind = "bind" if source.startswith((".", "/", "$", "~")) else "volume"
-            mounts.append({"type": kind, "source": source, "target": target,
-                           "read_only": len(parts) > 2 and "ro" in parts[2].split(",")})
-        else:
-            mounts.append({"read_only": False, **entry})
-    return mounts
 
 
 def _container_port(service: dict) -> int:
@@ -131,7 +77,7 @@ def test_compose_has_the_three_services(compose: dict) -> None:
 def test_server_is_built_from_the_dockerfile_with_the_gpu_extra(server: dict) -> None:
     build = server["build"]
     assert isinstance(build, dict) and (ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
-    extras = _interpolate(build.get("args", {}).get("EXTRAS", ""), {})
+    extras = interpolate(build.get("args", {}).get("EXTRAS", ""), {})
     assert "gpu" in extras.split(","), f"the image must install the gpu extra, EXTRAS={extras!r}"
     text = DOCKERFILE.read_text()
     assert re.search(r'^RUN pip install (-e )?"\.\[\$\{EXTRAS\}\]"', text, re.MULTILINE), \
@@ -143,10 +89,10 @@ def test_server_reserves_nvidia_gpus(server: dict) -> None:
     devices = server["deploy"]["resources"]["reservations"]["devices"]
     gpu = [d for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])]
     assert gpu, f"no NVIDIA GPU reservation in {devices}"
-    count = _interpolate(gpu[0].get("count", "all"), {})
+    count = interpolate(gpu[0].get("count", "all"), {})
     assert count == "all" or int(count) >= 1
     # The GPU count and vLLM's tensor parallelism move together.
-    tp = _interpolate(str(server["environment"].get("ALTER_SERVE_ENGINE__TENSOR_PARALLEL_SIZE", "")), {})
+    tp = interpolate(str(server["environment"].get("ALTER_SERVE_ENGINE__TENSOR_PARALLEL_SIZE", "")), {})
     assert tp == str(count), "ALTER_SERVE_ENGINE__TENSOR_PARALLEL_SIZE must follow the reserved GPU count"
 
 
@@ -162,29 +108,63 @@ def test_admin_key_comes_from_the_environment(server: dict) -> None:
     env = server["environment"]
     assert isinstance(env, dict), "use the mapping form of environment"
     key = env.get("ALTER_SERVE_ADMIN_KEY")
-    match = _INTERPOLATION.fullmatch(str(key or ""))
+    match = INTERPOLATION.fullmatch(str(key or ""))
     assert match and match["name"] == "ALTER_SERVE_ADMIN_KEY" and match["op"] == ":?", \
         "ALTER_SERVE_ADMIN_KEY must be ${ALTER_SERVE_ADMIN_KEY:?...}: required, never a literal"
     assert "admin_key" not in (yaml.safe_load(GPU_CONFIG.read_text()) or {}), "no admin key in the config file"
     assert ".env" in ROOT.joinpath(".gitignore").read_text().split(), ".env holds secrets: keep it out of git"
 
 
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+_GENERATOR = re.compile(r"openssl rand -(?P<kind>hex|base64) (?P<bytes>\d+)")
+
+
+def test_the_admin_key_format_agrees_across_compose_env_example_docs_and_server(clean_env) -> None:
+    """Issue 18: the documented generator made keys the server refused, so the deploy looped on exit 2.
+    Every generator the three files name makes keys the server takes as ALTER_SERVE_ADMIN_KEY, and
+    so does .env.example's own value (what the compose start test runs with)."""
+    import base64
+    import secrets
+
+    from alter_serve.config import ServeConfig
+    from alter_serve.registry.keys import imported_secret_problem
+
+    generators = {(m["kind"], int(m["bytes"])) for path in (COMPOSE_FILE, ENV_EXAMPLE, DEPLOY_DOC)
+                  for m in _GENERATOR.finditer(path.read_text())}
+    assert generators, "compose, .env.example and docs/deploy.md name no key generator"
+    for kind, size in generators:
+        for _ in range(50):
+            raw = secrets.token_bytes(size)
+            secret = raw.hex() if kind == "hex" else base64.b64encode(raw).decode()
+            assert imported_secret_problem(secret) is None, f"`openssl rand -{kind} {size}` made a refused key"
+    ServeConfig(admin_key=env_example()["ALTER_SERVE_ADMIN_KEY"])
+    with pytest.raises(ValueError, match="at least 32: generate one with `openssl rand -hex 32`"):
+        ServeConfig(admin_key="too-short-a-secret")
+
+
+def test_deploy_doc_tells_where_the_admin_key_comes_from() -> None:
+    """The doc said the variable was ignored and to find the key in the logs; it is the key now."""
+    text = DEPLOY_DOC.read_text()
+    assert "does not yet use it" not in text and 'grep "admin key"' not in text
+    assert "ALTER_SERVE_ADMIN_KEY" in text
+
+
 def test_every_secret_and_required_variable_is_in_env_example(compose: dict) -> None:
-    example = _env_example()
+    example = env_example()
     text = COMPOSE_FILE.read_text()
-    required = {m["name"] for m in _INTERPOLATION.finditer(text) if m["op"] in (":?", "?")}
+    required = {m["name"] for m in INTERPOLATION.finditer(text) if m["op"] in (":?", "?")}
     assert {"ALTER_SERVE_ADMIN_KEY", "MODEL_DIR", "GRAFANA_ADMIN_PASSWORD"} <= required
     missing = required - set(example)
     assert not missing, f".env.example lacks {sorted(missing)}"
     for service in compose["services"].values():
         for name, value in (service.get("environment") or {}).items():
             if re.search(r"(KEY|PASSWORD|SECRET|TOKEN)", name):
-                assert isinstance(value, str) and _INTERPOLATION.fullmatch(value), f"{name} is hard-coded"
+                assert isinstance(value, str) and INTERPOLATION.fullmatch(value), f"{name} is hard-coded"
 
 
 def test_volumes_hold_the_model_data_dir_and_bundle_dirs(compose: dict, server: dict, clean_env) -> None:
     config = _gpu_config()
-    mounts = {m["target"]: m for m in _volume_mounts(server)}
+    mounts = {m["target"]: m for m in volume_mounts(server)}
     data = mounts.get(str(config.data_dir))
     assert data is not None and data["type"] == "volume", f"data_dir {config.data_dir} must be on a named volume"
     assert data["source"] in (compose.get("volumes") or {}), f"volume {data['source']} is not declared"
@@ -229,10 +209,15 @@ def test_cpu_config_is_the_local_default(clean_env) -> None:
 
 
 def test_prometheus_scrapes_the_server(compose: dict, server: dict, clean_env) -> None:
-    mounted = {m["target"]: m["source"] for m in _volume_mounts(compose["services"]["prometheus"])}
+    mounted = {m["target"]: m["source"] for m in volume_mounts(compose["services"]["prometheus"])}
     assert (ROOT / mounted["/etc/prometheus/prometheus.yml"]).resolve() == PROMETHEUS
-    config = _yaml(PROMETHEUS)
-    want = f"{SERVICE}:{_gpu_config().port}"
+    config = load_yaml(PROMETHEUS)
+    server_config = _gpu_config()
+    # The separate metrics port, not the API port (where /metrics needs an admin key), and unpublished.
+    assert server_config.metrics_port is not None and server_config.metrics_host == "0.0.0.0"
+    assert server_config.metrics_port != server_config.port
+    assert _container_port(server) == server_config.port, "the metrics port must not be published"
+    want = f"{SERVICE}:{server_config.metrics_port}"
     jobs = [job for job in config["scrape_configs"]
             if any(want in static.get("targets", []) for static in job.get("static_configs", []))]
     assert jobs, f"no scrape job targets {want}"
@@ -244,7 +229,7 @@ def test_prometheus_scrapes_the_server(compose: dict, server: dict, clean_env) -
 
 def _grafana_mounts(compose: dict) -> dict[str, Path]:
     return {m["target"]: (ROOT / m["source"]).resolve()
-            for m in _volume_mounts(compose["services"]["grafana"]) if m["type"] == "bind"}
+            for m in volume_mounts(compose["services"]["grafana"]) if m["type"] == "bind"}
 
 
 def _dashboards() -> list[Path]:
@@ -257,10 +242,10 @@ def test_grafana_provisioning(compose: dict) -> None:
     mounts = _grafana_mounts(compose)
     assert mounts.get("/etc/grafana/provisioning") == (GRAFANA / "provisioning").resolve()
     sources = [s for f in sorted((GRAFANA / "provisioning" / "datasources").glob("*.yml"))
-               for s in _yaml(f)["datasources"]]
+               for s in load_yaml(f)["datasources"]]
     prometheus = [s for s in sources if s["type"] == "prometheus"]
     assert prometheus and prometheus[0]["url"] == "http://prometheus:9090"
-    providers = [p for f in sorted((GRAFANA / "provisioning" / "dashboards").glob("*.yml")) for p in _yaml(f)["providers"]]
+    providers = [p for f in sorted((GRAFANA / "provisioning" / "dashboards").glob("*.yml")) for p in load_yaml(f)["providers"]]
     assert providers, "no dashboard provider"
     for provider in providers:
         folder = provider["options"]["path"]
@@ -348,7 +333,7 @@ def test_dashboard_queries_use_exported_metrics(path: Path) -> None:
 
 @pytest.mark.parametrize("path", _dashboards(), ids=lambda p: p.name)
 def test_dashboard_uses_the_provisioned_datasource_and_panels_do_not_overlap(path: Path) -> None:
-    uids = {s["uid"] for f in (GRAFANA / "provisioning" / "datasources").glob("*.yml") for s in _yaml(f)["datasources"]}
+    uids = {s["uid"] for f in (GRAFANA / "provisioning" / "datasources").glob("*.yml") for s in load_yaml(f)["datasources"]}
     dashboard = json.loads(path.read_text())
     ids, cells = set(), {}
     for panel in dashboard["panels"]:
@@ -403,7 +388,7 @@ def _compose_command() -> list[str] | None:
 
 def _run_compose(command: list[str], env_file: Path) -> subprocess.CompletedProcess:
     # The runner's own variables must not stand in for the env file's.
-    env = {k: v for k, v in os.environ.items() if k not in _env_example() and not k.startswith("COMPOSE_")}
+    env = {k: v for k, v in os.environ.items() if k not in env_example() and not k.startswith("COMPOSE_")}
     return subprocess.run([*command, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config", "-q"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
@@ -421,6 +406,6 @@ def test_docker_compose_refuses_to_run_without_the_admin_key(tmp_path: Path) -> 
     if command is None:
         pytest.skip("no docker compose / docker-compose client")
     env_file = tmp_path / "no-admin-key.env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in _env_example().items() if k != "ALTER_SERVE_ADMIN_KEY"))
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env_example().items() if k != "ALTER_SERVE_ADMIN_KEY"))
     result = _run_compose(command, env_file)
     assert result.returncode != 0 and "ALTER_SERVE_ADMIN_KEY" in result.stderr

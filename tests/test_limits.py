@@ -14,7 +14,7 @@ import pytest
 from alter_serve import metrics
 from alter_serve.api.errors import OpenAIError
 from alter_serve.api.schemas import CHAT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
-from alter_serve.limits import DEFAULT_RESERVATION, TenantLimiter
+from alter_serve.limits import DEFAULT_RESERVATION, FeedbackLimiter, TenantLimiter
 from alter_serve.registry import Limits, Principal
 
 from .admin_app import AdminApp
@@ -122,13 +122,45 @@ def test_tokens_per_minute_reserves_then_charges_and_retry_after_is_when_tokens_
     second.release(50), third.release(0)
 
 
-def test_reservation_is_capped_at_the_budget_and_defaults_without_max_tokens():
+def test_a_request_larger_than_the_whole_budget_is_refused_up_front():
+    """Issue 18 §4: the reservation used to be capped at the budget, so one n=4 request could
+    generate 4 × 10 000 tokens against a budget of 100. Now it never starts: a 400 (not a 429, which
+    clients retry) that says why; waiting could never make it fit."""
     limiter, acme = TenantLimiter(Clock()), tenant(1, tokens_per_minute=100)
-    big = limiter.acquire(acme, 10_000, sequences=4)
-    assert big.reservation == 100  # a request larger than the budget waits for an empty window, not forever
-    big.release(0)
+    before = rejected("over_budget")
+    err = refused(limiter.acquire, acme, 10_000, sequences=4)
+    assert (err.status, err.param, err.code) == (400, "max_tokens", "request_exceeds_token_budget")
+    assert "up to 40000 tokens (4 sequences × max_tokens 10000)" in err.message and "budget of 100" in err.message
+    assert rejected("over_budget") == before + 1 and limiter.usage(1)["active"] == 0
+    exact = limiter.acquire(acme, 25, sequences=4)  # exactly the budget: admitted
+    assert exact.reservation == 100
+    exact.release(0)
     other = tenant(2, tokens_per_minute=DEFAULT_RESERVATION * 10)
     assert limiter.acquire(other, None).reservation == DEFAULT_RESERVATION
+
+
+def test_a_request_without_max_tokens_is_lowered_to_fit_the_budget():
+    limiter, small = TenantLimiter(Clock()), tenant(1, tokens_per_minute=300)
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=2)  # default 1024 each
+    permit = limiter.admit(small, chat)
+    assert (permit.max_tokens, permit.reservation) == (150, 300)  # never a 400 for a limit it did not send
+
+
+def test_feedback_is_rate_limited_per_tenant():
+    clock = Clock()
+    limiter, acme, globex = FeedbackLimiter(per_minute=3, clock=clock), tenant(1), tenant(2)
+    for _ in range(3):
+        limiter.take(acme)  # a burst of per_minute
+    err = refused(limiter.take, acme)
+    assert (err.status, err.code, err.headers["Retry-After"]) == (429, "rate_limit_exceeded", "20")  # 60 s / 3
+    limiter.take(globex)  # another tenant is not slowed
+    clock.now += 20
+    limiter.take(acme)
+    assert refused(limiter.take, acme).status == 429
+    admin = Principal(key_id=9, role="admin", tenant_id=None, tenant_name=None, views=frozenset(),
+                      default_view=None, limits=Limits())
+    for _ in range(10):
+        limiter.take(admin)  # no tenant: not limited (the route refuses admins anyway)
 
 
 def test_one_tenant_at_its_limits_never_slows_another():
@@ -215,6 +247,6 @@ def test_http_cap_is_a_400_and_limits_answer_429_with_retry_after(app):
     assert _complete(app, noisy, max_tokens=8).status_code == 503
     assert limiter.usage(noisy_id) == {"active": 0, "reserved": 0, "charged": 0}
 
-    scraped = httpx.get(app.url + "/metrics").text
+    scraped = httpx.get(app.url + "/metrics", headers=app.admin_headers).text
     assert 'alter_rejected_requests_total{reason="rate_limit"}' in scraped
     assert 'alter_rejected_requests_total{reason="max_tokens"}' in scraped

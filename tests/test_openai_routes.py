@@ -17,6 +17,7 @@ from alter_serve.api.app import create_app
 from alter_serve.api.generation import Target
 from alter_serve.engine.vllm_engine import EngineUnavailable
 from alter_serve.registry import Limits
+from alter_serve.service import cache_salt
 
 from .admin_app import build_service
 from .tiny_model import build_tiny_model
@@ -68,11 +69,11 @@ def served(setup, monkeypatch):
     """The app with a fake generator and leases; yields (setup, generator, leases, logged rows)."""
     leases, rows = [], []
 
-    def target(model, routed):
+    def target(model, routed, principal):
         lease = SimpleNamespace(version=SimpleNamespace(label="original@base", version=None), lora=None, released=False)
         lease.release = lambda: setattr(lease, "released", True)
         leases.append(lease)
-        return Target(model, lease, routed.experiment, routed.arm)
+        return Target(model, lease, routed.experiment, routed.arm, cache_salt=cache_salt(principal))
 
     generator = FakeGenerator()
     monkeypatch.setattr(setup.service, "target", target)

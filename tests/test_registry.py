@@ -192,6 +192,42 @@ def test_revoked_key_is_refused_immediately_on_every_replica(reg, registry_url, 
     replica.close()
 
 
+def test_keys_expire_and_an_older_registry_gets_the_column(reg, registry_url, tmp_path):
+    """`api_keys.expires_at` is new: create_all adds it to a registry made before it (both backends)."""
+    from datetime import datetime, timedelta, timezone
+
+    reg.create_tenant("acme", views=["original"])
+    _, forever = reg.create_key("acme")
+    with reg.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE api_keys DROP COLUMN expires_at"))
+    upgraded = Registry(registry_url, tmp_path / "data")
+    upgraded.create_all()
+    assert upgraded.authenticate(forever) is not None and upgraded.list_keys()[0].expires_at is None
+    soon = datetime.now(timezone.utc) + timedelta(hours=1)
+    key_id, expiring = upgraded.create_key("acme", expires_at=soon)
+    assert upgraded.authenticate(expiring) is not None
+    with upgraded.engine.begin() as conn:  # an hour and a bit later
+        conn.execute(text("UPDATE api_keys SET expires_at = :t WHERE id = :i"),
+                     {"t": datetime(2020, 1, 1), "i": key_id})
+    assert upgraded.authenticate(expiring) is None
+    assert not next(k for k in upgraded.list_keys() if k.id == key_id).active
+    with pytest.raises(InvalidInput, match="not in the future"):
+        upgraded.create_key("acme", expires_at=datetime(2020, 1, 1, tzinfo=timezone.utc))
+    with pytest.raises(InvalidInput, match="no time zone"):
+        upgraded.create_key("acme", expires_at=datetime(2099, 1, 1))
+    upgraded.close()
+
+
+def test_the_last_active_admin_key_cannot_be_revoked(reg):
+    first, _ = reg.create_key(None, "admin")
+    with pytest.raises(Conflict, match="last active admin key"):
+        reg.revoke_key(first)
+    second, _ = reg.create_key(None, "admin")
+    assert reg.revoke_key(first).revoked_at is not None
+    with pytest.raises(Conflict, match="last active admin key"):
+        reg.revoke_key(second)
+
+
 def test_disabled_or_deleted_tenant_keys_fail(reg):
     reg.create_tenant("acme", views=["original"])
     _, secret = reg.create_key("acme")

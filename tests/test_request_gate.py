@@ -1,4 +1,4 @@
-"""What the app does before a route runs: the admin key is checked before an /admin body is read,
+"""What the app does before a route runs: the key is checked before an /admin or /v1 body is read,
 and bodies over their path's limit answer 413 in the OpenAI format, also when sent chunked.
 
 The app is driven at the ASGI level, so a test can see exactly how much of a body was read."""
@@ -94,9 +94,29 @@ def test_chunked_body_over_the_limit_is_413_not_a_parse_error(app, service):
     assert "1048576-byte limit" in body["error"]["message"]
 
 
-def test_declared_length_over_the_limit_is_413_before_reading(app):
-    status, body, read = call(app, "POST", "/v1/chat/completions", body=b"{" + b" " * (2 << 20) + b"}")
+def test_declared_length_over_the_limit_is_413_before_reading(app, service):
+    _, tenant_key = service.registry.create_key("acme")
+    status, body, read = call(app, "POST", "/v1/chat/completions", key=tenant_key, body=b"{" + b" " * (2 << 20) + b"}")
     assert (status, body["error"]["code"], read) == (413, "request_too_large", 0)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/feedback"])
+@pytest.mark.parametrize("key", [None, "as-not-a-real-key", "f" * 64])
+def test_openai_body_is_not_read_without_a_valid_key(app, path, key):
+    """The key is checked before the body is read, let alone JSON-parsed and validated: a caller
+    without a key cannot make the server parse megabytes (issue 18: auth before body parsing)."""
+    status, body, read = call(app, "POST", path, key=key, chunks=1)
+    assert (status, body["error"]["code"], read) == (401, "invalid_api_key", 0)
+
+
+def test_a_tenant_key_passes_the_gate_once_for_non_model_routes(app, service, monkeypatch):
+    _, tenant_key = service.registry.create_key("acme")
+    calls = []
+    authenticate = service.registry.authenticate
+    monkeypatch.setattr(service.registry, "authenticate", lambda secret: calls.append(secret) or authenticate(secret))
+    status, body, _ = call(app, "GET", "/v1/models", key=tenant_key)
+    assert status == 200 and body["object"] == "list"
+    assert calls == [tenant_key]  # the route reuses the principal the gate authenticated
 
 
 def test_uploads_have_their_own_limit():

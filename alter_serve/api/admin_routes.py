@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE
 from ..core.views import View, calibrated_view
@@ -219,10 +220,32 @@ async def delete_tenant(request: Request, name: str) -> dict:
     return {"deleted": name}
 
 
+class KeyExpiry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    expires_at: AwareDatetime | None = Field(default=None, description="when the key stops working (RFC 3339, "
+                                             "with a time zone); none: never")
+
+
+class KeyBody(KeyExpiry):
+    role: Literal["tenant", "admin"] = "tenant"
+    tenant: str | None = Field(default=None, description="the tenant of a tenant key; none for an admin key")
+
+
 @router.post("/tenants/{name}/keys")
-async def create_tenant_key(request: Request, name: str) -> dict:
-    key_id, secret = await registry_call(_service(request).registry.create_key, name, "tenant")
-    return {"id": key_id, "tenant": name, "key": secret, "note": "Store this key now; it is not shown again."}
+async def create_tenant_key(request: Request, name: str, body: KeyExpiry | None = None) -> dict:
+    return await _create_key(request, name, "tenant", None if body is None else body.expires_at)
+
+
+@router.post("/keys")
+async def create_key(request: Request, body: KeyBody) -> dict:
+    """A tenant key (`tenant` set) or an admin key (`role: admin`); the secret is in this answer only."""
+    return await _create_key(request, body.tenant, body.role, body.expires_at)
+
+
+async def _create_key(request: Request, tenant: str | None, role: str, expires_at: datetime | None) -> dict:
+    key_id, secret = await registry_call(_service(request).registry.create_key, tenant, role, expires_at=expires_at)
+    return {"id": key_id, "tenant": tenant, "role": role, "expires_at": _jsonable(expires_at), "key": secret,
+            "note": "Store this key now; it is not shown again."}
 
 
 @router.get("/keys")

@@ -18,22 +18,21 @@ def bearer_key(request: Request) -> str | None:
 
 
 async def model_request_key(request: Request) -> str:
-    """The bearer key of a model request (completions, chat), checked for shape only: the route
-    authenticates it together with resolving the model (`AlterService.authorize`, one registry read).
-    A missing or malformed key is a 401 here, before the body is validated; a well-formed key that
-    does not authenticate still beats a body error (see `errors.install_error_handlers`)."""
+    """The bearer key of a model request (completions, chat). `app.AuthGate` authenticated it before
+    the body was read; the route reads it again together with resolving the model
+    (`AlterService.authorize`, one registry read), so a key revoked in between is still refused."""
     secret = bearer_key(request)
     if secret is None or not looks_like_secret(secret):
         raise request.app.state.service.unauthenticated()
     return secret
 
 
-async def tenant_principal(request: Request) -> Principal:
-    """Any valid key (tenant or admin); admins simply have no views granted."""
-    return await request.app.state.service.authenticate(bearer_key(request))
+PRINCIPAL_STATE = "principal"  # where `app.AuthGate` leaves the principal it authenticated
 
 
-ADMIN_STATE = "admin_principal"  # where `app.AdminGate` leaves the admin it authenticated
+async def check_any_key(service, secret: str | None) -> Principal:
+    """The principal `secret` belongs to, tenant or admin: 401 for no valid key."""
+    return await service.authenticate(secret)
 
 
 async def check_admin(service, secret: str | None) -> Principal:
@@ -44,8 +43,17 @@ async def check_admin(service, secret: str | None) -> Principal:
     return principal
 
 
+async def tenant_principal(request: Request) -> Principal:
+    """Any valid key (tenant or admin; admins simply have no views granted): the principal
+    `app.AuthGate` authenticated, or authenticated here when the router runs without the gate."""
+    principal = getattr(request.state, PRINCIPAL_STATE, None)
+    return principal if principal is not None else await check_any_key(request.app.state.service, bearer_key(request))
+
+
 async def admin_principal(request: Request) -> Principal:
-    """The admin behind an /admin request: authenticated by `app.AdminGate` before the body was
+    """The admin behind an /admin request: authenticated by `app.AuthGate` before the body was
     read (taken from the request state), or here when the router runs without that middleware."""
-    principal = getattr(request.state, ADMIN_STATE, None)
-    return principal if principal is not None else await check_admin(request.app.state.service, bearer_key(request))
+    principal = getattr(request.state, PRINCIPAL_STATE, None)
+    if principal is not None and principal.is_admin:
+        return principal
+    return await check_admin(request.app.state.service, bearer_key(request))

@@ -157,27 +157,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return message, param
 
 
-def _json_invalid(exc: RequestValidationError) -> bool:
-    return any(e.get("type") == "json_invalid" for e in exc.errors())
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai(_: Request, exc: OpenAIError):
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        from .auth import bearer_key
-        from .openai_routes import KEY_AFTER_BODY
-
-        if request.url.path in KEY_AFTER_BODY and not _json_invalid(exc):
-            # These routes authenticate after parsing the body (one registry read with the model);
-            # a bad key still answers 401 before the body's errors, as on every other route.
-            try:
-                await request.app.state.service.authenticate(bearer_key(request))
-            except OpenAIError as auth_error:
-                return auth_error.response()
+    async def _validation(_: Request, exc: RequestValidationError):
+        # No key check here: `app.AuthGate` refused a bad key before the body was parsed.
         message, param = _validation_message(exc)
         return invalid(message, param).response()
 

@@ -40,13 +40,16 @@ T = TypeVar("T")
 @dataclass
 class Target:
     """Where a request goes: the model name asked for, the view version, the A/B arm (the control
-    arm while the experiment is `paused`)."""
+    arm while the experiment is `paused`), and whose prefix cache it may use."""
 
     model: str
     lease: Lease
     experiment: str | None = None
     arm: str | None = None
     paused: bool = False
+    # The tenant's prefix-cache partition: tenants that share a view never share cached KV blocks,
+    # so one cannot time another's prompts (a cache hit answers faster).
+    cache_salt: str | None = None
 
     @property
     def view_label(self) -> str:
@@ -352,7 +355,7 @@ class Generator:
     async def _prompt_logprobs(self, body: CompletionRequest, prompt: Prompt, target: Target) -> dict | None:
         if not (body.echo and body.logprobs is not None):
             return None
-        plps = await self.engine.prompt_logprobs(prompt.ids, body.logprobs, target.lease.lora)
+        plps = await self.engine.prompt_logprobs(prompt.ids, body.logprobs, target.lease.lora, target.cache_salt)
         return self.prompt_logprobs_block(prompt, plps, body.logprobs)
 
     def _completion_choice(self, body: CompletionRequest, index: int, prompt: Prompt, echo_block: dict | None,
@@ -375,7 +378,7 @@ class Generator:
             echo_block = await self._prompt_logprobs(body, prompt, target)
             final = None
             if plan.params is not None:
-                async for final in self.engine.generate(prompt.ids, plan.params, target.lease.lora):
+                async for final in self.engine.generate(prompt.ids, plan.params, target.lease.lora, target.cache_salt):
                     pass
             return echo_block, final
 
@@ -428,7 +431,7 @@ class Generator:
                 for j in range(body.n):
                     yield frame.event(_json(self._completion_choice(body, i * body.n + j, prompt, echoes[i], None)))
         elif len(prompts) == 1:  # the common case: the engine's stream directly, no merging layer
-            async with aclosing(self.engine.generate(prompts[0].ids, params, target.lease.lora)) as results:
+            async with aclosing(self.engine.generate(prompts[0].ids, params, target.lease.lora, target.cache_salt)) as results:
                 async for result in results:
                     outcome.first_token()
                     for output in result.outputs:
@@ -450,7 +453,7 @@ class Generator:
 
         async def pump(index: int, prompt: Prompt):
             try:
-                async for result in self.engine.generate(prompt.ids, params, target.lease.lora):
+                async for result in self.engine.generate(prompt.ids, params, target.lease.lora, target.cache_salt):
                     for output in result.outputs:
                         queue.put_nowait((index, output))
             except BaseException as exc:  # hand the failure to the consumer
@@ -476,7 +479,7 @@ class Generator:
     async def chat(self, body: ChatCompletionRequest, plan: Plan, target: Target, outcome: Outcome) -> dict:
         prompt, params = plan.prompts[0], plan.params
         final = None
-        async for final in self.engine.generate(prompt.ids, params, target.lease.lora):
+        async for final in self.engine.generate(prompt.ids, params, target.lease.lora, target.cache_salt):
             pass
         choices = []
         for output in sorted(final.outputs, key=lambda o: o.index):
@@ -500,7 +503,7 @@ class Generator:
         frame = ChunkFrame(outcome, "chat.completion.chunk", target)
         k = body.top_logprobs or 0
 
-        async with aclosing(self.engine.generate(prompt.ids, params, target.lease.lora)) as results:
+        async with aclosing(self.engine.generate(prompt.ids, params, target.lease.lora, target.cache_salt)) as results:
             async for result in results:
                 outcome.first_token()
                 for output in result.outputs:

@@ -15,15 +15,13 @@ from .. import metrics
 from ..registry import Principal, RequestLogEntry, experiments
 from .auth import model_request_key, tenant_principal
 from ..engine.vllm_engine import cancel_and_wait
-from .errors import as_openai_error, model_not_found, not_found, registry_call
+from .errors import OpenAIError, as_openai_error, model_not_found, not_found, registry_call
 from .generation import Outcome, Target, new_response_id, sse_stream
 from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 
 router = APIRouter()
 Tenant = Annotated[Principal, Depends(tenant_principal)]
 ModelKey = Annotated[str, Depends(model_request_key)]
-# Routes whose key is authenticated after the body is parsed (with the model: one registry read).
-KEY_AFTER_BODY = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 @router.get("/v1/models")
@@ -144,7 +142,7 @@ async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, on
     permit = service.limiter.admit(principal, body)  # 400 over the max_tokens cap, 429 over a tenant limit
     try:
         plan = await plan_fn(body, permit.max_tokens)  # tokenised in a worker thread
-        target: Target = service.target(body.model, routed)
+        target: Target = service.target(body.model, routed, principal)
     except BaseException:
         permit.release(0)
         raise
@@ -209,13 +207,21 @@ async def feedback(request: Request, body: FeedbackRequest, principal: Tenant) -
     service = request.app.state.service
     if principal.tenant_name is None:
         raise not_found("Feedback is recorded for tenant responses; admin keys have none.", "response_id")
+    service.feedback_limiter.take(principal)  # 429 with Retry-After over the tenant's feedback rate
     # The statistics attribute a rating through the request log whenever it is written; flushing ours
     # first only lets this reply (and the metric) name the arm of a response this replica just served.
     # So a failed flush does not fail the rating (the periodic flush logs it and retries the rows).
     with contextlib.suppress(Exception):
         await service.flush_request_log()
-    info = await registry_call(service.registry.record_feedback, principal.tenant_name, body.response_id,
-                               body.rating, comment=body.comment)
+    try:
+        info = await registry_call(service.registry.record_feedback, principal.tenant_name, body.response_id,
+                                   body.rating, comment=body.comment, require_logged=True)
+    except OpenAIError as exc:
+        if exc.status == 404:  # one message for "never served" and "not yours": it reveals nothing
+            raise not_found(f"No response '{body.response_id}' was served to this API key's tenant (a response "
+                            "another replica served in the last second may not be logged yet: retry then).",
+                            "response_id") from None
+        raise
     metrics.FEEDBACK.labels(principal.tenant_name, info.experiment or "", info.arm or "").observe(body.rating)
     return {"object": "feedback", "id": info.id, "response_id": info.response_id, "attributed": info.attributed,
             "experiment": info.experiment, "arm": info.arm, "view": info.view}

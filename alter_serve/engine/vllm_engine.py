@@ -243,10 +243,13 @@ class VllmEngine:
         return self._llm
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, lora: LoRARequest | None
+        self, prompt_ids: list[int], params: SamplingParams, lora: LoRARequest | None, cache_salt: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs for one prompt. Raises EngineUnavailable on death; closing or
         cancelling the iterator aborts the engine request (and has, once it returns).
+
+        `cache_salt` goes into the hash of the prompt's first KV block, so only requests with the same
+        salt share prefix-cache blocks: the caller gives each tenant its own (see `AlterService.target`).
 
         With the gate, the request holds its shared side while it is *in the engine*, not while the
         caller reads: a task pumps vLLM's outputs into a queue and leaves the gate when the engine
@@ -256,12 +259,12 @@ class VllmEngine:
         llm = self._require_ready()
         if self._gate is None:
             with _engine_errors(llm):
-                async with aclosing(self._stream(llm, prompt_ids, params, lora)) as stream:
+                async with aclosing(self._stream(llm, prompt_ids, params, lora, cache_salt)) as stream:
                     async for output in stream:
                         yield output
             return
         outputs: asyncio.Queue = asyncio.Queue()
-        pump = asyncio.create_task(self._pump(prompt_ids, params, lora, outputs.put_nowait))
+        pump = asyncio.create_task(self._pump(prompt_ids, params, lora, cache_salt, outputs.put_nowait))
         pump.add_done_callback(lambda _: outputs.put_nowait(_END))
         try:
             while (output := await outputs.get()) is not _END:
@@ -271,21 +274,24 @@ class VllmEngine:
             await cancel_and_wait([pump])
 
     async def _pump(self, prompt_ids: list[int], params: SamplingParams, lora: LoRARequest | None,
-                    put: Callable[[RequestOutput], None]) -> None:
+                    cache_salt: str | None, put: Callable[[RequestOutput], None]) -> None:
         async with self._gate.shared():
             llm = self._require_ready()
             with _engine_errors(llm):
-                async with aclosing(self._stream(llm, prompt_ids, params, lora)) as stream:
+                async with aclosing(self._stream(llm, prompt_ids, params, lora, cache_salt)) as stream:
                     async for output in stream:
                         put(output)
 
     @staticmethod
     def _stream(llm: AsyncLLM, prompt_ids: list[int], params: SamplingParams,
-                lora: LoRARequest | None) -> AsyncIterator[RequestOutput]:
-        return llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex, lora_request=lora)
+                lora: LoRARequest | None, cache_salt: str | None) -> AsyncIterator[RequestOutput]:
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+        if cache_salt is not None:
+            prompt["cache_salt"] = cache_salt
+        return llm.generate(prompt, params, uuid.uuid4().hex, lora_request=lora)
 
     async def prompt_logprobs(
-        self, prompt_ids: list[int], top_k: int, lora: LoRARequest | None
+        self, prompt_ids: list[int], top_k: int, lora: LoRARequest | None, cache_salt: str | None = None
     ) -> list[dict | None]:
         """Logprob of every prompt token given its prefix (first is None), plus the top-k.
 
@@ -298,7 +304,7 @@ class VllmEngine:
             llm = self._require_ready()
             final = None
             with _engine_errors(llm):
-                async with aclosing(self._stream(llm, prompt_ids, params, lora)) as stream:
+                async with aclosing(self._stream(llm, prompt_ids, params, lora, cache_salt)) as stream:
                     async for final in stream:
                         pass
         return list(final.prompt_logprobs)

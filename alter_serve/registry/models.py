@@ -169,6 +169,8 @@ class ApiKeyRow(Base):
     key_hash: Mapped[str] = mapped_column(String(HASH_LEN), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # None: never. An expired key fails authentication like a revoked one.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 experiment_tenants = Table(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -155,10 +155,16 @@ class KeyInfo:
     prefix: str
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None = None
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= datetime.now(timezone.utc)
 
     @property
     def active(self) -> bool:
-        return self.revoked_at is None
+        """Whether the key authenticates (its tenant's `disabled` flag aside)."""
+        return self.revoked_at is None and not self.expired
 
 
 @dataclass(frozen=True, slots=True)

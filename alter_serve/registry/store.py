@@ -36,11 +36,12 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Table, and_, bindparam, case, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Table, and_, bindparam, case, create_engine, delete, event, func, insert, inspect, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
@@ -145,7 +146,7 @@ _GRANTED_NAMES = (
 )
 _DEFAULT_VIEW = select(ViewRow.name).where(ViewRow.id == TenantRow.default_view_id).scalar_subquery()
 _REQUEST_CONTEXT = (
-    select(ApiKeyRow.id.label("key_id"), ApiKeyRow.role, ApiKeyRow.key_hash, ApiKeyRow.revoked_at,
+    select(ApiKeyRow.id.label("key_id"), ApiKeyRow.role, ApiKeyRow.key_hash, ApiKeyRow.revoked_at, ApiKeyRow.expires_at,
            TenantRow.id.label("tenant_id"), TenantRow.name.label("tenant_name"), TenantRow.disabled,
            TenantRow.max_concurrent, TenantRow.tokens_per_minute, TenantRow.max_tokens_cap,
            _GRANTED_NAMES.label("granted"), _DEFAULT_VIEW.label("default_view"),
@@ -158,6 +159,31 @@ _REQUEST_CONTEXT = (
     .outerjoin(_MODEL_VIEW, _MODEL_VIEW.c.tenant_id == TenantRow.id)
     .where(ApiKeyRow.key_hash == bindparam("digest"))
 )
+
+def _add_missing_columns(conn: Any) -> None:
+    """Add the nullable columns a newer version defined to tables an older one created (e.g.
+    `api_keys.expires_at`): `create_all` only creates missing tables. A new column that is NOT NULL
+    would need a real migration, and is refused here rather than guessed."""
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise RuntimeError(f"table {table.name} lacks NOT NULL column {column.name}: migrate the registry")
+            ddl = column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl}'))
+
+
+def _check_expiry(expires_at: datetime | None) -> None:
+    if expires_at is None:
+        return
+    if expires_at.tzinfo is None:
+        raise InvalidInput(f"expires_at {expires_at.isoformat()} has no time zone; give one (e.g. ...Z for UTC)")
+    if expires_at <= utcnow():
+        raise InvalidInput(f"expires_at {expires_at.isoformat()} is not in the future")
+
 
 def _check_name(kind: str, name: object) -> str:
     if not is_valid_head_name(name):  # the same pattern as head names: URL-, label- and filename-safe
@@ -258,6 +284,7 @@ class Registry:
             if conn.dialect.name == "postgresql":
                 conn.execute(select(func.pg_advisory_xact_lock(_CREATE_LOCK_ID)))
             Base.metadata.create_all(conn)
+            _add_missing_columns(conn)
         (self.data_dir / files.BUNDLES_DIR).mkdir(parents=True, exist_ok=True)
         (self.data_dir / files.VIEWS_DIR).mkdir(parents=True, exist_ok=True)
         try:
@@ -805,11 +832,13 @@ class Registry:
 
     # ---- API keys -------------------------------------------------------------------------------
 
-    def create_key(self, tenant: str | None, role: str = "tenant", *, secret: str | None = None) -> tuple[int, str]:
+    def create_key(self, tenant: str | None, role: str = "tenant", *, secret: str | None = None,
+                   expires_at: datetime | None = None) -> tuple[int, str]:
         """A new key; returns `(key_id, secret)`. The secret is shown here once and never stored.
+        From `expires_at` on (timezone-aware, in the future) the key no longer authenticates.
 
-        `secret` imports an operator-chosen key (e.g. the deployment's ALTER_SERVE_ADMIN_KEY); it must
-        look like one of ours (`as-` prefix, at most 128 characters) and at least 32 characters long.
+        `secret` imports an operator-chosen key (e.g. the deployment's ALTER_SERVE_ADMIN_KEY): any
+        random secret of 32 to 128 printable characters (`keys.imported_secret_problem`).
         """
         if role not in ROLES:
             raise InvalidInput(f"key role {role!r} must be one of {list(ROLES)}")
@@ -819,26 +848,39 @@ class Registry:
             raise InvalidInput("a tenant key needs a tenant name")
         if secret is None:
             secret = keys.new_secret()
-        elif not keys.looks_like_secret(secret) or len(secret) < 32:
-            raise InvalidInput(f"an imported key must start with {keys.KEY_PREFIX!r} and have 32 to "
-                               f"{keys.MAX_SECRET_CHARS} characters")
+        elif (problem := keys.imported_secret_problem(secret)) is not None:
+            raise InvalidInput(f"an imported key must be a random secret; {problem}")
+        _check_expiry(expires_at)
         with self._writing("API key") as s:
             tenant_id = None if tenant is None else self._tenant_row(s, tenant).id
-            row = ApiKeyRow(tenant_id=tenant_id, role=role, prefix=keys.display_prefix(secret), key_hash=keys.hash_secret(secret))
+            row = ApiKeyRow(tenant_id=tenant_id, role=role, prefix=keys.display_prefix(secret),
+                            key_hash=keys.hash_secret(secret), expires_at=expires_at)
             s.add(row)
             s.flush()
             return row.id, secret
 
     def revoke_key(self, key_id: int) -> KeyInfo:
-        """Revoke a key; the next `authenticate` with it fails. Revoking twice keeps the first time."""
+        """Revoke a key; the next `authenticate` with it fails. Revoking twice keeps the first time.
+        The last active admin key cannot be revoked: nobody could administer the server after it."""
         with self._writing(f"API key {key_id}") as s:
             # An id beyond the column's range names no key (and would overflow the driver's integer).
             row = s.get(ApiKeyRow, key_id) if 0 < key_id <= INT32_MAX else None
             if row is None:
                 raise NotFound(f"API key {key_id} not found; see list_keys")
             if row.revoked_at is None:
+                if row.role == "admin" and self._active_admin_keys(s) == [row.id]:
+                    raise Conflict(f"API key {key_id} is the last active admin key; create another admin key "
+                                   "first, so that the server can still be administered")
                 row.revoked_at = utcnow()
             return self._key_info(s, row)
+
+    @staticmethod
+    def _active_admin_keys(s: Session) -> list[int]:
+        """Ids of the admin keys that authenticate now; locked, so two revocations cannot both pass."""
+        now = utcnow()
+        query = (select(ApiKeyRow.id).where(ApiKeyRow.role == "admin", ApiKeyRow.revoked_at.is_(None))
+                 .where((ApiKeyRow.expires_at.is_(None)) | (ApiKeyRow.expires_at > now)).with_for_update())
+        return list(s.scalars(query))
 
     def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
         """All keys (or one tenant's), oldest first, without secrets or hashes."""
@@ -877,6 +919,8 @@ class Registry:
         with self.engine.connect().execution_options(**{_SINGLE_READ_OPTION: True}) as conn:
             row = conn.execute(_REQUEST_CONTEXT, {"digest": keys.hash_secret(secret), "model": name}).first()
             if row is None or not keys.hashes_match(row.key_hash, secret) or row.revoked_at is not None:
+                return None
+            if row.expires_at is not None and row.expires_at <= utcnow():
                 return None
             if row.role == "admin":
                 return RequestContext(Principal(row.key_id, "admin", None, None, frozenset(), None, Limits()),
@@ -1083,13 +1127,15 @@ class Registry:
 
     # ---- feedback, request log, results ---------------------------------------------------------
 
-    def record_feedback(self, tenant: str, response_id: str, rating: float, *, comment: str | None = None) -> FeedbackInfo:
+    def record_feedback(self, tenant: str, response_id: str, rating: float, *, comment: str | None = None,
+                        require_logged: bool = False) -> FeedbackInfo:
         """Store `tenant`'s rating of one response. Rating a response again replaces its rating (one
         response is one sample; a race that leaves two rows is settled when counting: the newest
         wins). A response the request log has for another tenant is not found (a tenant cannot rate,
         or learn of, another tenant's responses); one it has not (yet) is stored all the same and
         counts once it is logged, because statistics attribute ratings through the request log when
-        they are computed (see `FeedbackInfo`)."""
+        they are computed (see `FeedbackInfo`) — unless `require_logged` (the API's choice: a rating
+        of an id nobody was served is refused, so a client cannot fill the table with made-up ids)."""
         if not isinstance(response_id, str) or not 0 < len(response_id) <= MAX_RESPONSE_ID_CHARS:
             raise InvalidInput(f"response id must be 1 to {MAX_RESPONSE_ID_CHARS} characters")
         if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
@@ -1100,7 +1146,7 @@ class Registry:
         with self._writing(f"feedback on response {response_id!r}") as s:
             logged = s.execute(select(log.tenant, log.experiment, log.arm, log.view)
                                .where(log.response_id == response_id).limit(1)).first()
-            if logged is not None and logged.tenant != tenant:
+            if (logged is None and require_logged) or (logged is not None and logged.tenant != tenant):
                 raise NotFound(f"response {response_id!r} not found for tenant {tenant!r}")
             row = s.scalar(select(fb).where(fb.tenant == tenant, fb.response_id == response_id)
                            .order_by(fb.id.desc()).limit(1).with_for_update())
@@ -1394,7 +1440,7 @@ class Registry:
     @staticmethod
     def _key_info(s: Session, row: ApiKeyRow) -> KeyInfo:
         tenant = None if row.tenant_id is None else s.scalar(select(TenantRow.name).where(TenantRow.id == row.tenant_id))
-        return KeyInfo(row.id, tenant, row.role, row.prefix, row.created_at, row.revoked_at)
+        return KeyInfo(row.id, tenant, row.role, row.prefix, row.created_at, row.revoked_at, row.expires_at)
 
     @staticmethod
     def _feedback_info(row: FeedbackRow, logged: Any | None) -> FeedbackInfo:

@@ -30,6 +30,10 @@ class LiveServer:
     keys: dict[str, str]
     port: int = field(default_factory=free_port)
     extra_args: list[str] = field(default_factory=list)
+    # Instead of the default `alter-serve serve --model ...` command and the runner's environment:
+    # an exact argv and environment (the compose start test runs the compose service's own).
+    command: list[str] | None = None
+    env: dict[str, str] | None = None
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
@@ -39,10 +43,11 @@ class LiveServer:
 
     def start(self) -> "LiveServer":
         self.log_path = self.data_dir / f"server-{self.port}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "alter_serve.cli", "serve", "--model", str(self.model_dir),
-               "--data-dir", str(self.data_dir), "--port", str(self.port), "--dtype", "float32",
-               *(self.extra_args or ["--max-loras", "4"])]
+        env = {**(os.environ if self.env is None else self.env), "PYTHONUNBUFFERED": "1"}
+        cmd = self.command or [
+            sys.executable, "-m", "alter_serve.cli", "serve", "--model", str(self.model_dir),
+            "--data-dir", str(self.data_dir), "--port", str(self.port), "--dtype", "float32",
+            *(self.extra_args or ["--max-loras", "4"])]
         self.proc = subprocess.Popen(cmd, stdout=self.log_path.open("a"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         return self

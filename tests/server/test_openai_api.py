@@ -228,7 +228,7 @@ def test_bad_or_missing_key_is_401(live_server, key):
     with httpx.Client(base_url=live_server.base_url, timeout=30) as http:
         err = _error(http.post("/v1/completions", json={"model": "original", "prompt": PROMPT}, headers=headers), 401)
         assert err["type"] == "authentication_error"
-        # the key is checked with the model after the body is parsed, but a bad key still beats a bad body
+        # the key is checked before the body is parsed, so a bad key beats a bad body
         for path, body in (("/v1/completions", {"model": "original", "prompt": PROMPT, "max_tokens": -1}),
                            ("/v1/chat/completions", {"model": "original", "messages": "nope"})):
             assert _error(http.post(path, json=body, headers=headers), 401)["type"] == "authentication_error"
@@ -279,6 +279,10 @@ def test_health_ready_and_metrics(live_server):
     with live_server.http(None) as http:
         assert http.get("/health").json() == {"status": "ok"}
         assert http.get("/ready").json()["ready"] is True
+        _error(http.get("/metrics"), 401)  # its labels name every tenant and view: admins only
+    with live_server.http("tenant") as http:
+        _error(http.get("/metrics"), 403)
+    with live_server.http("admin") as http:
         metrics = http.get("/metrics").text
     assert "alter_requests_total" in metrics and 'tenant="demo"' in metrics
     assert "vllm:lora_requests_info" in metrics
