@@ -122,7 +122,7 @@ _GENERATOR = re.compile(r"openssl rand -(?P<kind>hex|base64) (?P<bytes>\d+)")
 def test_the_admin_key_format_agrees_across_compose_env_example_docs_and_server(clean_env) -> None:
     """Issue 18: the documented generator made keys the server refused, so the deploy looped on exit 2.
     Every generator the three files name makes keys the server takes as ALTER_SERVE_ADMIN_KEY, and
-    so does .env.example's own value (what the compose start test runs with)."""
+    .env.example's placeholder is refused (it is public: a deploy that kept it would have a known key)."""
     import base64
     import secrets
 
@@ -137,7 +137,8 @@ def test_the_admin_key_format_agrees_across_compose_env_example_docs_and_server(
             raw = secrets.token_bytes(size)
             secret = raw.hex() if kind == "hex" else base64.b64encode(raw).decode()
             assert imported_secret_problem(secret) is None, f"`openssl rand -{kind} {size}` made a refused key"
-    ServeConfig(admin_key=env_example()["ALTER_SERVE_ADMIN_KEY"])
+    with pytest.raises(ValueError, match="placeholder of .env.example"):
+        ServeConfig(admin_key=env_example()["ALTER_SERVE_ADMIN_KEY"])
     with pytest.raises(ValueError, match="at least 32: generate one with `openssl rand -hex 32`"):
         ServeConfig(admin_key="too-short-a-secret")
 

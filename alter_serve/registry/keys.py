@@ -37,6 +37,9 @@ MIN_DISTINCT_CHARS = 8
 _SECRET_ALPHABET = frozenset(string.ascii_letters + string.digits + string.punctuation)
 
 
+PLACEHOLDER_PREFIX = "replace-with-"  # .env.example's placeholders start so
+
+
 def new_secret() -> str:
     """A fresh high-entropy key secret, `as-<43 url-safe characters>`."""
     return KEY_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
@@ -63,6 +66,9 @@ def imported_secret_problem(secret: str) -> str | None:
     """Why an operator-chosen secret cannot be a key (None when it can), said so that the operator
     knows what to do: every secret made by `openssl rand -hex 32` passes."""
     advice = "generate one with `openssl rand -hex 32`"
+    if secret.startswith(PLACEHOLDER_PREFIX):
+        # .env.example's value is public: a deploy that kept it would run with a known admin key.
+        return f"it is the placeholder of .env.example, which anyone can read, not a secret: {advice}"
     if len(secret) < MIN_SECRET_CHARS:
         return f"it has {len(secret)} characters; a key needs at least {MIN_SECRET_CHARS}: {advice}"
     if len(secret) > MAX_SECRET_CHARS:

@@ -3,8 +3,10 @@
 
 docker-compose.yml's alter-serve service runs the image's ENTRYPOINT with the service's `command`,
 in the service's `environment` interpolated from `.env`; the image holds the repository at /app.
-Here that argv and that environment, interpolated from `.env.example` (so with its placeholder
-admin key), run on this machine. What the container and the GPU would provide is supplied on top,
+Here that argv and that environment, interpolated from `.env.example` with its admin-key
+placeholder filled the documented way (`openssl rand -hex 32`, here `secrets.token_hex(32)`: the
+placeholder itself is refused, as a public value), run on this machine. What the container and
+the GPU would provide is supplied on top,
 each as an ALTER_SERVE_* override, the mechanism docs/deploy.md documents:
 - the folders compose mounts (/models/base, /data, /bundles) and the image's /app → host folders;
 - the GPU engine settings of serve-gpu.yaml → CPU ones (dtype, KV cache size, context, eager);
@@ -16,6 +18,7 @@ server refuses fails here as it would in the container.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -63,7 +66,7 @@ def metrics_port() -> int:
 def compose_server(tmp_path_factory, metrics_port) -> LiveServer:
     tmp = tmp_path_factory.mktemp("compose")
     service = load_yaml(COMPOSE_FILE)["services"][SERVICE]
-    env_file = env_example()
+    env_file = {**env_example(), "ALTER_SERVE_ADMIN_KEY": secrets.token_hex(32)}  # as docs/deploy.md says
     compose_env = service_environment(service, env_file)
     assert compose_env["ALTER_SERVE_ADMIN_KEY"] == env_file["ALTER_SERVE_ADMIN_KEY"]
     port = free_port()
@@ -82,7 +85,7 @@ def compose_server(tmp_path_factory, metrics_port) -> LiveServer:
         server.stop()
 
 
-def test_the_compose_command_serves_with_the_env_example_admin_key(compose_server):
+def test_the_compose_command_serves_with_a_documented_admin_key(compose_server):
     with compose_server.http("admin") as http:
         assert http.get("/ready").json()["ready"] is True
         assert http.get("/admin/tenants").status_code == 200  # the configured key is the admin key
