@@ -11,7 +11,7 @@ EXTRAS ?= cpu,dev
 SYSDEPS := var/.sysdeps-v2
 DEMO_ASSETS := var/demo/assets.json
 
-.PHONY: setup test serve demo bench bench-tofu clean-venv
+.PHONY: setup test serve demo bench bench-tofu bench-unlearn clean-venv
 
 setup: $(STAMP) $(SYSDEPS)
 
@@ -49,6 +49,11 @@ bench: setup
 # ALTER vs GA / GradDiff / NPO on a TOFU author subset (models trained from scratch, cached in var/models).
 bench-tofu: setup
 	$(PY) -m benchmarks.tofu_bench --scale cpu
+
+# Unlearning on a real pretrained model (SmolLM2-135M-Instruct, TOFU forget05): resumable stages
+# cached in var/bench/unlearn; rerun to continue after an interruption.
+bench-unlearn: setup
+	$(PY) -m benchmarks.unlearn_bench --scale cpu
 
 clean-venv:
 	rm -rf $(VENV)

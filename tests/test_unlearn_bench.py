@@ -11,7 +11,7 @@ import pytest
 from benchmarks import unlearn_bench
 from benchmarks.stages import StageCache, stage_key
 
-METHODS = ["alter", "alter-paper", "lora-npo", "full-npo"]
+METHODS = ["alter", "lora-npo", "full-npo"]  # the paper's ALTER differs from "alter" in its config only
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_the_smoke_run_writes_results_with_gates_goals_and_plots(smoke):
     assert [g["name"] for g in settings["gates"]] == ["G1", "G2", "G3", "G4", "G5"]
     assert {(r["method"], r["view"]) for r in rows} >= {
         ("full", "reference"), ("retain-a", "reference"), ("retain-b", "reference"),
-        ("alter", "served"), ("alter-paper", "served"), ("lora-npo", "model"), ("full-npo", "model")}
+        ("alter", "served"), ("lora-npo", "model"), ("full-npo", "model")}
     for row in rows:
         assert 0.0 <= row["fq"] <= 1.0 and 0.0 <= row["ks_d"] <= 1.0
         assert row["fq_low"] <= row["fq_high"]
@@ -82,5 +82,5 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, capsys):
     assert unlearn_bench.main([*argv, "--forget-authors", "5", "250"]) == 2
     err = capsys.readouterr().err
     assert "unknown forget author ids [250]" in err and "forget authors [5] have no paraphrased" in err
-    assert unlearn_bench.main([*argv, "--forget-authors", "19", "199"]) == 2
+    assert unlearn_bench.main([*argv, "--forget-authors", "2", "199"]) == 2  # the smoke scale retains 0-2
     assert "both retain and forget authors" in capsys.readouterr().err
