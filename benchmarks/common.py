@@ -220,5 +220,18 @@ def write_results(name: str, settings: dict[str, Any], results: list[dict[str, A
     return json_path
 
 
+def save_figure(fig: Any, ax: Any, path: Path) -> Path:
+    """Grid, legend right of the axes (labels at the points would overprint close ones), save as PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def print_header(name: str, machine: dict[str, Any]) -> None:
     print(f"# {name}\n\nMachine: {machine_summary(machine)}\n", file=sys.stdout, flush=True)

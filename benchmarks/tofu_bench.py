@@ -52,7 +52,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, REPO_ROOT, machine_info, markdown_table, print_header, write_results
+from benchmarks.common import (RESULTS_DIR, REPO_ROOT, machine_info, markdown_table, print_header, save_figure,
+                               write_results)
 from train.data.tofu_subset import SubsetSpec, TofuSubset, build_subset
 from train.demo_model import DemoModelConfig, DemoTrainConfig
 from train.eval_cli import CALIBRATED_PREFIX
@@ -432,13 +433,7 @@ def _scatter(rows: list[dict[str, Any]], path: Path, scale: str) -> Path:
     ax.set_xlabel("model utility (higher is better)")
     ax.set_ylabel("forget quality, KS p-value (higher is better)")
     ax.set_title(f"TOFU ({scale} scale): forget quality vs model utility")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
 
 
 if __name__ == "__main__":

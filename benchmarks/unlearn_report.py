@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import markdown_table, write_results
+from benchmarks.common import markdown_table, save_figure, write_results
 from benchmarks.unlearn_eval import row_for
 
 GOAL_FQ = 0.05
@@ -156,13 +156,7 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path, scale: str) -> Pa
     ax.set_xlabel("model utility / full model's (higher is better)")
     ax.set_ylabel("forget quality, KS p-value vs retain-a (higher is better)")
     ax.set_title(f"Unlearning on SmolLM2-135M ({scale}): forget quality vs utility, one point per seed")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
 
 
 def isolation_heatmaps(isolation: Mapping[str, Mapping[str, Any]], path: Path) -> Path:

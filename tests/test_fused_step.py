@@ -49,6 +49,16 @@ def config(head_prob: float) -> AlterStepConfig:
     return AlterStepConfig(THRESHOLD, True, beta=1.3, gamma=0.7, lam=0.05, head_prob=head_prob)
 
 
+def assert_same_heads(reference, alter, expected: dict, got) -> None:
+    """Every head's gradient (non-zero) and loss of the fused step equal the sequential step's."""
+    want, have = b_grads(reference), b_grads(alter)
+    for index in range(len(HEADS) + 1):
+        assert torch.count_nonzero(want[:, :, index]) > 0
+        torch.testing.assert_close(have[:, :, index], want[:, :, index], atol=1e-5, rtol=1e-5)
+    for head, loss in expected.items():
+        torch.testing.assert_close(got.per_head[head], loss, atol=1e-6, rtol=1e-5)
+
+
 def sequential(alter, forget, retain, cfg, seed) -> dict:
     steps = AlterSteps(alter, cfg, random.Random(seed), contextlib.nullcontext)
     losses = {head: steps.forget(batch, head)["ihl"] for head, batch in forget.items()}
@@ -68,12 +78,7 @@ def test_every_heads_gradient_equals_the_sequential_steps(alter, seed: int, head
     reference = copy.deepcopy(alter)
     expected = sequential(reference, forget, retain, cfg, seed)
     got = fused(alter, forget, retain, cfg, seed)
-    want, have = b_grads(reference), b_grads(alter)
-    for index in range(len(HEADS) + 1):
-        assert torch.count_nonzero(want[:, :, index]) > 0
-        torch.testing.assert_close(have[:, :, index], want[:, :, index], atol=1e-5, rtol=1e-5)
-    for head, loss in expected.items():
-        torch.testing.assert_close(got.per_head[head], loss, atol=1e-6, rtol=1e-5)
+    assert_same_heads(reference, alter, expected, got)
 
 
 def test_both_paths_draw_the_same_views() -> None:
@@ -211,10 +216,5 @@ def test_the_objectives_beyond_the_paper_fuse_exactly(alter, base, forget_loss: 
     retain_parts = steps.retain(retain)
     got = FusedPhase2(alter, cfg, random.Random(1), contextlib.nullcontext, pad_id=0,
                       forget_teacher=teacher).step(forget, retain)
-    want, have = b_grads(reference), b_grads(alter)
-    for index in range(len(HEADS) + 1):
-        assert torch.count_nonzero(want[:, :, index]) > 0
-        torch.testing.assert_close(have[:, :, index], want[:, :, index], atol=1e-5, rtol=1e-5)
-    for head, loss in expected.items():
-        torch.testing.assert_close(got.per_head[head], loss, atol=1e-6, rtol=1e-5)
+    assert_same_heads(reference, alter, expected, got)
     torch.testing.assert_close(got.retain_kl, retain_parts["kl"], atol=1e-6, rtol=1e-5)

@@ -45,7 +45,7 @@ class FakeEngine:
         self.scored: list[list[int]] = []
         self.threads: set[str] = set()
 
-    async def generate(self, ids, params, lora):
+    async def generate(self, ids, params, lora, cache_salt=None):
         self.generated.append((ids, params))
         if self.fail is not None:
             raise self.fail
@@ -53,7 +53,7 @@ class FakeEngine:
             CompletionOutput(0, "ok", [40], None, None, finish_reason="length")]
         yield RequestOutput("r", None, ids, None, outs, finished=True)
 
-    async def prompt_logprobs(self, ids, top_k, lora):
+    async def prompt_logprobs(self, ids, top_k, lora, cache_salt=None):
         self.scored.append(ids)
         return [None] + [{tid: Logprob(-2.0, rank=2), 5: Logprob(-0.1, rank=1), 6: Logprob(-3.0, rank=3)}
                          for tid in ids[1:]]
@@ -290,7 +290,7 @@ def test_merged_streams_are_aborted_before_the_stream_closes(tokenizer):
     class Endless(FakeEngine):
         aborted = 0
 
-        async def generate(self, ids, params, lora):
+        async def generate(self, ids, params, lora, cache_salt=None):
             out = CompletionOutput(0, "x", [40], None, None)
             try:
                 while True:
