@@ -74,7 +74,8 @@ SCALES = {
     "cpu": Scale("smollm2", SplitSpec(), FinetuneSchedule()),
     # CI: a 2-layer Llama with a chat template, 3 retain + 2 forget authors; checks the pipeline, not numbers.
     "smoke": Scale("tiny", SplitSpec(retain_authors=(0, 1, 2), forget_authors=(198, 199), authors_per_head=1,
-                                     retain_scored_per_author=3, utility_limit=6, holdout_limit=20),
+                                     retain_scored_per_author=3, utility_limit=6, holdout_authors=(196, 197),
+                                     holdout_limit=10),
                    FinetuneSchedule(epochs=2, lr=1e-3, batch_size=16),
                    EvalSettings(max_new_tokens=16, batch_size=16, bf16=False, bootstrap=50), seeds=(0,)),
 }
@@ -148,23 +149,33 @@ def reference_stages(cache: StageCache, scale: Scale, split: UnlearnSplit, base:
     return models
 
 
+def view_scores(cache: StageCache, scale: Scale, split: UnlearnSplit, fmt: Any, name: str, model_key: str,
+                model_dir: Path, bundle: str | None, view: str, progress: bool) -> dict[str, Any]:
+    """One view's scores, in two stages: the TOFU metrics (keyed by the evaluation sets) and the
+    holdout answer NLLs (keyed by the holdout set), merged."""
+    from benchmarks.unlearn_eval import holdout_nll, score_view, view_scorer
+
+    settings = scale.evaluation
+
+    def scorer():
+        return view_scorer(model_dir, bundle, view, batch_size=settings.batch_size, bf16=settings.bf16,
+                           progress=progress)
+
+    base = {"model": model_key, "view": view, "version": SCORE_VERSION, "bf16": settings.bf16}
+    tofu = cache.run(f"score-{name}", {**base, "stage": "score", "eval_sets": split.eval_digest(),
+                                       "evaluation": asdict(settings)},
+                     lambda folder: score_view(scorer(), split, fmt, max_new_tokens=settings.max_new_tokens))
+    holdout = cache.run(f"holdout-{name}", {**base, "stage": "holdout", "holdout": split.holdout_digest()},
+                        lambda folder: {"holdout_nll": holdout_nll(scorer(), split, fmt)})
+    return {**tofu.result, **holdout.result}
+
+
 def reference_scores(cache: StageCache, scale: Scale, split: UnlearnSplit, models: dict[str, Path], fmt: Any,
                      progress: bool) -> dict[str, dict[str, Any]]:
-    """Score every reference model as it is (view `original`), one stage each."""
-    from benchmarks.unlearn_eval import score_view
-
-    scores = {}
-    for name, model in models.items():
-        inputs = {"stage": "score", "model": cache.records[f"ref-{name}"].key, "view": "original",
-                  "split": split.digest(), "evaluation": asdict(scale.evaluation), "version": SCORE_VERSION}
-        settings = scale.evaluation
-
-        def work(folder: Path, model=model) -> dict[str, Any]:
-            return score_view(model, None, "original", split, fmt, max_new_tokens=settings.max_new_tokens,
-                              batch_size=settings.batch_size, bf16=settings.bf16, progress=progress)
-
-        scores[name] = cache.run(f"score-ref-{name}", inputs, work).result
-    return scores
+    """Score every reference model as it is (view `original`)."""
+    return {name: view_scores(cache, scale, split, fmt, f"ref-{name}", cache.records[f"ref-{name}"].key, model,
+                              None, "original", progress)
+            for name, model in models.items()}
 
 
 def check_gates(scores: dict[str, dict[str, Any]], scale: Scale) -> list[dict[str, Any]]:
@@ -293,19 +304,9 @@ def scored_views(method: Method, split: UnlearnSplit) -> dict[str, str]:
 
 def score_stage(cache: StageCache, scale: Scale, split: UnlearnSplit, fmt: Any, trained, view: str,
                 label: str, progress: bool) -> dict[str, Any]:
-    from benchmarks.unlearn_eval import score_view
-
-    settings = scale.evaluation
-    inputs = {"stage": "score", "model": trained.key, "view": view, "split": split.digest(),
-              "evaluation": asdict(settings), "version": SCORE_VERSION}
-    model_dir = trained.result.get("model") or cache.records["ref-full"].folder / MODEL_DIR
-    bundle = trained.result.get("bundle")
-
-    def work(folder: Path) -> dict[str, Any]:
-        return score_view(model_dir, bundle, view, split, fmt, max_new_tokens=settings.max_new_tokens,
-                          batch_size=settings.batch_size, bf16=settings.bf16, progress=progress)
-
-    return cache.run(f"score-{trained.name.removeprefix('unlearn-')}-{label}", inputs, work).result
+    model_dir = Path(trained.result.get("model") or cache.records["ref-full"].folder / MODEL_DIR)
+    return view_scores(cache, scale, split, fmt, f"{trained.name.removeprefix('unlearn-')}-{label}", trained.key,
+                       model_dir, trained.result.get("bundle"), view, progress)
 
 
 def isolation_stage(cache: StageCache, scale: Scale, split: UnlearnSplit, fmt: Any, trained,
@@ -314,7 +315,7 @@ def isolation_stage(cache: StageCache, scale: Scale, split: UnlearnSplit, fmt: A
     retain, real authors and world facts (the isolation matrix), as ratios to the full model's."""
     from benchmarks.unlearn_eval import isolation_table
 
-    inputs = {"stage": "isolation", "model": trained.key, "split": split.digest(),
+    inputs = {"stage": "isolation", "model": trained.key, "eval_sets": split.eval_digest(),
               "evaluation": asdict(scale.evaluation), "version": SCORE_VERSION}
 
     def work(folder: Path) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Scoring for the unlearning benchmark: one view's TOFU report, the validity gates, one table row.
 
-A view is scored once (`score_view`) into a compact result that keeps what later comparisons
-need: per-question forget truth ratios (forget quality is a KS test against retain-a's), forget
-and holdout answer NLLs (the membership figures), and the nine model-utility terms. Everything
+A view is scored once (`score_view`, and `holdout_nll` apart, as the holdout set can change
+without the evaluation sets) into a compact result that keeps what later comparisons need:
+per-question forget truth ratios (forget quality is a KS test against retain-a's), forget and
+holdout answer NLLs (the membership figures), and the nine model-utility terms. Everything
 else (FQ, its CI, the privacy leak) is computed from those arrays against the references
 (`row_for`), so no view is ever scored twice.
 """
@@ -29,13 +30,12 @@ G5_FULL_MAX = 1e-3
 G5_RETAIN_MIN = 0.05
 
 
-def score_view(model_dir: str | Path, bundle_dir: str | Path | None, view: str, split: UnlearnSplit, fmt: Any,
-               *, max_new_tokens: int, batch_size: int, bf16: bool, progress: bool) -> dict[str, Any]:
-    """TOFU metrics of one view (`original` for a plain model), plus holdout answer NLLs."""
+def view_scorer(model_dir: str | Path, bundle_dir: str | Path | None, view: str, *, batch_size: int, bf16: bool,
+                progress: bool):
+    """A LocalScorer of one view (`original` for a plain model), under bf16 autocast if asked."""
     import torch
 
     from train.eval_cli import local_view_scorers
-    from train.evaluate import evaluate_tofu
 
     scorer = local_view_scorers(str(model_dir), str(bundle_dir) if bundle_dir else None, [view], device="cpu",
                                 batch_size=batch_size, progress=progress)[view]
@@ -47,15 +47,27 @@ def score_view(model_dir: str | Path, bundle_dir: str | Path | None, view: str, 
             with inner(), torch.autocast("cpu", dtype=torch.bfloat16):
                 yield
         scorer.mode = mode
-    eos = scorer.tokenizer.eos_token
+    return scorer
+
+
+def score_view(scorer: Any, split: UnlearnSplit, fmt: Any, *, max_new_tokens: int) -> dict[str, Any]:
+    """TOFU metrics of one view, compact (`compact_report`); EOS scored after every answer."""
+    from train.evaluate import evaluate_tofu
+
     report = evaluate_tofu(scorer, split.eval_sets, max_new_tokens=max_new_tokens, prompt_format=fmt,
-                           answer_suffix=eos)
-    holdout = scorer.answer_logprobs([fmt.prompt(r["question"]) for r in split.holdout],
-                                     [fmt.answer(r["answer"]) + eos for r in split.holdout])
-    return compact_report(report, split, [metrics.mean_nll(lp) for lp in holdout])
+                           answer_suffix=scorer.tokenizer.eos_token)
+    return compact_report(report, split)
 
 
-def compact_report(report: Mapping[str, Any], split: UnlearnSplit, holdout_nll: Sequence[float]) -> dict[str, Any]:
+def holdout_nll(scorer: Any, split: UnlearnSplit, fmt: Any) -> list[float]:
+    """Mean answer NLL (EOS scored) of every scored holdout answer under one view."""
+    eos = scorer.tokenizer.eos_token
+    logprobs = scorer.answer_logprobs([fmt.prompt(r["question"]) for r in split.holdout],
+                                      [fmt.answer(r["answer"]) + eos for r in split.holdout])
+    return [metrics.mean_nll(lp) for lp in logprobs]
+
+
+def compact_report(report: Mapping[str, Any], split: UnlearnSplit) -> dict[str, Any]:
     sets = report["sets"]
     forget = sets["forget"]["samples"]
     per_head: dict[str, list[float]] = {}
@@ -69,7 +81,6 @@ def compact_report(report: Mapping[str, Any], split: UnlearnSplit, holdout_nll: 
         "forget_truth_ratios": [s["truth_ratio"] for s in forget],
         "forget_nll": [-math.log(max(s["probability"], 1e-300)) for s in forget],
         "forget_rouge": [s["rouge_l_recall"] for s in forget],
-        "holdout_nll": list(holdout_nll),
         "head_probability": {head: metrics.mean(values) for head, values in per_head.items()},
         "examples": [{"question": s["question"], "answer": s["answer"], "generation": s["generation"]}
                      for s in forget[:5]],

@@ -12,10 +12,13 @@ A pretrained chat model is fine-tuned on some of them, and the forget authors ar
   the forget evaluation set, all of them: forget quality is a KS test, and n = 200 is what gives
   it resolution. They are grouped into sub-domains of `authors_per_head` consecutive authors, one
   forget head each (`authors-190-191`, …);
-* holdout authors (`holdout05.json`, authors TOFU never trains): never trained. Their answer NLL
-  is the "never learned" level that a forgotten author should sink to. The file's first half
-  (`holdout_calibration`) is what training may use to measure that level; the second half
-  (`holdout`) is only scored (validity gate G5 and the privacy-leak figure);
+* holdout authors (default TOFU 180–189): never trained. Their answer NLL is the "never learned"
+  level that a forgotten author should sink to. The first half of them (`holdout_calibration`) is
+  what training may use to measure that level; the second half (`holdout`) is only scored
+  (validity gate G5 and the privacy-leak figure). They come from the same TOFU block as the default
+  forget authors, so they are matched to them: TOFU's own `holdout05.json` is not (a model that
+  saw neither scores its answers 0.56 nats easier than the forget05 answers, so forget-vs-holdout
+  tests fail even for the retain model; `holdout_split: holdout05` still selects it);
 * real authors and world facts: never trained. They measure the pretrained knowledge that
   unlearning must keep (model utility).
 """
@@ -48,7 +51,8 @@ class SplitSpec:
     forget_authors: tuple[int, ...] = FORGET05_AUTHORS
     authors_per_head: int = 2
     retain_scored_per_author: int = 5
-    holdout_split: str = "holdout05"
+    holdout_authors: tuple[int, ...] = tuple(range(180, 190))
+    holdout_split: str | None = None    # a TOFU holdout file instead of holdout_authors (e.g. holdout05)
     utility_limit: int | None = None    # questions per utility set (None: all)
     holdout_limit: int | None = None    # holdout questions (None: all)
 
@@ -66,6 +70,15 @@ class SplitSpec:
         overlap = sorted(set(self.retain_authors) & set(self.forget_authors))
         if overlap:
             problems.append(f"authors {overlap} are both retain and forget authors")
+        if self.holdout_split is None:
+            bad = sorted(a for a in self.holdout_authors if not 0 <= a < TOFU_AUTHORS)
+            if bad:
+                problems.append(f"unknown holdout author ids {bad}: TOFU authors are 0..{TOFU_AUTHORS - 1}")
+            trained = sorted(set(self.holdout_authors) & (set(self.retain_authors) | set(self.forget_authors)))
+            if trained:
+                problems.append(f"holdout authors {trained} are trained (retain or forget authors)")
+            if len(self.holdout_authors) < 2:
+                problems.append("at least 2 holdout authors are needed (half calibrates, half is scored)")
         no_material = sorted(a for a in self.forget_authors if a not in FORGET_PERTURBED_AUTHORS and 0 <= a < TOFU_AUTHORS)
         if no_material:
             problems.append(f"forget authors {no_material} have no paraphrased/perturbed answers in TOFU (only authors "
@@ -114,6 +127,13 @@ class UnlearnSplit:
                               self.holdout_calibration], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
+    def eval_digest(self) -> str:
+        """sha256 of the evaluation sets alone (what a TOFU scoring depends on)."""
+        return hashlib.sha256(json.dumps(self.eval_sets, sort_keys=True).encode()).hexdigest()
+
+    def holdout_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.holdout, sort_keys=True).encode()).hexdigest()
+
     def summary(self) -> dict[str, Any]:
         return {
             "retain_authors": list(self.spec.retain_authors), "forget_authors": list(self.spec.forget_authors),
@@ -154,11 +174,16 @@ def build_split(root: str | Path, spec: SplitSpec = SplitSpec()) -> UnlearnSplit
     eval_sets = {"forget": forget_eval, "retain": retain_eval}
     for name in UTILITY_SETS:
         eval_sets[name] = load_split(root, f"{name}_perturbed")[: spec.utility_limit]
-    holdout = [{"question": r["question"], "answer": r["answer"]} for r in load_split(root, spec.holdout_split)]
-    trained = {r["question"] for r in full}
-    if any(r["question"] in trained for r in holdout):
-        raise ValueError(f"{spec.holdout_split}: some holdout questions are TOFU training questions")
-    half = len(holdout) // 2
+    if spec.holdout_split is None:
+        holdout = [{"question": r["question"], "answer": r["answer"]}
+                   for r in _author_records(full, spec.holdout_authors)]
+        half = len(spec.holdout_authors) // 2 * AUTHOR_BLOCK  # whole authors on each side
+    else:
+        holdout = [{"question": r["question"], "answer": r["answer"]} for r in load_split(root, spec.holdout_split)]
+        trained = {r["question"] for r in [*retain_train, *forget_train]}
+        if any(r["question"] in trained for r in holdout):
+            raise ValueError(f"{spec.holdout_split}: some holdout questions are training questions")
+        half = len(holdout) // 2
     return UnlearnSplit(spec, retain_train, forget_train, eval_sets, holdout[half:][: spec.holdout_limit],
                         holdout[:half][: spec.holdout_limit], [head_name(g) for g in groups])
 
