@@ -42,6 +42,14 @@ def test_evaluation_and_training_sets_are_disjoint_where_they_must_be(split):
     assert {r["subdomain"] for r in split.eval_sets["forget"]} == set(split.heads)
 
 
+def test_holdout_authors_are_whole_never_trained_authors_split_in_halves(split):
+    # Authors 180-189: 180-184 measure the never-learned level, 185-189 are scored.
+    assert len(split.holdout_calibration) == len(split.holdout) == 100
+    tofu_holdout = build_split(TOFU_ROOT, SplitSpec(holdout_split="holdout05"))
+    assert len(tofu_holdout.holdout) == len(tofu_holdout.holdout_calibration) == 100
+    assert tofu_holdout.eval_digest() == split.eval_digest() and tofu_holdout.holdout_digest() != split.holdout_digest()
+
+
 def test_digest_changes_with_the_split(split):
     other = build_split(TOFU_ROOT, SplitSpec(authors_per_head=5))
     assert other.heads == ["authors-190-194", "authors-195-199"]
@@ -54,6 +62,8 @@ def test_digest_changes_with_the_split(split):
     (SplitSpec(forget_authors=(5, 199)), "forget authors [5] have no paraphrased/perturbed answers"),
     (SplitSpec(retain_authors=(50, 51)), "no retain author in 0..19"),
     (SplitSpec(forget_authors=(199, 199)), "forget author ids repeat"),
+    (SplitSpec(holdout_authors=(185, 199)), "holdout authors [199] are trained"),
+    (SplitSpec(holdout_authors=(185, 300)), "unknown holdout author ids [300]"),
 ])
 def test_bad_author_choices_are_refused_with_every_problem_named(spec, message):
     with pytest.raises(ValueError, match="invalid unlearning split") as raised:
