@@ -454,7 +454,8 @@ class Trainer:
         forget_iters = {head: self._stream(ex, f"phase2/{head}", done * per_epoch)
                         for head, ex in self.forget_examples.items()}
         retain_iter = self._stream(self.retain_examples, "phase2/retain", done * per_epoch)
-        bar = self._bar("Phase II (heads: IHL forget / NLL retain)", cfg.epochs * per_epoch, "phase2", per_epoch)
+        bar = self._bar(f"Phase II (heads: {cfg.forget_loss} forget / NLL retain)", cfg.epochs * per_epoch, "phase2",
+                        per_epoch)
         fused = (FusedPhase2(alter, steps.config, steps.rng, steps.autocast, self.pad_id,
                              forget_teacher=steps.forget_teacher) if cfg.fused_step else None)
         alter.train()
