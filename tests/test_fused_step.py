@@ -218,3 +218,33 @@ def test_the_objectives_beyond_the_paper_fuse_exactly(alter, base, forget_loss: 
                       forget_teacher=teacher).step(forget, retain)
     assert_same_heads(reference, alter, expected, got)
     torch.testing.assert_close(got.retain_kl, retain_parts["kl"], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("retain_kl", [0.0, 0.8])
+def test_retain_anchors_fuse_exactly(alter, retain_kl: float) -> None:
+    """forget_anchor: each forget head's KL on its own retain rows under its own view reaches that
+    head alone, and the fused step gives every head the sequential step's gradient and losses."""
+    forget, retain = batches(3)
+    anchors = {"bio": ragged_batch(41, 0, (8, 13)), "cyber": ragged_batch(42, 0, (5, 9, 12))}
+    cfg = AlterStepConfig(THRESHOLD, True, beta=1.3, gamma=0.7, lam=0.05, head_prob=0.5, forget_loss="bounded_nll",
+                          forget_tokens="answer", forget_target=9.0, retain_kl=retain_kl, forget_anchor=2.5)
+    reference = copy.deepcopy(alter)
+    steps = AlterSteps(reference, cfg, random.Random(5), contextlib.nullcontext)
+    parts = {head: steps.forget(batch, head, anchors[head]) for head, batch in forget.items()}
+    expected = {head: p["bounded_nll"] for head, p in parts.items()}
+    expected["retain"] = steps.retain(retain)["nll"]
+    got = FusedPhase2(alter, cfg, random.Random(5), contextlib.nullcontext, pad_id=0).step(forget, retain, anchors)
+    assert_same_heads(reference, alter, expected, got)
+    for head in forget:
+        assert float(got.anchor[head]) > 0
+        torch.testing.assert_close(got.anchor[head], parts[head]["anchor"], atol=1e-6, rtol=1e-5)
+    assert (got.retain_kl is None) == (retain_kl == 0)
+
+
+def test_an_anchored_step_without_anchors_is_refused(alter) -> None:
+    forget, retain = batches(3)
+    cfg = AlterStepConfig(THRESHOLD, True, forget_anchor=1.0)
+    with pytest.raises(ValueError, match="forget_anchor"):
+        FusedPhase2(alter, cfg, random.Random(0), contextlib.nullcontext, pad_id=0).step(forget, retain)
+    with pytest.raises(ValueError, match="forget_anchor"):
+        AlterSteps(alter, cfg, random.Random(0), contextlib.nullcontext).forget(forget["bio"], "bio")

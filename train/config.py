@@ -162,6 +162,10 @@ class OptimSection(_Section):
     # τ of bounded_nll; None: the mean answer NLL of data.holdout_file under the base model.
     forget_nll_target: float | None = Field(default=None, gt=0)
     retain_kl: float = Field(default=0.0, ge=0)  # κ · KL(base ‖ view) on retain answers (adapters-off teacher)
+    # κ_a: every forget head also answers for retain text under its own view, κ_a · KL(base ‖ view)
+    # on `anchor_batch_size` retain rows per head and step, gradient to that head only (alter_loop).
+    forget_anchor: float = Field(default=0.0, ge=0)
+    anchor_batch_size: int = Field(default=4, ge=1)
     # Phase II: every head in one forward/backward (train.fused_step); false: one pass per head
     # (train.alter_loop, the reference). Same views, same gradients.
     fused_step: bool = True

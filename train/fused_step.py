@@ -17,6 +17,11 @@ its own group's rows only (elsewhere its weight goes through B.detach()) and fro
 term (the other heads detached there). One backward; per-head clipping follows as before
 (`train.optim.clip_head_grad_norms`).
 
+Anchors. With `forget_anchor` κ_a, each forget head d brings a second group: retain rows under d's
+view, trained head d, loss κ_a · KL(base ‖ view) (`alter_loop`). Its rows sit between the forget
+groups and the retain group, so every row that needs the base model's logits (anchors, and the
+retain group under `retain_kl`) is one contiguous block and gets one no-grad forward.
+
 Views. `draw_views` takes them from the steps' RNG in the sequential order (each forget head in
 the order given, then retain), so from the same RNG state both paths train on the same views.
 
@@ -44,7 +49,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -63,25 +68,36 @@ def retain_objective(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Ten
     return nll_loss(logits, labels, mask)
 
 
+ANCHOR = "anchor/"   # batch key prefix of a forget head's retain anchor: "anchor/<head>"
+
+
 @dataclass(frozen=True)
 class Group:
-    """One head's rows [start, stop) of the fused batch, trained head `head`, forget weights `view`
-    (the retain head always has weight 1)."""
+    """One batch's rows [start, stop) of the fused batch, trained head `head`, forget weights
+    `view` (the retain head always has weight 1); `key` is the batch's key ("<head>", "retain",
+    or "anchor/<head>" for head's retain anchor)."""
 
     head: str
     start: int
     stop: int
     view: dict[str, float]
+    key: str = ""
+
+    @property
+    def is_anchor(self) -> bool:
+        return self.key.startswith(ANCHOR)
 
 
 @dataclass(frozen=True)
 class FusedLosses:
     """Detached device tensors: each head's data loss (F for forget heads, R for retain; without
-    β, γ) and L_⊥ of every head [H], in the model's head order."""
+    β, γ), L_⊥ of every head [H] in the model's head order, the retain KL, and each forget
+    head's anchor KL (without κ, κ_a)."""
 
     per_head: dict[str, torch.Tensor]
     orthogonality: torch.Tensor
     retain_kl: torch.Tensor | None = None
+    anchor: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def draw_views(forget_heads: Sequence[str], order: Sequence[str], rng: random.Random, prob: float,
@@ -129,10 +145,10 @@ def sdpa_mask(batch: Batch, attn_implementation: str | None) -> torch.Tensor | N
 
 def loss_masks(batches: dict[str, Batch], config: AlterStepConfig, width: int) -> torch.Tensor:
     """[N, width − 1] bool, the tokens each group's loss reads: a forget batch's forget tokens (as
-    `AlterSteps.forget`), every labelled token of the retain batch."""
+    `AlterSteps.forget`), every labelled token of the retain batch and of the anchors."""
     masks = []
-    for head, batch in batches.items():
-        if head == RETAIN_HEAD:
+    for key, batch in batches.items():
+        if key == RETAIN_HEAD or key.startswith(ANCHOR):
             mask = batch.labels[:, 1:] != IGNORE_INDEX
         else:
             mask = forget_token_mask(batch, config)
@@ -141,11 +157,13 @@ def loss_masks(batches: dict[str, Batch], config: AlterStepConfig, width: int) -
 
 
 def groups_of(batches: dict[str, Batch], views: dict[str, dict[str, float]]) -> list[Group]:
-    """The row range of every batch in the concatenation, with its view."""
+    """The row range of every batch in the concatenation, with its view (an anchor has its
+    head's)."""
     groups, start = [], 0
-    for head, batch in batches.items():
+    for key, batch in batches.items():
+        head = key.removeprefix(ANCHOR)
         stop = start + batch.input_ids.shape[0]
-        groups.append(Group(head, start, stop, views[head]))
+        groups.append(Group(head, start, stop, views[head], key))
         start = stop
     return groups
 
@@ -208,16 +226,23 @@ class FusedPhase2:
         self.forget_objective, self.retain_objective = forget_objective, retain_objective
         self.forget_teacher = forget_teacher
 
-    def step(self, forget: dict[str, Batch], retain: Batch) -> FusedLosses:
-        """Backward of L (module docstring) on one host batch per forget head plus a retain batch."""
+    def step(self, forget: dict[str, Batch], retain: Batch,
+             anchors: dict[str, Batch] | None = None) -> FusedLosses:
+        """Backward of L (module docstring) on one host batch per forget head plus a retain batch,
+        and with `forget_anchor` one retain batch per forget head as its anchor."""
         missing = sorted(set(self.alter.forget_heads) - set(forget))
         unknown = sorted(set(forget) - set(self.alter.forget_heads))
         if missing or unknown:
             raise ValueError(f"the fused step needs one batch per forget head {self.alter.forget_heads}; "
                              f"missing {missing}, unknown {unknown}")
+        anchors = anchors or {}
+        if self.config.forget_anchor > 0 and set(anchors) != set(forget):
+            raise ValueError(f"forget_anchor needs one retain batch per forget head {sorted(forget)}; "
+                             f"got {sorted(anchors)}")
         views = draw_views(self.alter.forget_heads, list(forget), self.rng, self.config.head_prob,
                            self.config.retain_nonempty)
-        batches = {**forget, RETAIN_HEAD: retain}
+        anchored = {ANCHOR + head: anchors[head] for head in forget} if self.config.forget_anchor > 0 else {}
+        batches = {**forget, **anchored, RETAIN_HEAD: retain}
         groups = groups_of(batches, views)
         fused = concat_batches(list(batches.values()), self.pad_id)
         masks = loss_masks(batches, self.config, fused.input_ids.shape[1])
@@ -231,36 +256,44 @@ class FusedPhase2:
             with self.autocast():
                 logits = self.alter(input_ids=fused.input_ids, attention_mask=attention).logits
             per_head = {g.head: self._loss(g.head, logits[g.start: g.stop], fused.labels[g.start: g.stop],
-                                           masks[g.start: g.stop], targets.get(g.head)) for g in groups}
-            retain = next(g for g in groups if g.head == RETAIN_HEAD)
-            retain_kl = None
-            if RETAIN_HEAD in targets:
-                retain_kl = distribution_kl(logits[retain.start: retain.stop], targets[RETAIN_HEAD],
-                                            fused.labels[retain.start: retain.stop])
+                                           masks[g.start: g.stop], targets.get(g.key))
+                        for g in groups if not g.is_anchor}
+            kl = {g.key: distribution_kl(logits[g.start: g.stop], targets[g.key], fused.labels[g.start: g.stop])
+                  for g in groups if g.key in targets and (g.is_anchor or g.key == RETAIN_HEAD)}
+            retain_kl = kl.pop(RETAIN_HEAD, None)
+            anchor = {key.removeprefix(ANCHOR): value for key, value in kl.items()}
             orthogonality = head_orthogonality(self.alter.lora_B_parameters())
-            self._total(per_head, orthogonality, retain_kl).backward()
+            self._total(per_head, orthogonality, retain_kl, anchor).backward()
         return FusedLosses({h: loss.detach() for h, loss in per_head.items()}, orthogonality.detach(),
-                           None if retain_kl is None else retain_kl.detach())
+                           None if retain_kl is None else retain_kl.detach(),
+                           {h: value.detach() for h, value in anchor.items()})
 
     @torch.no_grad()
     def _targets(self, groups: Sequence[Group], fused: Batch, attention: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """No-grad logits the losses compare against, per group: the kl_pre teacher's on each forget
-        group, the base model's (adapters off) on the retain group when retain_kl is set."""
+        """No-grad logits the losses compare against, by group key: the kl_pre teacher's on each
+        forget group; the base model's (adapters off) on every anchor, and on the retain group when
+        retain_kl is set — those rows are contiguous (`step` orders them so), one forward."""
         targets: dict[str, torch.Tensor] = {}
 
-        def rows(group: Group) -> Batch:
-            mask = None if attention is None else attention[group.start: group.stop]
-            return Batch(fused.input_ids[group.start: group.stop], mask, fused.labels[group.start: group.stop],
-                         fused.head[group.start: group.stop], padded=None if mask is not None else False)
+        def rows(start: int, stop: int) -> Batch:
+            mask = None if attention is None else attention[start: stop]
+            return Batch(fused.input_ids[start: stop], mask, fused.labels[start: stop],
+                         fused.head[start: stop], padded=None if mask is not None else False)
 
-        for group in groups:
-            if group.head == RETAIN_HEAD and self.config.retain_kl > 0:
-                with self.alter.mixing("off"), self.autocast():
-                    targets[group.head] = self.alter(input_ids=fused.input_ids[group.start: group.stop],
-                                                     attention_mask=rows(group).attention_mask).logits
-            elif group.head != RETAIN_HEAD and self.config.forget_loss == "kl_pre" and self.forget_objective is None:
-                with self.autocast():
-                    targets[group.head] = self.forget_teacher(rows(group))
+        on_base = [g for g in groups if g.is_anchor or (g.key == RETAIN_HEAD and self.config.retain_kl > 0)]
+        if on_base:
+            start, stop = on_base[0].start, on_base[-1].stop
+            if sum(g.stop - g.start for g in on_base) != stop - start:
+                raise AssertionError("the rows scored by the base model must be contiguous")
+            with self.alter.mixing("off"), self.autocast():
+                logits = self.alter(input_ids=fused.input_ids[start: stop],
+                                    attention_mask=rows(start, stop).attention_mask).logits
+            targets.update({g.key: logits[g.start - start: g.stop - start] for g in on_base})
+        if self.config.forget_loss == "kl_pre" and self.forget_objective is None:
+            for group in groups:
+                if group.key in self.alter.forget_heads:
+                    with self.autocast():
+                        targets[group.key] = self.forget_teacher(rows(group.start, group.stop))
         return targets
 
     def _loss(self, head: str, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -272,9 +305,12 @@ class FusedPhase2:
         return forget_term(self.config, logits, labels, mask, target)
 
     def _total(self, per_head: dict[str, torch.Tensor], orthogonality: torch.Tensor,
-               retain_kl: torch.Tensor | None = None) -> torch.Tensor:
-        """β Σ_d F_d + γ R + κ KL_r + λ Σ_h L_⊥(h): the sum of the sequential steps' losses."""
+               retain_kl: torch.Tensor | None = None, anchor: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """β Σ_d F_d + κ_a Σ_d KL_d + γ R + κ KL_r + λ Σ_h L_⊥(h): the sum of the sequential steps'
+        losses."""
         cfg = self.config
         forget = sum(loss for head, loss in per_head.items() if head != RETAIN_HEAD)
         total = cfg.beta * forget + cfg.gamma * per_head[RETAIN_HEAD] + cfg.lam * orthogonality.sum()
+        if anchor:
+            total = total + cfg.forget_anchor * sum(anchor.values())
         return total if retain_kl is None else total + cfg.retain_kl * retain_kl

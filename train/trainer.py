@@ -256,20 +256,24 @@ class Trainer:
         """An RNG of its own for (seed, *what): str seeds hash the same in every process."""
         return random.Random(":".join(str(part) for part in (self.config.runtime.seed, *what)))
 
-    def _order(self, examples: list[Example], stream: str, index: int) -> list[Batch]:
-        """Pass `index` over `examples` as host batches, shuffled by (seed, stream, index) alone.
+    def _order(self, examples: list[Example], stream: str, index: int,
+               batch_size: int | None = None) -> list[Batch]:
+        """Pass `index` over `examples` as host batches (of optim.batch_size unless given), shuffled
+        by (seed, stream, index) alone.
 
         Host batches: the steps read token counts and masks on them (no device sync) and copy each
         batch to the device asynchronously."""
-        return epoch_batches(examples, self.config.optim.batch_size, self.pad_id, self._rng(stream, index))
+        return epoch_batches(examples, batch_size or self.config.optim.batch_size, self.pad_id,
+                             self._rng(stream, index))
 
-    def _stream(self, examples: list[Example], stream: str, start: int = 0) -> Iterator[Batch]:
+    def _stream(self, examples: list[Example], stream: str, start: int = 0,
+                batch_size: int | None = None) -> Iterator[Batch]:
         """Passes 0, 1, … over `examples` back to back (see `_order`), from batch `start` on, so a
         resumed run picks a cycling stream up where the interrupted one was."""
-        per_pass = math.ceil(len(examples) / self.config.optim.batch_size)
+        per_pass = math.ceil(len(examples) / (batch_size or self.config.optim.batch_size))
         index, skip = divmod(start, per_pass)
         while True:
-            yield from self._order(examples, stream, index)[skip:]
+            yield from self._order(examples, stream, index, batch_size)[skip:]
             index, skip = index + 1, 0
 
     def _all_forget(self) -> list[Example]:
@@ -315,7 +319,8 @@ class Trainer:
         step_config = AlterStepConfig(threshold, use_entropy, cfg.optim.beta, cfg.optim.gamma, cfg.optim.lam,
                                       cfg.optim.retain_view_head_prob, cfg.optim.retain_view_nonempty,
                                       forget_loss=cfg.optim.forget_loss, forget_tokens=cfg.optim.forget_tokens,
-                                      forget_target=self.forget_target, retain_kl=cfg.optim.retain_kl)
+                                      forget_target=self.forget_target, retain_kl=cfg.optim.retain_kl,
+                                      forget_anchor=cfg.optim.forget_anchor)
         steps = AlterSteps(alter, step_config, self.rng, self.autocast, self._forget_teacher())
         self._phase1(alter, steps)
         self._phase2(alter, steps)
@@ -454,6 +459,10 @@ class Trainer:
         forget_iters = {head: self._stream(ex, f"phase2/{head}", done * per_epoch)
                         for head, ex in self.forget_examples.items()}
         retain_iter = self._stream(self.retain_examples, "phase2/retain", done * per_epoch)
+        # Each forget head's retain anchor: its own stream of small retain batches (one per step).
+        anchor_iters = ({head: self._stream(self.retain_examples, f"phase2/anchor/{head}", done * per_epoch,
+                                            cfg.anchor_batch_size) for head in self.forget_examples}
+                        if cfg.forget_anchor > 0 else {})
         bar = self._bar(f"Phase II (heads: {cfg.forget_loss} forget / NLL retain)", cfg.epochs * per_epoch, "phase2",
                         per_epoch)
         fused = (FusedPhase2(alter, steps.config, steps.rng, steps.autocast, self.pad_id,
@@ -463,15 +472,19 @@ class Trainer:
             with meter:
                 for _ in range(per_epoch):
                     if fused is not None:
-                        self._fused_phase2_step(fused, optimizer, forget_iters, retain_iter, meter,
+                        self._fused_phase2_step(fused, optimizer, forget_iters, retain_iter, anchor_iters, meter,
                                                 (cfg.lr_B, meter.steps, cfg.epochs * per_epoch, per_epoch))
                         bar.update(1)
                         continue
                     # The sequential reference step: one forward/backward per head.
                     for head, iterator in forget_iters.items():
                         batch = next(iterator)
-                        parts = steps.forget(batch, head)
+                        anchor = next(anchor_iters[head]) if anchor_iters else None
+                        parts = steps.forget(batch, head, anchor)
                         self._log(f"phase2/{self.config.optim.forget_loss}_{head}", parts[self.config.optim.forget_loss])
+                        if anchor is not None:
+                            self._log(f"phase2/anchor_{head}", parts["anchor"])
+                            meter.tokens += anchor.num_tokens
                         meter.tokens += batch.num_tokens
                     batch = next(retain_iter)
                     parts = steps.retain(batch)
@@ -492,19 +505,23 @@ class Trainer:
 
     def _fused_phase2_step(self, fused: FusedPhase2, optimizer: torch.optim.Optimizer,
                            forget_iters: dict[str, Iterator[Batch]], retain_iter: Iterator[Batch],
-                           meter: PhaseMeter, schedule: tuple[float, int, int, int]) -> None:
+                           anchor_iters: dict[str, Iterator[Batch]], meter: PhaseMeter,
+                           schedule: tuple[float, int, int, int]) -> None:
         """One Phase II optimizer step with every head in one forward/backward (train.fused_step);
         logs the same series as the sequential step."""
         forget = {head: next(iterator) for head, iterator in forget_iters.items()}
+        anchors = {head: next(iterator) for head, iterator in anchor_iters.items()}
         retain = next(retain_iter)
-        losses = fused.step(forget, retain)
+        losses = fused.step(forget, retain, anchors)
         for head in forget:
             self._log(f"phase2/{self.config.optim.forget_loss}_{head}", losses.per_head[head])
+        for head, value in losses.anchor.items():
+            self._log(f"phase2/anchor_{head}", value)
         self._log("phase2/nll_retain", losses.per_head[RETAIN_HEAD])
         if losses.retain_kl is not None:
             self._log("phase2/kl_retain", losses.retain_kl)
         self._log("phase2/orth_retain", losses.orthogonality[0])
-        meter.tokens += sum(batch.num_tokens for batch in (*forget.values(), retain))
+        meter.tokens += sum(batch.num_tokens for batch in (*forget.values(), *anchors.values(), retain))
         self._optimizer_step(optimizer, fused.alter.lora_B_parameters(), per_head=True, schedule=schedule)
         meter.steps += 1
 
