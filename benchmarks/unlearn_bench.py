@@ -213,14 +213,19 @@ BUDGET = {"adapter": {"rank": 8, "alpha": 16.0},
                     "router_epochs": 0, "router_tokens_per_label": 10_000},
           "calibration": {"max_examples": 64, "min_retain_ratio": 0.95}}
 # ALTER beyond the paper (train.alter_loop): a bounded "never learned" forget term on the knowledge
-# tokens (answer tokens without EOS), a retain KL to the base model, and a quantile entropy split
-# (the paper's absolute 1.2 passes almost no token of a fine-tuned model, so Phase I trains nothing).
-_ALTER = {"optim": {"forget_loss": "bounded_nll", "forget_tokens": "answer", "retain_kl": 1.0},
-          "entropy": {"split": "quantile", "quantile": 0.8}}
+# tokens (answer tokens without EOS), a retain KL to the base model, a retain anchor on every forget
+# head (its own view must keep retain text), and a quantile entropy split (the paper's absolute 1.2
+# passes almost no token of a fine-tuned model, so Phase I trains nothing).
+_ALTER_NO_ANCHOR = {"optim": {"forget_loss": "bounded_nll", "forget_tokens": "answer", "retain_kl": 1.0},
+                    "entropy": {"split": "quantile", "quantile": 0.8}}
+_ALTER = deep_merge(_ALTER_NO_ANCHOR, {"optim": {"forget_anchor": 1.0, "anchor_batch_size": 4}})
 METHODS = {m.name: m for m in (
-    Method("alter", "alter", _ALTER, description="ALTER, bounded never-learned NLL on answer tokens + retain KL"),
+    Method("alter", "alter", _ALTER,
+           description="ALTER, bounded never-learned NLL on answer tokens + retain KL + per-head retain anchor"),
+    Method("alter-no-anchor", "alter", _ALTER_NO_ANCHOR,
+           description="ablation: ALTER without the forget heads' retain anchor"),
     Method("alter-kl-pre", "alter", deep_merge(_ALTER, {"optim": {"forget_loss": "kl_pre"}}), teacher=True,
-           description="ALTER, distil the pre-fine-tune model on forget answers + retain KL"),
+           description="ALTER, distil the pre-fine-tune model on forget answers + retain KL + anchor"),
     Method("alter-paper", "alter", {}, description="ALTER as in the paper: IHL on low-entropy tokens (q 1.5, τ 1.2)"),
     Method("lora-npo", "npo", {"optim": {"lr": 1e-4}}, description="NPO on a LoRA of the same rank"),
     Method("lora-graddiff", "grad_diff", {"optim": {"lr": 1e-4}}, description="GradDiff on a LoRA of the same rank"),
