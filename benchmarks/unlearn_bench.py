@@ -35,6 +35,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -297,14 +298,22 @@ def method_stage(cache: StageCache, method: Method, seed: int, models: dict[str,
     return cache.run(f"unlearn-{method.name}-s{seed}", inputs, work)
 
 
-def scored_views(method: Method, split: UnlearnSplit) -> dict[str, str]:
-    """label → view name: the views of a trained method that get the full TOFU scoring."""
+def scored_views(method: Method, split: UnlearnSplit, omegas: Sequence[float] = ()) -> dict[str, str]:
+    """label → view name: the views of a trained method that get the full TOFU scoring. An ALTER
+    bundle gets its served (calibrated) view, every head at ω = 1, and every head at each ω of the
+    sweep `omegas`: the forget–utility trade-off that calibration picks one point of."""
     from train.eval_cli import CALIBRATED_PREFIX
 
     every = "+".join(split.heads)
     if method.is_alter:
-        return {"served": CALIBRATED_PREFIX + every, "all heads, ω=1": every}
+        sweep = {omega_label(w): "+".join(f"{head}*{w:g}" for head in split.heads) for w in omegas}
+        return {"served": CALIBRATED_PREFIX + every, **sweep, omega_label(1.0): every}
     return {"model": "forget" if method.peft == "lora" else "original"}
+
+
+def omega_label(omega: float) -> str:
+    """The result label of the view with every forget head at weight ω."""
+    return f"all heads, ω={omega:g}"
 
 
 def score_stage(cache: StageCache, scale: Scale, split: UnlearnSplit, fmt: Any, trained, view: str,
@@ -380,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.methods:
             method = METHODS[name]
             trained = method_stage(cache, method, seed, models, base, split, fmt, files, progress)
-            for label, view in scored_views(method, split).items():
+            for label, view in scored_views(method, split, args.omega_sweep).items():
                 result = score_stage(cache, scale, split, fmt, trained, view, label, progress)
                 views.append({"method": name, "seed": seed, "view": label, "scores": result,
                               "training": {k: trained.result.get(k) for k in ("train_time_s", "peak_memory_bytes")}})
@@ -395,6 +404,16 @@ def _done(started: float) -> int:
     return 0
 
 
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a head weight in [0, 1) (ω = 1 is always scored)")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
@@ -407,6 +426,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore-gates", action="store_true", help="score methods even when a validity gate fails")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(DEFAULT_METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="unlearning seeds (default: the scale's)")
+    parser.add_argument("--omega-sweep", nargs="+", type=_weight, default=[], metavar="ω",
+                        help="also score every ALTER bundle with all forget heads at each weight ω in [0, 1) "
+                             "(the FQ-MU curve; each point costs one full scoring)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 

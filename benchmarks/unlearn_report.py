@@ -150,6 +150,9 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path, scale: str) -> Pa
         ax.scatter([p["mu_vs_full"] or 0.0 for p in points], [max(p["fq"], 1e-30) for p in points], label=label,
                    marker=marker, s=140 if marker == "*" else 60, color=colors[i % len(colors)],
                    edgecolor="black", linewidth=0.5, alpha=0.9)
+    for (method, seed), curve in _omega_curves(rows).items():
+        ax.plot([p["mu_vs_full"] or 0.0 for p in curve], [max(p["fq"], 1e-30) for p in curve], color="grey",
+                linewidth=0.8, alpha=0.7, zorder=0)
     ax.axhline(GOAL_FQ, color="grey", linestyle="--", linewidth=0.8)
     ax.axvline(GOAL_MU, color="grey", linestyle=":", linewidth=0.8)
     ax.set_yscale("log")
@@ -157,6 +160,18 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path, scale: str) -> Pa
     ax.set_ylabel("forget quality, KS p-value vs retain-a (higher is better)")
     ax.set_title(f"Unlearning on SmolLM2-135M ({scale}): forget quality vs utility, one point per seed")
     return save_figure(fig, ax, path)
+
+
+def _omega_curves(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], list[Mapping[str, Any]]]:
+    """(method, seed) → its rows with every forget head at one weight ω (the ω sweep, ω = 1 and the
+    served view, which is all heads at the calibrated ω), ordered by utility: a trade-off curve.
+    Only runs with at least three such points."""
+    curves: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row["view"] == "served" or row["view"].startswith("all heads, ω="):
+            curves.setdefault((row["method"], row["seed"]), []).append(row)
+    return {key: sorted(points, key=lambda p: p["mu_vs_full"] or 0.0)
+            for key, points in curves.items() if len(points) >= 3}
 
 
 def isolation_heatmaps(isolation: Mapping[str, Mapping[str, Any]], path: Path) -> Path:

@@ -125,3 +125,21 @@ def test_tofu_sets() -> None:
     assert by_domain == {}
     assert len(sets["forget"][0]["perturbed_answer"]) == 5 and "paraphrased_answer" in sets["retain"][0]
     assert len(sets["world_facts"][0]["perturbed_answer"]) == 3
+
+
+def test_a_view_can_weight_each_head(workdir: Path) -> None:
+    """`NAME*W` scales a head: at W = 1 it is the plain name, at W = 0 the retain head alone."""
+    views = local_view_scorers(str(workdir / "model"), str(workdir / "bundle"),
+                               ["retain", "mystery", "mystery*1", "mystery*0", "mystery*0.5"], progress=False)
+    prompts, answers = ["Question: Who?\nAnswer:"], [" Someone wrote it."]
+    got = {name: scorer.answer_logprobs(prompts, answers)[0] for name, scorer in views.items()}
+    assert got["mystery*1"] == pytest.approx(got["mystery"], abs=1e-5)
+    assert got["mystery*0"] == pytest.approx(got["retain"], abs=1e-5)
+    assert got["mystery*0.5"] not in (pytest.approx(got["mystery"], abs=1e-3), pytest.approx(got["retain"], abs=1e-3))
+
+
+@pytest.mark.parametrize("view", ["mystery*2", "mystery*x", "mystery*", "*0.5", "mystery+mystery",
+                                  "calibrated:mystery*0.5"])
+def test_a_bad_head_weight_is_refused_with_the_view_named(workdir: Path, view: str) -> None:
+    with pytest.raises(SystemExit, match="view"):
+        local_view_scorers(str(workdir / "model"), str(workdir / "bundle"), [view], progress=False)

@@ -18,7 +18,7 @@ METHODS = ["alter", "lora-npo", "full-npo"]  # the paper's ALTER differs from "a
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("unlearn")
     argv = ["--scale", "smoke", "--work-dir", str(root / "work"), "--out-dir", str(root / "out"),
-            "--no-progress", "--ignore-gates", "--methods", *METHODS]
+            "--no-progress", "--ignore-gates", "--methods", *METHODS, "--omega-sweep", "0.5"]
     assert unlearn_bench.main(argv) == 0
     return root, argv
 
@@ -31,7 +31,8 @@ def test_the_smoke_run_writes_results_with_gates_goals_and_plots(smoke):
     assert [g["name"] for g in settings["gates"]] == ["G1", "G2", "G3", "G4", "G5"]
     assert {(r["method"], r["view"]) for r in rows} >= {
         ("full", "reference"), ("retain-a", "reference"), ("retain-b", "reference"),
-        ("alter", "served"), ("lora-npo", "model"), ("full-npo", "model")}
+        ("alter", "served"), ("alter", "all heads, ω=0.5"), ("alter", "all heads, ω=1"),
+        ("lora-npo", "model"), ("full-npo", "model")}
     for row in rows:
         assert 0.0 <= row["fq"] <= 1.0 and 0.0 <= row["ks_d"] <= 1.0
         assert row["fq_low"] <= row["fq_high"]
@@ -84,3 +85,15 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, capsys):
     assert "unknown forget author ids [250]" in err and "forget authors [5] have no paraphrased" in err
     assert unlearn_bench.main([*argv, "--forget-authors", "2", "199"]) == 2  # the smoke scale retains 0-2
     assert "both retain and forget authors" in capsys.readouterr().err
+    for weight in ("1", "-0.1", "nan", "half"):  # ω = 1 is always scored; the sweep is [0, 1)
+        with pytest.raises(SystemExit):
+            unlearn_bench.main([*argv, "--omega-sweep", weight])
+        assert "is not a head weight in [0, 1)" in capsys.readouterr().err
+
+
+def test_the_omega_sweep_views_put_every_head_at_one_weight():
+    split = type("Split", (), {"heads": ("a", "b")})()
+    views = unlearn_bench.scored_views(unlearn_bench.METHODS["alter"], split, [0.25, 0.5])
+    assert views == {"served": "calibrated:a+b", "all heads, ω=0.25": "a*0.25+b*0.25",
+                     "all heads, ω=0.5": "a*0.5+b*0.5", "all heads, ω=1": "a+b"}
+    assert unlearn_bench.scored_views(unlearn_bench.METHODS["lora-npo"], split, [0.5]) == {"model": "forget"}

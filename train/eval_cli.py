@@ -9,8 +9,9 @@ DATA is a TOFU folder (``retain_perturbed.json`` etc.), a synthetic-TOFU folder 
 ``data/`` (what the demo model was trained on), else the default ``train.data.synthetic.generate()``.
 
 A view NAME (local bundle) is ``original`` (adapters off), ``retain`` (the retain head alone),
-forget-head names joined by ``+`` (retain head plus those forget heads, weight 1 each),
-``calibrated:`` followed by such names (the same heads at the bundle's calibrated weight ω(n) for
+forget-head names joined by ``+`` (retain head plus those forget heads, weight 1 each; a head
+written ``NAME*W`` gets weight W in [0, 1] instead, e.g. ``bio*0.5+cyber*0.5``: a point of the
+forget–utility trade-off), ``calibrated:`` followed by plain names (the same heads at the bundle's calibrated weight ω(n) for
 n heads, see ``train.calibration``), or ``routed`` (the paper's per-token entropy routing; needs
 router weights in the bundle).
 Against an endpoint, the served model name *is* the view.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -251,12 +253,14 @@ def bundle_view(alter: Any, bundle: Any, view: str) -> tuple[torch.nn.Module, Mo
     if view == "original":
         return alter.model, lambda: alter.mixing("off")
     heads_part = view.removeprefix(CALIBRATED_PREFIX)
-    heads = [] if heads_part == "retain" else heads_part.split("+")
-    unknown = sorted(set(heads) - set(alter.forget_heads))
+    forget = {} if heads_part == "retain" else weighted_heads(view, heads_part)
+    unknown = sorted(set(forget) - set(alter.forget_heads))
     if unknown:
         raise SystemExit(f"view {view!r}: no forget heads {unknown} in the bundle (heads: {alter.forget_heads})")
-    forget = {head: 1.0 for head in heads}
     if view.startswith(CALIBRATED_PREFIX):
+        if any(weight != 1.0 for weight in forget.values()):
+            raise SystemExit(f"view {view!r}: a calibrated view takes its weights from the bundle; "
+                             "drop the *W weights or the calibrated: prefix")
         from alter_serve.core.views import View, calibrated_view
 
         try:
@@ -264,6 +268,23 @@ def bundle_view(alter: Any, bundle: Any, view: str) -> tuple[torch.nn.Module, Mo
         except ValueError as exc:
             raise SystemExit(f"view {view!r}: {exc}") from None
     return alter.model, lambda: alter.mixing("view", retain=1.0, forget=forget)
+
+
+def weighted_heads(view: str, heads_part: str) -> dict[str, float]:
+    """``a+b*0.5`` → {"a": 1.0, "b": 0.5}: forget heads joined by ``+``, each with an optional
+    ``*W`` weight in [0, 1] (SystemExit naming the view on a bad term)."""
+    forget: dict[str, float] = {}
+    for term in heads_part.split("+"):
+        name, star, weight_text = term.partition("*")
+        try:
+            weight = float(weight_text) if star else 1.0
+        except ValueError:
+            weight = math.nan
+        if not name or not 0.0 <= weight <= 1.0 or name in forget:
+            raise SystemExit(f"view {view!r}: {term!r} is not a forget head NAME or NAME*W with W in [0, 1] "
+                             "(each head at most once)")
+        forget[name] = weight
+    return forget
 
 
 class _RoutedModel(torch.nn.Module):
