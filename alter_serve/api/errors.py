@@ -146,10 +146,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "Invalid request.", None
     first = errors[0]
-    if first.get("type") == "json_invalid":
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") == "json_invalid" and len(loc) == 2 and isinstance(loc[1], int):  # the body itself
         return "We could not parse the JSON body of your request: " + str(first.get("ctx", {}).get("error", first.get("msg"))), None
-    param = _param(tuple(first.get("loc", ())))
-    message = f"{first.get('msg', 'invalid value')}" + (f" (parameter '{param}')" if param else "")
+    param = _param(loc)
+    if first.get("type") == "extra_forbidden":  # OpenAI's words for a field it does not know
+        message = f"Unrecognized request argument supplied: {param}"
+    else:
+        message = f"{first.get('msg', 'invalid value')}" + (f" (parameter '{param}')" if param else "")
     others = list(dict.fromkeys(_param(tuple(e.get("loc", ()))) or "body" for e in errors[1:]))
     others = [p for p in others if p != (param or "body")][:3]
     if others:

@@ -27,12 +27,12 @@ from typing import Any, TypeVar
 
 from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from ..engine.adapters import Lease
 from ..engine.vllm_engine import VllmEngine, cancel_and_wait
 from .errors import as_openai_error, error_body, invalid
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat
 
 T = TypeVar("T")
 
@@ -229,11 +229,14 @@ class Generator:
         self._fits(len(ids), param)
         return Prompt(ids, text if echo else None, [start for start, _ in enc["offset_mapping"]] if offsets else None)
 
+    def _check_token_ids(self, ids, param: str) -> None:
+        vocab = len(self.tokenizer)
+        if ids and max(ids) >= vocab:
+            raise invalid(f"token ids must be below the vocabulary size {vocab}", param)
+
     def _from_ids(self, ids: list[int], *, echo: bool = False, offsets: bool = False) -> Prompt:
         self._fits(len(ids), "prompt")  # before anything is decoded
-        vocab = len(self.tokenizer)
-        if max(ids) >= vocab:
-            raise invalid(f"token ids must be below the vocabulary size {vocab}", "prompt")
+        self._check_token_ids(ids, "prompt")
         if not echo:
             return Prompt(list(ids))
         pieces = self.tokens.pieces(ids)
@@ -244,14 +247,22 @@ class Generator:
         return Prompt(list(ids), "".join(pieces), starts if offsets else None)
 
     def _chat_prompt(self, body: ChatCompletionRequest) -> Prompt:
+        """The messages rendered by the model's chat template, as vLLM renders them: each message
+        with its name, tool_call_id and tool calls (`ChatMessage.for_template`), the client's
+        template variables, and the generation prompt or the final message left open."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise invalid("This model has no chat template; use /v1/completions.", "messages")
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
+        if body.continue_final_message and messages[-1]["role"] != "assistant":
+            raise invalid("continue_final_message needs an assistant message last (the one to continue).",
+                          "continue_final_message")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=body.generation_prompt,
+                continue_final_message=body.continue_final_message, **(body.chat_template_kwargs or {}))
         except Exception as exc:  # template errors (e.g. roles out of order) are the caller's
             raise invalid(f"The chat template refused these messages: {exc}", "messages") from exc
-        return self._from_text(text, "messages", add_special_tokens=False)
+        return self._from_text(text, "messages", add_special_tokens=body.add_special_tokens)
 
     def _max_tokens(self, prompts: list[Prompt], sent: int | None, limit: int | None, default: int) -> int:
         """The completion-token limit a request runs with. Sent by the client: as sent, and the
@@ -268,19 +279,29 @@ class Generator:
             return sent
         return min(limit if limit is not None else default, self.max_model_len - longest)
 
-    @staticmethod
-    def sampling(body, max_tokens: int, logprobs: int | None, stream: bool) -> SamplingParams:
-        temperature, top_k = body.temperature, 0
+    def sampling(self, body, max_tokens: int, logprobs: int | None, stream: bool) -> SamplingParams:
+        """The engine's SamplingParams for a checked body (the fields request_fields marks honoured)."""
+        temperature, top_k = body.temperature, body.top_k
         if temperature == 0 and body.n > 1:
             # vLLM refuses n > 1 with greedy sampling; OpenAI answers n greedy choices. Sampling from
             # the top token alone is greedy, and vLLM allows n of it (logprobs are the raw model's).
             temperature, top_k = 1.0, 1
+        for param in ("stop_token_ids", "allowed_token_ids"):
+            self._check_token_ids(getattr(body, param), param)
+        if body.logit_bias:
+            self._check_token_ids(list(body.logit_bias), "logit_bias")
         try:
             return SamplingParams(
-                n=body.n, temperature=temperature, top_p=body.top_p, top_k=top_k, max_tokens=max_tokens,
-                stop=body.stop, seed=body.seed, logprobs=logprobs,
+                n=body.n, temperature=temperature, top_p=body.top_p, top_k=top_k, min_p=body.min_p,
+                max_tokens=max_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
+                include_stop_str_in_output=body.include_stop_str_in_output, seed=body.seed, logprobs=logprobs,
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias,
+                allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words,
                 ignore_eos=body.ignore_eos, min_tokens=min(body.min_tokens, max_tokens),
+                skip_special_tokens=body.skip_special_tokens,
+                spaces_between_special_tokens=body.spaces_between_special_tokens,
+                structured_outputs=structured_outputs(body.response_format),
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
             )
         except (ValueError, VLLMClientError) as exc:  # vLLM's own checks
@@ -293,7 +314,8 @@ class Generator:
 
     def _plan_completion(self, body: CompletionRequest, limit: int | None) -> Plan:
         offsets = body.echo and body.logprobs is not None
-        prompts = [self._from_text(p, "prompt", echo=body.echo, offsets=offsets) if isinstance(p, str)
+        prompts = [self._from_text(p, "prompt", echo=body.echo, offsets=offsets, add_special_tokens=body.add_special_tokens)
+                   if isinstance(p, str)
                    else self._from_ids(p, echo=body.echo, offsets=offsets) for p in body.prompt]
         max_tokens = self._max_tokens(prompts, body.token_limit, limit, body.default_max_tokens)
         if max_tokens == 0:
@@ -401,7 +423,7 @@ class Generator:
         prompts, params = plan.prompts, plan.params
         outcome.prompt_tokens = sum(len(p.ids) for p in prompts)
         echoes = [await self._prompt_logprobs(body, p, target) for p in prompts]
-        frame = ChunkFrame(outcome, "text_completion", target)
+        frame = ChunkFrame(outcome, "text_completion", target, body.continuous_usage)
         plain = body.logprobs is None and not body.echo  # the common case: text only, built from a template
         streams: dict[int, _ChoiceStream] = {}
 
@@ -500,7 +522,7 @@ class Generator:
         prompt, params = plan.prompts[0], plan.params
         outcome.prompt_tokens = len(prompt.ids)
         started: set[int] = set()
-        frame = ChunkFrame(outcome, "chat.completion.chunk", target)
+        frame = ChunkFrame(outcome, "chat.completion.chunk", target, body.continuous_usage)
         k = body.top_logprobs or 0
 
         async with aclosing(self.engine.generate(prompt.ids, params, target.lease.lora, target.cache_salt)) as results:
@@ -524,6 +546,15 @@ class Generator:
             yield sse({"id": outcome.response_id, "object": "chat.completion.chunk", "created": outcome.created,
                        "model": target.model, "system_fingerprint": target.fingerprint, "choices": [],
                        "usage": usage(outcome)})
+
+
+def structured_outputs(response_format: ResponseFormat | None) -> StructuredOutputsParams | None:
+    """vLLM's structured outputs for an OpenAI `response_format` (None for text: no constraint)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=response_format.json_schema.schema_)
 
 
 @dataclass
@@ -567,16 +598,22 @@ _NULL = "null"
 
 
 class ChunkFrame:
-    """`data: {"id":…,"object":…,"created":…,"model":…,"system_fingerprint":…,"choices":[` … `]}`."""
+    """`data: {"id":…,"object":…,"created":…,"model":…,"system_fingerprint":…,"choices":[` … `]}`,
+    and with `continuous_usage` (vLLM's `continuous_usage_stats`) `"usage":{…}` after the choices:
+    the outcome's usage so far, all choices together."""
 
-    __slots__ = ("head",)
+    __slots__ = ("head", "outcome", "continuous_usage")
     TAIL = "]}\n\n"
 
-    def __init__(self, outcome: Outcome, obj: str, target: Target):
+    def __init__(self, outcome: Outcome, obj: str, target: Target, continuous_usage: bool = False):
         self.head = (f'data: {{"id":{_str(outcome.response_id)},"object":{_str(obj)},"created":{outcome.created},'
                      f'"model":{_str(target.model)},"system_fingerprint":{_str(target.fingerprint)},"choices":[')
+        self.outcome = outcome
+        self.continuous_usage = continuous_usage
 
     def event(self, choice_json: str) -> str:
+        if self.continuous_usage:
+            return f'{self.head}{choice_json}],"usage":{_json(usage(self.outcome))}}}\n\n'
         return self.head + choice_json + self.TAIL
 
 
