@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .api.errors import OpenAIError, model_not_found, unauthorized, unavailable
 from .api.generation import Generator, Target
+from .api.schemas import DEFAULT_MODEL
 from .config import ServeConfig
 from .core.fingerprint import fingerprint, module_shapes
 from .core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW
@@ -232,7 +233,8 @@ class AlterService:
         return context.principal, self._route(context, sticky)
 
     def _route(self, context: RequestContext, sticky: StickyLookup) -> Routed:
-        """The tenant's model name: an experiment alias first, then a granted view. Either way only
+        """The tenant's model name: an experiment alias first, then a granted view, then `default`
+        for the tenant's default view (api.schemas.DEFAULT_MODEL). Either way only
         a view granted to the tenant is served: the registry refuses experiments whose arms are not
         granted, and this checks again against the grants read with the request."""
         experiment, principal = context.experiment, context.principal
@@ -243,6 +245,10 @@ class AlterService:
             # Paused: the control arm's view, but outside the arm samples (not randomized).
             return Routed(arm.view, experiment.name, arm.name, paused=experiment.status != RUNNING)
         if context.view is None:
+            if context.model == DEFAULT_MODEL and principal.default_view is not None:
+                # No view or alias has that name: the tenant's default view (its adapter is reloaded
+                # by the registry poll, not here: this read did not compose it).
+                return Routed(principal.default_view)
             raise self._model_not_found(context.model)
         composed = context.composed
         if composed is not None:

@@ -158,12 +158,13 @@ def _get(setup, path: str, key: str) -> httpx.Response:
 
 def test_models_list_experiment_aliases_and_each_can_be_retrieved(setup):
     listed = _get(setup, "/v1/models", setup.keys["acme"]).json()["data"]
-    assert [m["id"] for m in listed] == ["chat-ab", "original"]  # the stopped experiment's alias is not usable
+    # the stopped experiment's alias is not usable; `default` is the tenant's default view
+    assert [m["id"] for m in listed] == ["chat-ab", "default", "original"]
     alias = _get(setup, "/v1/models/chat-ab", setup.keys["acme"])
     assert alias.status_code == 200 and alias.json()["experiment"]["name"] == "ab"
     assert alias.json()["object"] == "model" and alias.json() == next(m for m in listed if m["id"] == "chat-ab")
     assert _get(setup, "/v1/models/original", setup.keys["acme"]).json()["lineage"]["version"] == "base"
-    assert [m["id"] for m in _get(setup, "/v1/models", setup.keys["other"]).json()["data"]] == ["original"]
+    assert [m["id"] for m in _get(setup, "/v1/models", setup.keys["other"]).json()["data"]] == ["default", "original"]
     assert _get(setup, "/v1/models/chat-ab", setup.keys["other"]).status_code == 404  # another tenant's alias
 
 

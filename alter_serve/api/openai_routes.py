@@ -14,10 +14,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from .. import metrics
 from ..registry import Principal, RequestLogEntry, experiments
 from .auth import model_request_key, tenant_principal
-from ..engine.vllm_engine import cancel_and_wait
+from ..engine.vllm_engine import EngineUnavailable, cancel_and_wait
 from .errors import OpenAIError, as_openai_error, model_not_found, not_found, registry_call
 from .generation import Outcome, Target, new_response_id, sse_stream
-from .schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
+from .schemas import DEFAULT_MODEL, ChatCompletionRequest, CompletionRequest, FeedbackRequest
 
 router = APIRouter()
 Tenant = Annotated[Principal, Depends(tenant_principal)]
@@ -45,13 +45,24 @@ def _catalog(registry, principal: Principal) -> tuple[list, list]:
     return registry.list_views(), [e for e in exps if e.status != experiments.STOPPED]
 
 
+def _max_model_len(engine) -> int | None:
+    """The context length, as vLLM's model cards give it: the running engine's, else the configured
+    one (None: the model's own, known once the engine is up)."""
+    try:
+        return engine.max_model_len
+    except EngineUnavailable:
+        return engine.config.max_model_len
+
+
 async def _model_cards(service, principal: Principal) -> dict[str, dict]:
-    """The model names `principal` may send, as OpenAI model objects by id: its granted views, and
-    the aliases of its tenant's unstopped experiments (routed before a view of the same name, so
-    the alias's card wins)."""
+    """The model names `principal` may send, as OpenAI model objects by id: its granted views, the
+    aliases of its tenant's unstopped experiments (routed before a view of the same name, so the
+    alias's card wins), and `default` for its tenant's default view (unless a view or alias has
+    that name). Each has the context length (`max_model_len`), as in vLLM's model cards."""
     views, running = await registry_call(_catalog, service.registry, principal)
     by_name = {v.name: v for v in views}
     base = service.model_dir.name
+    context = _max_model_len(service.engine)
     cards: dict[str, dict] = {}
     for name in principal.views:
         view = by_name.get(name)
@@ -60,7 +71,7 @@ async def _model_cards(service, principal: Principal) -> dict[str, dict]:
         loaded = service.adapters.current(name)
         cards[name] = {
             "id": name, "object": "model", "created": int(view.created_at.timestamp()), "owned_by": "alter-serve",
-            "root": str(base), "parent": None,
+            "root": str(base), "parent": None, "max_model_len": context,
             "lineage": {
                 "base_model": base,
                 "base_fingerprint": service.registry.base_fingerprint,
@@ -73,10 +84,13 @@ async def _model_cards(service, principal: Principal) -> dict[str, dict]:
     for exp in running:
         cards[exp.alias] = {
             "id": exp.alias, "object": "model", "created": int(exp.created_at.timestamp()), "owned_by": "alter-serve",
-            "root": str(base), "parent": None,
+            "root": str(base), "parent": None, "max_model_len": context,
             # The arms' names are in every response's headers; the views behind them are not shown.
             "experiment": {"name": exp.name, "status": exp.status, "arms": [arm.name for arm in exp.arms]},
         }
+    if principal.default_view in cards and DEFAULT_MODEL not in cards:
+        cards[DEFAULT_MODEL] = {**cards[principal.default_view], "id": DEFAULT_MODEL,
+                                "default_view": principal.default_view}
     return cards
 
 
