@@ -31,6 +31,15 @@ class ServeConfig(BaseSettings):
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
     max_upload_bytes: int = Field(default=2 << 30, ge=1024)
     request_log_flush_s: float = Field(default=0.5, gt=0)
+    request_log_retention_days: float | None = Field(default=None, gt=0, description="`alter-serve gc` deletes "
+                                                     "request-log rows older than this many days (None: keep all)")
+    request_log_retention_rows: int | None = Field(default=None, ge=1, description="`alter-serve gc` keeps at most "
+                                                   "this many newest request-log rows (None: no limit)")
+    gc_grace_s: float = Field(default=3600, ge=0, description="`alter-serve gc` leaves unreferenced files younger "
+                              "than this alone: a bundle or view being stored, an upload in progress")
+    max_queued_sequences: int | None = Field(default=1024, ge=1, description="sequences (n × prompts of every "
+                                             "admitted, unfinished request, all tenants) this server process holds "
+                                             "at most; one more answers 503 with Retry-After (None: no cap)")
     registry_poll_s: float = Field(default=2.0, ge=0, description="how often a replica checks the registry for "
                                    "views changed by other replicas (0: never; one single-row query per poll)")
     log_level: str = "info"

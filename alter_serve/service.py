@@ -80,7 +80,8 @@ class AlterService:
         self.engine = VllmEngine(config.engine, self.model_dir)
         self.adapters = AdapterManager(self.engine)
         self.generator = Generator(self.engine)
-        self.limiter = TenantLimiter()  # per-tenant concurrency / tokens-per-minute / max_tokens limits
+        # Per-tenant concurrency / tokens-per-minute / max_tokens limits, and the server's sequence cap.
+        self.limiter = TenantLimiter(max_queued_sequences=config.max_queued_sequences)
         self.feedback_limiter = FeedbackLimiter(config.feedback_per_minute)
         self._log_rows: list[RequestLogEntry] = []
         self.dropped_log_rows = 0  # rows given up on while the registry could not be written

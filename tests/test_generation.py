@@ -93,6 +93,26 @@ def test_a_limit_the_client_did_not_send_is_lowered_to_the_room_never_refused(to
     assert capped.params.max_tokens == 7
 
 
+def test_a_default_limit_is_lowered_to_the_room_the_prompts_leave_in_the_budget(tokenizer):
+    """Issue 18 §4: the budget counts prompt tokens too, so a body without max_tokens runs with what
+    is left of the budget after its prompts, shared by its sequences (never a 400 for a default)."""
+    gen = Generator(FakeEngine(tokenizer, max_model_len=2048))
+    body = chat(n=2)
+    permit = TenantLimiter().admit(principal(tokens_per_minute=300), body)
+    assert (permit.max_tokens, permit.budget) == (150, 300)  # before tokenising: the budget over 2 sequences
+    plan = asyncio.run(gen.plan_chat(body, permit.max_tokens, permit.budget))
+    prompt = plan.prompt_tokens
+    assert plan.max_tokens == (300 - prompt) // 2
+    permit.reserve(plan.prompt_tokens, plan.max_tokens)  # fits the whole budget: no refusal
+    assert permit.reservation <= 300
+    sent = asyncio.run(gen.plan_chat(chat(max_tokens=200), None, 300))
+    assert sent.max_tokens == 200  # a limit the client sent is the limiter's to refuse, not lowered
+    two = asyncio.run(gen.plan_completion(CompletionRequest(model="m", prompt=[[10] * 40, [11] * 20]), None, 100))
+    assert two.prompt_tokens == 60 and two.max_tokens == 16  # (100 - 60) // 2 = 20, above the default 16
+    tight = asyncio.run(gen.plan_completion(CompletionRequest(model="m", prompt=[[10] * 40, [11] * 20]), None, 80))
+    assert tight.max_tokens == 10
+
+
 def test_completions_default_to_16_within_the_room_and_a_sent_limit_must_fit(tokenizer):
     gen = Generator(FakeEngine(tokenizer, max_model_len=20))
     ids = list(range(10, 22))  # 12 prompt tokens, 8 left

@@ -1,6 +1,7 @@
-"""Per-tenant limits: the max_tokens cap (400), concurrency and tokens per minute (429 + Retry-After),
-isolation between tenants; then the same through the HTTP app (no engine: requests that pass the
-limiter end at 503 'engine starting', which must release their permit)."""
+"""Admission: the max_tokens cap (400), concurrent sequences and tokens per minute (prompt +
+completion; 429 + Retry-After, 400 for what could never fit), isolation between tenants, the
+server-wide sequence cap (503 + Retry-After); then the same through the HTTP app (no engine:
+requests that pass the limiter end at 503 'engine starting', which must release their permit)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import httpx
 import pytest
 
 from alter_serve import metrics
-from alter_serve.api.errors import OpenAIError
+from alter_serve.api.errors import OpenAIError, refusal
 from alter_serve.api.schemas import CHAT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
-from alter_serve.limits import DEFAULT_RESERVATION, FeedbackLimiter, TenantLimiter
+from alter_serve.limits import DEFAULT_RESERVATION, FeedbackLimiter, Refused, TenantLimiter
 from alter_serve.registry import Limits, Principal
 
 from .admin_app import AdminApp
@@ -34,9 +35,10 @@ def tenant(tenant_id: int, **limits: int) -> Principal:
 
 
 def refused(fn, *args, **kwargs) -> OpenAIError:
-    with pytest.raises(OpenAIError) as info:
+    """The refusal `fn` raises, as the API answers it."""
+    with pytest.raises(Refused) as info:
         fn(*args, **kwargs)
-    return info.value
+    return refusal(info.value)
 
 
 def rejected(reason: str) -> float:
@@ -89,7 +91,7 @@ def test_concurrency_limit_is_a_429_until_a_request_finishes():
     before = rejected("rate_limit")
     err = refused(limiter.acquire, acme, 10)
     assert (err.status, err.type, err.code, err.headers) == (429, "rate_limit_error", "rate_limit_exceeded", {"Retry-After": "1"})
-    assert "2 requests in flight" in err.message
+    assert "2 sequences in flight" in err.message
     assert rejected("rate_limit") == before + 1
     first.release(5)
     first.release(5)  # idempotent: frees one slot only once
@@ -144,6 +146,91 @@ def test_a_request_without_max_tokens_is_lowered_to_fit_the_budget():
     chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=2)  # default 1024 each
     permit = limiter.admit(small, chat)
     assert (permit.max_tokens, permit.reservation) == (150, 300)  # never a 400 for a limit it did not send
+
+
+def test_the_budget_charges_prompt_tokens_up_front_and_settles_the_real_usage():
+    """Issue 18 §4: tokens per minute used to count completion tokens only, so long prompts were free."""
+    clock = Clock(1000.0)
+    limiter, acme = TenantLimiter(clock), tenant(1, tokens_per_minute=1000)
+    permit = limiter.acquire(acme, 100, sequences=2)
+    assert permit.reservation == 200  # before tokenising: 2 sequences × max_tokens
+    permit.reserve(300, 100)  # once tokenised: 300 prompt tokens + 2 × 100
+    assert permit.reservation == 500 and limiter.usage(1) == {"active": 2, "reserved": 500, "charged": 0}
+    err = refused(limiter.acquire, acme, 300, sequences=2)  # 500 reserved + 600 > 1000
+    assert err.status == 429 and "500 reserved" in err.message
+    permit.release(300 + 40)  # prompt + what it generated
+    assert limiter.usage(1) == {"active": 0, "reserved": 0, "charged": 340}
+
+    scoring = limiter.acquire(acme, 0)  # echo with max_tokens 0: nothing to generate
+    scoring.reserve(250, 0)
+    assert scoring.reservation == 250  # charged its prompt
+    scoring.release(250)
+    assert limiter.usage(1)["charged"] == 590
+
+
+def test_a_prompt_that_does_not_fit_the_whole_budget_is_refused_up_front():
+    limiter, acme = TenantLimiter(Clock()), tenant(1, tokens_per_minute=1000)
+    permit = limiter.acquire(acme, 100, sequences=2)
+    with pytest.raises(Refused) as info:
+        permit.reserve(900, 100)
+    err = refusal(info.value)
+    assert (err.status, err.code) == (400, "request_exceeds_token_budget")
+    assert "up to 1100 tokens (900 prompt tokens + 2 sequences × max_tokens 100)" in err.message
+    assert "budget of 1000" in err.message and "Shorten the prompt" in err.message
+    assert permit.reservation == 200  # refused: the first reservation stands until the permit is released
+    permit.release(0)
+    assert limiter.usage(1) == {"active": 0, "reserved": 0, "charged": 0}
+
+
+def test_a_prompt_that_does_not_fit_the_window_now_is_a_429():
+    clock = Clock(1000.0)
+    limiter, acme = TenantLimiter(clock), tenant(1, tokens_per_minute=1000)
+    limiter.acquire(acme, 10).release(700)
+    permit = limiter.acquire(acme, 100)  # 700 charged + 100 reserved
+    with pytest.raises(Refused) as info:
+        permit.reserve(250, 100)  # 700 + 350 > 1000
+    assert (info.value.status, info.value.retry_after_s) == (429, 61)
+    permit.release(0)
+
+
+def test_sequences_count_toward_concurrency():
+    """max_concurrent counts sequences (n × prompts): each one holds an engine slot."""
+    limiter, acme = TenantLimiter(Clock()), tenant(1, max_concurrent=4)
+    three = limiter.acquire(acme, 10, sequences=3)
+    assert limiter.usage(1)["active"] == 3
+    err = refused(limiter.acquire, acme, 10, sequences=2)  # 3 + 2 > 4: wait for one to finish
+    assert (err.status, err.headers["Retry-After"]) == (429, "1")
+    assert "3 sequences in flight" in err.message and "limit of 4" in err.message
+    one = limiter.acquire(acme, 10, sequences=1)  # 3 + 1 fits
+    before = rejected("too_many_sequences")
+    err = refused(limiter.acquire, acme, 10, sequences=5)  # could never fit: a 400, not a 429
+    assert (err.status, err.param, err.code) == (400, "n", "too_many_sequences")
+    assert "5 sequences" in err.message and "limit of 4 concurrent sequences" in err.message
+    assert rejected("too_many_sequences") == before + 1
+    three.release(0), one.release(0)
+    body = CompletionRequest(model="m", prompt=["a", "b"], n=2, max_tokens=1)  # 4 sequences
+    limiter.admit(acme, body).release(0)
+    assert refused(limiter.admit, acme, CompletionRequest(model="m", prompt=["a", "b", "c"], n=2, max_tokens=1)).status == 400
+
+
+def test_the_server_wide_cap_answers_503_across_tenants():
+    limiter = TenantLimiter(Clock(), max_queued_sequences=5)
+    acme, globex = tenant(1, max_concurrent=4), tenant(2)
+    admin = Principal(key_id=9, role="admin", tenant_id=None, tenant_name=None, views=frozenset(),
+                      default_view=None, limits=Limits())
+    held = [limiter.acquire(acme, 10, sequences=3), limiter.acquire(admin, 10)]  # admins count too
+    assert limiter.held_sequences == 4
+    before = rejected("server_busy")
+    err = refused(limiter.acquire, globex, 10, sequences=2)  # each tenant is within its own limits
+    assert (err.status, err.type, err.code, err.headers) == (503, "server_error", "server_busy", {"Retry-After": "2"})
+    assert "holds 4 sequences" in err.message and "limit of 5" in err.message
+    assert rejected("server_busy") == before + 1
+    assert limiter.usage(2)["active"] == 0  # a refusal holds nothing
+    limiter.acquire(globex, 10).release(0)  # one more fits
+    held[0].release(0)
+    limiter.acquire(globex, 10, sequences=2).release(0)
+    held[1].release(0)
+    assert limiter.held_sequences == 0
 
 
 def test_feedback_is_rate_limited_per_tenant():
@@ -250,3 +337,33 @@ def test_http_cap_is_a_400_and_limits_answer_429_with_retry_after(app):
     scraped = httpx.get(app.url + "/metrics", headers=app.admin_headers).text
     assert 'alter_rejected_requests_total{reason="rate_limit"}' in scraped
     assert 'alter_rejected_requests_total{reason="max_tokens"}' in scraped
+
+
+def test_http_prompt_tokens_count_against_the_budget_and_n_against_concurrency(app, monkeypatch):
+    # Prompts are checked against the context length of a running engine; this one never starts.
+    monkeypatch.setattr(app.service.generator, "engine", SimpleNamespace(max_model_len=2048))
+    _, key = _tenant_key(app, "wordy", tokens_per_minute=50, max_concurrent=2)
+    long_prompt = " ".join(["word"] * 200)
+    over = _complete(app, key, prompt=long_prompt, max_tokens=1)
+    assert over.status_code == 400, over.text  # 1 completion token, but ~200 prompt tokens
+    error = over.json()["error"]
+    assert error["code"] == "request_exceeds_token_budget" and "prompt tokens" in error["message"]
+    assert _complete(app, key, max_tokens=4).status_code == 503  # a short prompt fits: it reaches the engine
+    many = _complete(app, key, max_tokens=1, n=3)
+    assert many.status_code == 400 and many.json()["error"]["param"] == "n"
+
+
+def test_http_server_busy_is_a_503_with_retry_after(app):
+    tenant_id, key = _tenant_key(app, "crowd")
+    limiter = app.service.limiter
+    other = limiter.acquire(app.service.registry.authenticate(app.admin_key), 8, sequences=3)  # someone else's load
+    limiter.max_queued_sequences = 4
+    try:
+        busy = _complete(app, key, max_tokens=1, n=2)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
+        assert busy.json()["error"]["code"] == "server_busy"
+        assert limiter.usage(tenant_id)["active"] == 0
+    finally:
+        limiter.max_queued_sequences = None
+        other.release(0)
+    assert limiter.held_sequences == 0

@@ -14,7 +14,7 @@ import pytest
 from vllm.exceptions import VLLMValidationError
 
 from alter_serve.api.app import create_app
-from alter_serve.api.generation import Target
+from alter_serve.api.generation import Plan, Prompt, Target
 from alter_serve.engine.vllm_engine import EngineUnavailable
 from alter_serve.registry import Limits
 from alter_serve.service import cache_salt
@@ -46,9 +46,9 @@ class FakeGenerator:
         self.limit = None
         self.started = self.cancelled = False
 
-    async def plan_completion(self, body, limit=None):
+    async def plan_completion(self, body, limit=None, budget=None):
         self.limit = limit
-        return "plan"
+        return Plan([Prompt([1, 2, 3])], None)
 
     async def completion(self, body, plan, target, outcome):
         self.started = True

@@ -16,6 +16,7 @@ from vllm.exceptions import VLLMClientError
 
 from ..core.bundle import BundleError
 from ..engine.vllm_engine import EngineUnavailable
+from ..limits import Refused
 from ..registry import Conflict, InvalidInput, NotFound, RegistryError
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,14 @@ def unavailable(message: str, retry_after_s: int = 5) -> OpenAIError:
                        headers={"Retry-After": str(max(1, retry_after_s))})
 
 
+def refusal(exc: Refused) -> OpenAIError:
+    """An admission refusal (`limits.Refused`) in the OpenAI format: 400 invalid request, 429 rate
+    limit, 503 server busy, with Retry-After where waiting helps."""
+    kind = {429: "rate_limit_error", 503: "server_error"}.get(exc.status, "invalid_request_error")
+    headers = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+    return OpenAIError(exc.status, exc.message, kind, exc.param, exc.code, headers=headers)
+
+
 async def registry_call(fn, *args, **kwargs):
     """Run a registry operation in a worker thread; map its errors onto OpenAI-format HTTP errors."""
     try:
@@ -112,11 +121,13 @@ def error_body(exc: OpenAIError) -> dict:
 
 
 def as_openai_error(exc: BaseException) -> OpenAIError | None:
-    """What a request's failure tells the client, or None for a server fault (a 500):
-    EngineUnavailable is a 503 with Retry-After, and an error vLLM blames on the request
-    (VLLMClientError, e.g. a prompt it will not take) is a 400, as in vLLM's own server."""
+    """What a request's failure tells the client, or None for a server fault (a 500): an admission
+    refusal as `refusal` says, EngineUnavailable is a 503 with Retry-After, and an error vLLM
+    blames on the request (VLLMClientError, e.g. a prompt it will not take) is a 400, as in vLLM's own server."""
     if isinstance(exc, OpenAIError):
         return exc
+    if isinstance(exc, Refused):
+        return refusal(exc)
     if isinstance(exc, EngineUnavailable):
         return unavailable(str(exc), exc.retry_after_s)
     if isinstance(exc, VLLMClientError):
@@ -172,9 +183,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = _validation_message(exc)
         return invalid(message, param).response()
 
+    @app.exception_handler(Refused)
     @app.exception_handler(EngineUnavailable)
     @app.exception_handler(VLLMClientError)
-    async def _engine(_: Request, exc: Exception):
+    async def _known(_: Request, exc: Exception):
         return as_openai_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -86,6 +86,15 @@ class Plan:
     prompts: list[Prompt]
     params: SamplingParams | None
 
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.ids) for p in self.prompts)
+
+    @property
+    def max_tokens(self) -> int:
+        """The completion-token limit of each sequence (0: nothing to generate)."""
+        return 0 if self.params is None else self.params.max_tokens
+
 
 @dataclass
 class Outcome:
@@ -264,11 +273,14 @@ class Generator:
             raise invalid(f"The chat template refused these messages: {exc}", "messages") from exc
         return self._from_text(text, "messages", add_special_tokens=body.add_special_tokens)
 
-    def _max_tokens(self, prompts: list[Prompt], sent: int | None, limit: int | None, default: int) -> int:
+    def _max_tokens(self, prompts: list[Prompt], sent: int | None, limit: int | None, default: int,
+                    budget: int | None = None, n: int = 1) -> int:
         """The completion-token limit a request runs with. Sent by the client: as sent, and the
         longest prompt + it must fit the context (else 400, as OpenAI). Not sent: `limit` (the
         tenant's, from its permit) or the endpoint default, lowered to the room the longest prompt
-        leaves — a default is never refused as if the client had asked for it."""
+        leaves in the context, and to the room the prompts leave in `budget` (tokens the whole
+        request may use: prompts + n × len(prompts) completions; at least 1, the limiter refuses a
+        prompt that fills the budget) — a default is never refused as if the client had asked for it."""
         longest = max(len(p.ids) for p in prompts)
         if sent is not None:
             if longest + sent > self.max_model_len:
@@ -277,7 +289,11 @@ class Generator:
                     f"{longest} prompt tokens + {sent} completion tokens. Reduce the prompt or max_tokens.",
                     "max_tokens", "context_length_exceeded")
             return sent
-        return min(limit if limit is not None else default, self.max_model_len - longest)
+        allowed = min(limit if limit is not None else default, self.max_model_len - longest)
+        if budget is not None:
+            room = (budget - sum(len(p.ids) for p in prompts)) // (n * len(prompts))
+            allowed = min(allowed, max(1, room))
+        return allowed
 
     def sampling(self, body, max_tokens: int, logprobs: int | None, stream: bool) -> SamplingParams:
         """The engine's SamplingParams for a checked body (the fields request_fields marks honoured)."""
@@ -307,28 +323,31 @@ class Generator:
         except (ValueError, VLLMClientError) as exc:  # vLLM's own checks
             raise invalid(str(exc), getattr(exc, "parameter", None)) from None
 
-    async def plan_completion(self, body: CompletionRequest, limit: int | None = None) -> Plan:
+    async def plan_completion(self, body: CompletionRequest, limit: int | None = None,
+                              budget: int | None = None) -> Plan:
         """Tokenise and check a completion request before any response starts (errors stay 400s).
-        `limit`: the tenant permit's completion-token limit for a body that sends none."""
-        return await asyncio.to_thread(self._plan_completion, body, limit)
+        `limit`, `budget`: the tenant permit's completion-token limit and token budget, for a body
+        that sends no limit (see `_max_tokens`)."""
+        return await asyncio.to_thread(self._plan_completion, body, limit, budget)
 
-    def _plan_completion(self, body: CompletionRequest, limit: int | None) -> Plan:
+    def _plan_completion(self, body: CompletionRequest, limit: int | None, budget: int | None = None) -> Plan:
         offsets = body.echo and body.logprobs is not None
         prompts = [self._from_text(p, "prompt", echo=body.echo, offsets=offsets, add_special_tokens=body.add_special_tokens)
                    if isinstance(p, str)
                    else self._from_ids(p, echo=body.echo, offsets=offsets) for p in body.prompt]
-        max_tokens = self._max_tokens(prompts, body.token_limit, limit, body.default_max_tokens)
+        max_tokens = self._max_tokens(prompts, body.token_limit, limit, body.default_max_tokens, budget, body.n)
         if max_tokens == 0:
             return Plan(prompts, None)
         return Plan(prompts, self.sampling(body, max_tokens, body.logprobs, stream=body.stream))
 
-    async def plan_chat(self, body: ChatCompletionRequest, limit: int | None = None) -> Plan:
+    async def plan_chat(self, body: ChatCompletionRequest, limit: int | None = None,
+                        budget: int | None = None) -> Plan:
         """Render, tokenise and check a chat request before any response starts."""
-        return await asyncio.to_thread(self._plan_chat, body, limit)
+        return await asyncio.to_thread(self._plan_chat, body, limit, budget)
 
-    def _plan_chat(self, body: ChatCompletionRequest, limit: int | None) -> Plan:
+    def _plan_chat(self, body: ChatCompletionRequest, limit: int | None, budget: int | None = None) -> Plan:
         prompt = self._chat_prompt(body)
-        max_tokens = self._max_tokens([prompt], body.token_limit, limit, body.default_max_tokens)
+        max_tokens = self._max_tokens([prompt], body.token_limit, limit, body.default_max_tokens, budget, body.n)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return Plan([prompt], self.sampling(body, max_tokens, logprobs, stream=body.stream))
 

@@ -153,9 +153,11 @@ async def _disconnected(request: Request) -> None:
 async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, once, stream):
     service = request.app.state.service
     principal, routed = await service.authorize(secret, body.model, _sticky_lookup(request, body.user))
-    permit = service.limiter.admit(principal, body)  # 400 over the max_tokens cap, 429 over a tenant limit
+    # 400 for what could never run, 429 over a tenant limit, 503 over the server's sequence cap.
+    permit = service.limiter.admit(principal, body)
     try:
-        plan = await plan_fn(body, permit.max_tokens)  # tokenised in a worker thread
+        plan = await plan_fn(body, permit.max_tokens, permit.budget)  # tokenised in a worker thread
+        permit.reserve(plan.prompt_tokens, plan.max_tokens)  # the exact worst case, prompt included
         target: Target = service.target(body.model, routed, principal)
     except BaseException:
         permit.release(0)
@@ -172,7 +174,7 @@ async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, on
             return
         finished = True
         target.lease.release()
-        permit.release(outcome.completion_tokens)
+        permit.release(plan.prompt_tokens + outcome.completion_tokens)  # what it really used: prompt + generated
         latency = time.perf_counter() - outcome.started
         metrics.observe_request(tenant, routed.view, routed.sample_arm or "", endpoint, status, latency, outcome.ttft_s,
                                 outcome.prompt_tokens, outcome.completion_tokens)
