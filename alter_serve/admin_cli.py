@@ -1,4 +1,4 @@
-"""`alter-serve tenants|keys|views|experiments|bundles ...`: the admin API of a running server, from
+"""`alter-serve tenants|keys|views|experiments|bundles|gc ...`: the admin API of a running server, from
 the shell. Every command is one or two HTTP calls (httpx) to `/admin/...`; nothing touches the
 database directly, so the commands work against any replica, local or remote.
 
@@ -9,6 +9,7 @@ database directly, so the commands work against any replica, local or remote.
     alter-serve experiments create bio-ab --alias chat --tenant acme --arm control=original --arm forget=no-bio:1
     alter-serve experiments results bio-ab
     alter-serve tenants list --json
+    alter-serve gc --dry-run
 
 Output is a table (or `--json`). A refused call prints the server's own error message (the OpenAI
 error body's `message`) and exits 1; a usage mistake exits 2. Names given on the command line go
@@ -513,6 +514,21 @@ def bundles_delete(client: AdminClient, args: argparse.Namespace) -> Output:
     return Output(client.request("DELETE", admin_path("bundles", args.name)))
 
 
+# ---- operations ------------------------------------------------------------------------------------------------------
+
+
+def gc(client: AdminClient, args: argparse.Namespace) -> Output:
+    report = client.request("POST", "/admin/gc", json={"dry_run": args.dry_run})
+    rows = [["bundle version", item] for item in report["bundle_versions"]]
+    rows += [["bundle folder", item] for item in report["bundle_folders"]]
+    rows += [["view folder", item] for item in report["view_folders"]]
+    rows += [["upload debris", item] for item in report["debris"]]
+    if report["request_log_rows"]:
+        rows.append(["request-log rows", report["request_log_rows"]])
+    verb = "would remove" if report["dry_run"] else "removed"
+    return Output(report, ["kind", "item"], rows, note=f"{verb} {len(rows)} item(s)" if rows else "nothing to remove")
+
+
 # ---- parser ----------------------------------------------------------------------------------------------------------
 
 def _limit_flags(parser: argparse.ArgumentParser) -> None:
@@ -619,9 +635,15 @@ def _add_bundles(sub: Any, common: argparse.ArgumentParser) -> None:
     _command(group, "delete", bundles_delete, "delete a bundle (no view may use it)", common).add_argument("name")
 
 
+def _add_gc(sub: Any, common: argparse.ArgumentParser) -> None:
+    command = _command(sub, "gc", gc, "remove superseded bundle versions, unreferenced bundle and view folders, "
+                       "upload debris and request-log rows past the server's retention", common)
+    command.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+
+
 def add_admin_commands(subparsers: Any) -> None:
-    """Register `tenants`, `keys`, `views`, `experiments` and `bundles` on `alter-serve`'s sub-parsers.
-    Each leaf command sets `func(args) -> exit status`."""
+    """Register `tenants`, `keys`, `views`, `experiments`, `bundles` and `gc` on `alter-serve`'s
+    sub-parsers. Each leaf command sets `func(args) -> exit status`."""
     common = _connection_flags()
-    for add in (_add_tenants, _add_keys, _add_views, _add_experiments, _add_bundles):
+    for add in (_add_tenants, _add_keys, _add_views, _add_experiments, _add_bundles, _add_gc):
         add(subparsers, common)

@@ -2,7 +2,7 @@
 
     alter-serve serve --model DIR [--config configs/serve.yaml] [--host H] [--port P] [--data-dir D]
     alter-serve demo  --assets var/demo/assets.json      (what `make serve` runs)
-    alter-serve tenants|keys|views|experiments|bundles ...  (the admin API over HTTP; see admin_cli.py)
+    alter-serve tenants|keys|views|experiments|bundles|gc ...  (the admin API over HTTP; see admin_cli.py)
 """
 
 from __future__ import annotations

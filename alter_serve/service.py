@@ -42,6 +42,7 @@ from .registry import (
     ViewInfo,
 )
 from .registry.experiments import RUNNING
+from .registry.garbage import GarbageReport
 
 # Called with (the experiment's sticky kind, the request's API key id); returns the value the arm
 # is hashed from (`registry.experiments.sticky_value`).
@@ -211,6 +212,16 @@ class AlterService:
                 log.info("loaded %s on demand", label)
         except Exception:
             log.exception("could not load view %s on demand", name)
+
+    # ---- operations ---------------------------------------------------------------------------
+    async def collect_garbage(self, *, dry_run: bool = False) -> GarbageReport:
+        """`Registry.collect_garbage` with this server's settings, sparing the view versions its
+        engine still serves (current and draining)."""
+        config = self.config
+        return await asyncio.to_thread(
+            self.registry.collect_garbage, keep_views=self.adapters.served_hashes(), grace_s=config.gc_grace_s,
+            retention_days=config.request_log_retention_days, retention_rows=config.request_log_retention_rows,
+            dry_run=dry_run)
 
     # ---- request path -----------------------------------------------------------------------
     async def authenticate(self, secret: str | None) -> Principal:

@@ -1,4 +1,4 @@
-"""Admin API (admin keys only): bundles, head hot-swap, views, tenants, keys, experiments.
+"""Admin API (admin keys only): bundles, head hot-swap, views, tenants, keys, experiments, gc.
 
 Every change is made in the registry first (atomically), then each view whose weights changed is
 published to the engine before the call returns, so requests accepted afterwards use it.
@@ -354,3 +354,18 @@ async def record_probe(request: Request, name: str, body: ProbeBody) -> dict:
 async def list_probes(request: Request, name: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict:
     return {"experiment": name,
             "data": _jsonable(await registry_call(_service(request).registry.list_probe_results, name, limit=limit))}
+
+
+# ---- operations -----------------------------------------------------------------------------------
+class GcBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dry_run: bool = Field(default=False, description="list what would be removed, remove nothing")
+
+
+@router.post("/gc")
+async def collect_garbage(request: Request, body: GcBody | None = None) -> dict:
+    """Remove superseded bundle versions, unreferenced bundle and composed-view folders, upload debris
+    and request-log rows outside the configured retention (`registry.garbage`); never anything a
+    bundle, view or this engine still uses."""
+    report = await _service(request).collect_garbage(dry_run=body is not None and body.dry_run)
+    return _jsonable(report)

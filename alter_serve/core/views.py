@@ -219,4 +219,6 @@ def compose(bundle: AlterBundle, view: View, store_root: str | Path) -> Composed
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    else:
+        os.utime(final)  # reused: in use now, so a collector that spares young folders spares it
     return ComposedView(view.name, digest, final)

@@ -84,6 +84,11 @@ class AdapterManager:
     def draining(self) -> int:
         return len(self._retired)
 
+    def served_hashes(self) -> set[str]:
+        """Content hashes of every version loaded in the engine, current or draining: their
+        composed folders must stay (the engine may read an adapter again from disk)."""
+        return {v.content_hash for v in [*self._current.values(), *self._retired] if v.content_hash is not None}
+
     async def publish(self, composed: ComposedView) -> ViewVersion:
         """Make `composed` the version new requests of its view get. Loads it into the engine first."""
         async with self._lock:

@@ -2,10 +2,13 @@
 
     <data_dir>/bundles/<sha256>/   manifest.json + weights.safetensors   (AlterBundle.content_hash)
     <data_dir>/views/<sha256>/     adapter_config.json + adapter_model.safetensors   (views.compose)
+    <data_dir>/uploads/            uploads while they stream in (removed when done; `gc` takes leftovers)
 
 A folder appears in one `os.replace` of a fully written and fsynced staging folder, so a reader
 never sees half a bundle and a crash leaves at most a `.staging-*` folder (ignored, never referenced).
-Identical content lands in the same folder, so writing it twice is a no-op.
+Identical content lands in the same folder, so writing it twice is a no-op (bar a touch: a reused
+folder gets a fresh mtime, so `gc`, which spares young unreferenced folders, does not take it before
+its row is written).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE, AlterBundle
 
 BUNDLES_DIR = "bundles"
 VIEWS_DIR = "views"
+UPLOADS_DIR = "uploads"
 STAGING_PREFIX = ".staging-"
 
 
@@ -47,6 +51,7 @@ def write_bundle(bundle: AlterBundle, root: Path, digest: str) -> tuple[Path, bo
     the same content was already stored (by us earlier, or by a concurrent writer)."""
     final = root / digest
     if bundle_complete(final):
+        touch(final)
         return final, False
     root.mkdir(parents=True, exist_ok=True)
     if final.exists() and not bundle_complete(final):
@@ -68,6 +73,14 @@ def write_bundle(bundle: AlterBundle, root: Path, digest: str) -> tuple[Path, bo
         return final, True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def touch(folder: Path) -> None:
+    """Mark a reused folder as in use now (see the module docstring); one that vanished is fine."""
+    try:
+        os.utime(folder)
+    except FileNotFoundError:
+        pass
 
 
 def remove_folder(folder: Path) -> None:

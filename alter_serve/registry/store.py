@@ -61,7 +61,7 @@ from ..core.bundle import (
 )
 from ..core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW, ComposedView, View, check_view_fits, compose
 from . import experiments as exp
-from . import files, keys, stats
+from . import files, garbage, keys, stats
 from .errors import Conflict, InvalidInput, NotFound
 from .experiments import Arm
 from .models import (
@@ -287,6 +287,7 @@ class Registry:
             _add_missing_columns(conn)
         (self.data_dir / files.BUNDLES_DIR).mkdir(parents=True, exist_ok=True)
         (self.data_dir / files.VIEWS_DIR).mkdir(parents=True, exist_ok=True)
+        (self.data_dir / files.UPLOADS_DIR).mkdir(parents=True, exist_ok=True)
         try:
             with self._writing("the built-in view 'original'") as s:
                 if s.scalar(select(ViewRow.id).where(ViewRow.name == ORIGINAL_VIEW)) is None:
@@ -717,6 +718,15 @@ class Registry:
         for digest in removed:
             files.remove_folder(root / digest)
         return removed
+
+    def collect_garbage(self, *, keep_views: Iterable[str] = (), grace_s: float = 3600,
+                        retention_days: float | None = None, retention_rows: int | None = None,
+                        dry_run: bool = False) -> garbage.GarbageReport:
+        """Remove superseded bundle versions, unreferenced bundle and view folders (except the view
+        hashes in `keep_views`), upload debris and request-log rows outside the retention; nothing
+        younger than `grace_s` and nothing referenced. See `registry.garbage`."""
+        return garbage.collect_garbage(self, keep_views=frozenset(keep_views), grace_s=grace_s,
+                                       retention_days=retention_days, retention_rows=retention_rows, dry_run=dry_run)
 
     # ---- tenants and grants ---------------------------------------------------------------------
 
