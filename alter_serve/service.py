@@ -7,6 +7,10 @@ Replicas:      every `registry_poll_s` each replica reads the registry's views r
                query); when another replica changed a view, it publishes the new versions to its own
                engine and unpublishes deleted views (`sync_views`). A request for a view that is in
                the registry but not loaded here yet starts its load at once and gets 503 + Retry-After.
+Failed loads:  a view version the engine could not load (after the registry committed it) is marked
+               failed (`load_failures`): the admin API and /v1/models show it, its requests answer
+               503 instead of "being loaded" forever, and each registry poll retries it; a later
+               successful load (a fixed view, a restarted engine) clears the mark.
 Request log:   buffered in memory and written in batches (`request_log_flush_s`); a batch the
                registry refuses is kept for the next flush (up to `MAX_PENDING_LOG_ROWS` rows).
 """
@@ -25,8 +29,8 @@ from .api.generation import Generator, Target
 from .api.schemas import DEFAULT_MODEL
 from .config import ServeConfig
 from .core.fingerprint import fingerprint, module_shapes
-from .core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW
-from .engine.adapters import AdapterManager, UnknownView
+from .core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW, ComposedView
+from .engine.adapters import AdapterManager, UnknownView, ViewVersion
 from .engine.vllm_engine import VllmEngine
 from .limits import FeedbackLimiter, TenantLimiter
 from . import metrics
@@ -49,6 +53,15 @@ from .registry.garbage import GarbageReport
 StickyLookup = Callable[[str, int], str | None]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailure:
+    """Why the engine could not load a view's version `content_hash`, and when."""
+
+    content_hash: str
+    error: str
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class AlterService:
         self._views_lock = asyncio.Lock()
         self._synced_revision: int | None = None
         self._loading: dict[str, asyncio.Task] = {}
+        self.load_failures: dict[str, LoadFailure] = {}  # view name → its failed version (module docstring)
         self.engine.on_restart(metrics.ENGINE_RESTARTS.inc)
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -139,23 +153,43 @@ class AlterService:
             composed = await asyncio.to_thread(self.registry.ensure_composed, view.name)
             if composed is None or composed.content_hash != view.content_hash:
                 return None  # changed meanwhile; the next sync publishes what it is now
-        with metrics.adapter_op("swap" if current is not None else "load"):
-            version = await self.adapters.publish(composed)
+        version = await self._load(composed, "swap" if current is not None else "load")
         return version.label
 
+    async def _load(self, composed: ComposedView, op: str) -> ViewVersion:
+        """Publish `composed` to the engine; a failure is recorded in `load_failures` and re-raised."""
+        try:
+            with metrics.adapter_op(op):
+                version = await self.adapters.publish(composed)
+        except Exception as exc:
+            self.load_failures[composed.name] = LoadFailure(composed.content_hash, f"{type(exc).__name__}: {exc}",
+                                                            datetime.now(timezone.utc))
+            raise
+        self.load_failures.pop(composed.name, None)
+        return version
+
     async def apply(self, changes: Iterable[ViewChange]) -> list[str]:
-        """Publish the new version of every changed view (the hot-swap). Returns their labels."""
-        labels = []
+        """Publish the new version of every changed view (the hot-swap). Returns their labels.
+        Every view is tried; when any failed to load, raises a 500 `view_load_failed` naming each
+        (the registry keeps the change; the views are marked failed)."""
+        labels, failed = [], []
         async with self._views_lock:
             for change in changes:
-                with metrics.adapter_op("swap" if change.previous is not None else "load"):
-                    version = await self.adapters.publish(change.view.composed)
-                labels.append(version.label)
+                try:
+                    version = await self._load(change.view.composed, "swap" if change.previous is not None else "load")
+                except Exception:
+                    log.exception("could not load %s into the engine", change.view.name)
+                    failed.append(change.view.name)
+                else:
+                    labels.append(version.label)
+        if failed:
+            raise view_load_failed({name: self.load_failures[name] for name in failed})
         return labels
 
     async def forget_view(self, name: str) -> None:
         async with self._views_lock:
             await self.adapters.unpublish(name)
+            self.load_failures.pop(name, None)
 
     async def sync_views(self, *, force: bool = False) -> bool:
         """Bring this engine in line with the registry: publish every view's current version,
@@ -182,6 +216,7 @@ class AlterService:
             names = {v.name for v in views}
             for gone in sorted(set(self.adapters.loaded()) - names - {ORIGINAL_VIEW}):
                 await self.adapters.unpublish(gone)
+                self.load_failures.pop(gone, None)
                 log.info("registry sync: view %s was removed; unpublished", gone)
         if complete:
             self._synced_revision = revision
@@ -265,7 +300,9 @@ class AlterService:
         composed = context.composed
         if composed is not None:
             loaded = self.adapters.current(context.view)
-            if loaded is None or loaded.content_hash != composed.content_hash:
+            failed = self.load_failures.get(context.view)
+            if (loaded is None or loaded.content_hash != composed.content_hash) and (
+                    failed is None or failed.content_hash != composed.content_hash):
                 self._load_soon(context.view)  # another replica changed it since our last poll
         return Routed(context.view)
 
@@ -283,6 +320,10 @@ class AlterService:
         try:
             lease = self.adapters.acquire(routed.view)
         except UnknownView:
+            if routed.view in self.load_failures:  # retried by each registry poll, not by each request
+                metrics.REJECTED.labels("view_load_failed").inc()
+                raise unavailable(f"The view for model '{model}' failed to load on this server; an administrator "
+                                  "has to fix it. Retry later.", 30) from None
             self._load_soon(routed.view)  # in the registry (route found it) but not on this replica yet
             raise unavailable(f"The view for model '{model}' is being loaded; retry shortly.", 2) from None
         return Target(model, lease, routed.experiment, routed.arm, routed.paused, cache_salt(principal))
@@ -384,3 +425,11 @@ async def _every(interval_s: float, action: Callable[[], Awaitable[object]], fai
             await action()
         except Exception:
             log.exception(failure)
+
+
+def view_load_failed(failures: dict[str, LoadFailure]) -> OpenAIError:
+    """The admin API's answer when the registry took a change but the engine could not load it."""
+    listed = "; ".join(f"{name} ({failure.content_hash[:12]}): {failure.error}" for name, failure in failures.items())
+    return OpenAIError(500, f"The registry has the change, but the engine could not load {listed}. These views are "
+                       "marked failed (GET /admin/views shows load_error) and their requests answer 503 until a load "
+                       "succeeds: fix and redefine the view, or delete it.", "server_error", None, "view_load_failed")

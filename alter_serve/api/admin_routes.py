@@ -161,7 +161,17 @@ async def define_view(request: Request, name: str, body: ViewBody) -> dict:
 async def list_views(request: Request) -> dict:
     service = _service(request)
     views = await registry_call(service.registry.list_views)
-    return {"data": [{**_jsonable(v), "loaded": service.adapters.current(v.name) is not None} for v in views]}
+    return {"data": [{**_jsonable(v), **_load_state(service, v)} for v in views]}
+
+
+def _load_state(service, view) -> dict:
+    """Whether this engine serves the view, and why not when its version failed to load."""
+    loaded = service.adapters.current(view.name)
+    failure = service.load_failures.get(view.name)
+    failed = failure is not None and failure.content_hash == view.content_hash
+    return {"loaded": loaded is not None, "loaded_version": None if loaded is None else loaded.version,
+            "load_error": failure.error if failed else None,
+            "load_failed_at": failure.at.isoformat() if failed else None}
 
 
 @router.delete("/views/{name}")

@@ -79,6 +79,8 @@ async def _model_cards(service, principal: Principal) -> dict[str, dict]:
                 "heads": view.spec.spec_dict() if not view.is_original else {},
                 "version": view.version or "base",
                 "loaded": loaded is not None and service.ready,
+                # This version failed to load here (the error itself is for admins: GET /admin/views).
+                "load_failed": _load_failed(service, view),
             },
         }
     for exp in running:
@@ -92,6 +94,11 @@ async def _model_cards(service, principal: Principal) -> dict[str, dict]:
         cards[DEFAULT_MODEL] = {**cards[principal.default_view], "id": DEFAULT_MODEL,
                                 "default_view": principal.default_view}
     return cards
+
+
+def _load_failed(service, view) -> bool:
+    failure = service.load_failures.get(view.name)
+    return failure is not None and failure.content_hash == view.content_hash
 
 
 def _sticky_lookup(request: Request, user: str | None):
