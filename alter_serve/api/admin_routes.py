@@ -13,18 +13,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE
 from ..core.views import View, calibrated_view
 from ..registry import UNCHANGED, Limits, Principal
 from ..registry.experiments import MAX_ARM_WEIGHT
+from ..registry.files import UPLOADS_DIR
 from ..registry.models import INT32_MAX
 from .auth import admin_principal
-from .errors import invalid, registry_call, too_large
+from .errors import invalid, registry_call
+from .uploads import FilePart, receive_form
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(admin_principal)])
+MAX_MANIFEST_BYTES = 1 << 20
 Admin = Annotated[Principal, Depends(admin_principal)]
 
 
@@ -73,45 +76,54 @@ async def register_bundle(request: Request, body: BundleFromPath) -> dict:
     return {"bundle": _jsonable(update.bundle), "views": await service.apply(update.views)}
 
 
-async def _save_upload(upload: UploadFile, dest: Path, limit: int) -> None:
-    written = 0
-    with dest.open("wb") as out:
-        while chunk := await upload.read(1 << 20):
-            written += len(chunk)
-            if written > limit:
-                raise too_large(limit)
-            out.write(chunk)
+def _upload_folder(request: Request) -> Path:
+    """A fresh folder for one upload under `<data_dir>/uploads/` (on the disk the bundle is stored
+    on; removed when the call ends, and by `gc` if a crash left it)."""
+    root = _service(request).registry.data_dir / UPLOADS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="upload-", dir=root))
 
 
-@router.post("/bundles/upload")
-async def upload_bundle(
-    request: Request,
-    name: Annotated[str, Form(min_length=1, max_length=63)],
-    manifest: Annotated[UploadFile, File(description="manifest.json")],
-    weights: Annotated[UploadFile, File(description="weights.safetensors")],
-    replace: Annotated[bool, Form()] = False,
-) -> dict:
+_BUNDLE_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["name", "manifest", "weights"],
+    "properties": {"name": {"type": "string", "maxLength": 63}, "replace": {"type": "boolean", "default": False},
+                   "manifest": {"type": "string", "format": "binary", "description": "manifest.json (1 MiB at most)"},
+                   "weights": {"type": "string", "format": "binary", "description": "weights.safetensors"}}}}}}}
+_HEAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["weights"],
+    "properties": {"weights": {"type": "string", "format": "binary",
+                               "description": "safetensors: one [out, rank] tensor per module"}}}}}}}
+
+
+@router.post("/bundles/upload", openapi_extra=_BUNDLE_FORM)
+async def upload_bundle(request: Request) -> dict:
+    """Upload a bundle as multipart/form-data (name, manifest, weights, replace). The files stream
+    to disk as they arrive (`uploads.receive_form`), then are validated and stored."""
     service = _service(request)
-    staging = Path(tempfile.mkdtemp(prefix="upload-", dir=service.config.data_dir))
+    staging = _upload_folder(request)
     try:
-        await _save_upload(manifest, staging / MANIFEST_FILE, 1 << 20)
-        await _save_upload(weights, staging / WEIGHTS_FILE, service.config.max_upload_bytes)
+        form = await receive_form(request, staging, {
+            "manifest": FilePart(MANIFEST_FILE, MAX_MANIFEST_BYTES),
+            "weights": FilePart(WEIGHTS_FILE, service.config.max_upload_bytes)}, texts=("name", "replace"))
+        name = form.get("name", "")
+        if not name or len(name) > 63:
+            raise invalid("The form field 'name' must name the bundle (1 to 63 characters).", "name")
+        replace = form.get("replace", "false").strip().lower() in ("true", "1", "yes", "on")
         update = await registry_call(service.registry.store_bundle, name, staging, replace=replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"bundle": _jsonable(update.bundle), "views": await service.apply(update.views)}
 
 
-@router.put("/bundles/{name}/heads/{head}")
-async def replace_head(request: Request, name: str, head: str,
-                       weights: Annotated[UploadFile, File(description="safetensors: one [out, rank] tensor per module")]) -> dict:
-    """The hot-swap: new B matrices for one head; every view that uses it gets a new version."""
+@router.put("/bundles/{name}/heads/{head}", openapi_extra=_HEAD_FORM)
+async def replace_head(request: Request, name: str, head: str) -> dict:
+    """The hot-swap: new B matrices for one head (multipart field `weights`, streamed to disk);
+    every view that uses it gets a new version."""
     service = _service(request)
-    staging = Path(tempfile.mkdtemp(prefix="head-", dir=service.config.data_dir))
+    staging = _upload_folder(request)
     try:
-        path = staging / "head.safetensors"
-        await _save_upload(weights, path, service.config.max_upload_bytes)
-        update = await registry_call(service.registry.replace_head, name, head, path)
+        await receive_form(request, staging, {"weights": FilePart("head.safetensors", service.config.max_upload_bytes)})
+        update = await registry_call(service.registry.replace_head, name, head, staging / "head.safetensors")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"bundle": _jsonable(update.bundle), "previous_hash": update.previous_hash,
