@@ -532,7 +532,8 @@ def gc(client: AdminClient, args: argparse.Namespace) -> Output:
 # ---- parser ----------------------------------------------------------------------------------------------------------
 
 def _limit_flags(parser: argparse.ArgumentParser) -> None:
-    for flag, what in (("max-concurrent", "requests in flight"), ("tokens-per-minute", "completion tokens per minute"),
+    for flag, what in (("max-concurrent", "sequences in flight (n × prompts per request)"),
+                       ("tokens-per-minute", "prompt + completion tokens per minute"),
                        ("max-tokens-cap", "max_tokens per request")):
         parser.add_argument(f"--{flag}", type=_limit_value, default=_UNSET, metavar="N|none",
                             help=f"limit on {what} ('none': unlimited)")

@@ -32,9 +32,12 @@ class Limits(BaseModel):
     Each is a positive integer of at most 2**31 - 1 (far above any meaningful limit)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    max_concurrent: LimitValue | None = None
-    tokens_per_minute: LimitValue | None = None
-    max_tokens_cap: LimitValue | None = None
+    max_concurrent: LimitValue | None = Field(default=None, description="sequences in flight at once; a request "
+                                              "runs n × prompts of them")
+    tokens_per_minute: LimitValue | None = Field(default=None, description="prompt + completion tokens over a "
+                                                 "sliding minute")
+    max_tokens_cap: LimitValue | None = Field(default=None, description="the most completion tokens one "
+                                              "sequence may ask for")
 
 
 @dataclass(frozen=True, slots=True)
