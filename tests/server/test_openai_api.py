@@ -20,8 +20,10 @@ def test_models_lists_only_granted_views_with_lineage(live_server):
     assert lineage["bundle"] == "demo" and lineage["loaded"] is True
     assert lineage["heads"]["retain"] == 1.0 and set(lineage["heads"]["forget"]) and len(lineage["version"]) == 12
     assert models["original"].model_extra["lineage"]["bundle"] is None
-    other = {m.id for m in live_server.client("other").models.list().data}
-    assert other == {"original", "rnd-x"}
+    other = {m.id: m for m in live_server.client("other").models.list().data}
+    # `default` is the tenant's default view under a name every tenant's client can use.
+    assert set(other) == {"original", "rnd-x", "default"}
+    assert other["default"].model_extra["default_view"] in {"original", "rnd-x"}
 
 
 def test_completion_string_and_list_prompts_with_usage(live_server):
