@@ -42,7 +42,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS_DIR, REPO_ROOT, machine_info, print_header
 from benchmarks.stages import StageCache
-from benchmarks.unlearn_report import write_report
+from benchmarks.unlearn_report import omega_label, write_report
 from train.data.unlearn_split import SplitSpec, UnlearnSplit, build_split
 from train.config import deep_merge
 from train.finetune import MODEL_DIR, FinetuneSchedule
@@ -311,11 +311,6 @@ def scored_views(method: Method, split: UnlearnSplit, omegas: Sequence[float] = 
     return {"model": "forget" if method.peft == "lora" else "original"}
 
 
-def omega_label(omega: float) -> str:
-    """The result label of the view with every forget head at weight ω."""
-    return f"all heads, ω={omega:g}"
-
-
 def score_stage(cache: StageCache, scale: Scale, split: UnlearnSplit, fmt: Any, trained, view: str,
                 label: str, progress: bool) -> dict[str, Any]:
     model_dir = Path(trained.result.get("model") or cache.records["ref-full"].folder / MODEL_DIR)
@@ -375,9 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     gates = check_gates(scores, scale)
     failed = [g["name"] for g in gates if not g["passed"]]
     if failed and not args.ignore_gates:
+        # The gates are the run's result: stored beside the method report, which stays as it was.
+        stored = write_report(args.scale, scale, split, scores, gates, [], {}, cache, machine, Path(args.out_dir),
+                              name=f"unlearn_{args.scale}_gates")
         print(f"unlearn_bench: validity gates {failed} failed: the protocol cannot tell a good unlearner from a "
-              "bad one on these references; fix the references (schedule, data) or pass --ignore-gates",
-              file=sys.stderr)
+              "bad one on these references; fix the references (schedule, data) or pass --ignore-gates "
+              f"(the gates and reference scores are in {stored})", file=sys.stderr)
         return 3
     if args.stage == "gates":
         return _done(started)

@@ -21,11 +21,20 @@ GOAL_FQ = 0.05
 GOAL_MU = 0.95
 GOAL_ROUGE_MARGIN = 0.05
 SERVED = ("alter", "served")
+OMEGA_VIEW = "all heads, ω="  # + the weight: the view label of every forget head at one weight
+
+
+def omega_label(omega: float) -> str:
+    """The result label of the view with every forget head at weight ω."""
+    return f"{OMEGA_VIEW}{omega:g}"
 
 
 def write_report(scale_name: str, scale: Any, split: Any, references: Mapping[str, Mapping[str, Any]],
                  gates: list[dict[str, Any]], views: list[dict[str, Any]], isolation: Mapping[str, Any],
-                 cache: Any, machine: dict[str, Any], out_dir: Path) -> Path:
+                 cache: Any, machine: dict[str, Any], out_dir: Path, name: str | None = None) -> Path:
+    """The report of one run, as `<out_dir>/<name>.json|md` (default name `unlearn_<scale>`), with
+    the plots of what it scored. A run stopped by a failed gate writes its references and gates alone
+    (no `views`)."""
     resamples = scale.evaluation.bootstrap
     rows = [{**row_for(name, scores, references, resamples), "method": name, "view": "reference", "seed": None}
             for name, scores in references.items()]
@@ -37,12 +46,13 @@ def write_report(scale_name: str, scale: Any, split: Any, references: Mapping[st
     table = summary_table(summary)
     gate_lines = "\n".join(f"- {g['name']} {'PASS' if g['passed'] else 'FAIL'}: {g['detail']}" for g in gates)
     text = f"Validity gates:\n\n{gate_lines}\n\n{table}\n\n{goal_text(goals)}"
-    name = f"unlearn_{scale_name}"
+    name = name or f"unlearn_{scale_name}"
     settings = {"scale": scale_name, "split": split.summary(), "finetune": asdict(scale.finetune),
                 "evaluation": asdict(scale.evaluation), "gates": gates, "goals": goals,
                 "isolation": dict(isolation), "stages": cache.timings()}
     path = write_results(name, settings, [_strip(r) for r in rows], text, machine, out_dir)
-    pareto_plot(rows, out_dir / f"{name}_pareto.png", scale_name)
+    if views:
+        pareto_plot(rows, out_dir / f"{name}_pareto.png", scale_name)
     if isolation:
         isolation_heatmaps(isolation, out_dir / f"{name}_isolation.png")
     print(text, flush=True)
@@ -150,7 +160,7 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path, scale: str) -> Pa
         ax.scatter([p["mu_vs_full"] or 0.0 for p in points], [max(p["fq"], 1e-30) for p in points], label=label,
                    marker=marker, s=140 if marker == "*" else 60, color=colors[i % len(colors)],
                    edgecolor="black", linewidth=0.5, alpha=0.9)
-    for (method, seed), curve in _omega_curves(rows).items():
+    for curve in _omega_curves(rows).values():
         ax.plot([p["mu_vs_full"] or 0.0 for p in curve], [max(p["fq"], 1e-30) for p in curve], color="grey",
                 linewidth=0.8, alpha=0.7, zorder=0)
     ax.axhline(GOAL_FQ, color="grey", linestyle="--", linewidth=0.8)
@@ -168,7 +178,7 @@ def _omega_curves(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], li
     Only runs with at least three such points."""
     curves: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
     for row in rows:
-        if row["view"] == "served" or row["view"].startswith("all heads, ω="):
+        if row["view"] == "served" or row["view"].startswith(OMEGA_VIEW):
             curves.setdefault((row["method"], row["seed"]), []).append(row)
     return {key: sorted(points, key=lambda p: p["mu_vs_full"] or 0.0)
             for key, points in curves.items() if len(points) >= 3}

@@ -60,6 +60,21 @@ def test_a_second_run_takes_every_stage_from_the_cache(smoke, capsys):
     assert lines and all(": cached (" in line for line in lines), lines
 
 
+def test_a_failed_gate_stops_the_run_and_stores_the_gates(smoke, monkeypatch, capsys):
+    root, argv = smoke
+    failing = [{"name": "G4", "passed": False, "detail": "MU ratio out of bounds"}]
+    monkeypatch.setattr(unlearn_bench, "check_gates", lambda scores, scale: failing)
+    out = root / "gates-out"
+    strict = [a for a in argv if a != "--ignore-gates"]
+    strict[strict.index("--out-dir") + 1] = str(out)
+    assert unlearn_bench.main(strict) == 3
+    assert "validity gates ['G4'] failed" in capsys.readouterr().err
+    payload = json.loads((out / "unlearn_smoke_gates.json").read_text())
+    assert payload["settings"]["gates"] == failing
+    assert {r["method"] for r in payload["results"]} == {"full", "retain-a", "retain-b"}
+    assert not (out / "unlearn_smoke.json").exists()  # the method report is left as it was
+
+
 def test_stage_cache_reruns_an_interrupted_stage_and_keys_by_inputs(tmp_path):
     cache = StageCache(tmp_path, log=lambda line: None)
     calls = []
