@@ -32,7 +32,7 @@ from .core.fingerprint import fingerprint, module_shapes
 from .core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW, ComposedView
 from .engine.adapters import AdapterManager, UnknownView, ViewVersion
 from .engine.vllm_engine import VllmEngine
-from .limits import FeedbackLimiter, TenantLimiter
+from .serving.limits import FeedbackLimiter, TenantLimiter
 from . import metrics
 from .registry import (
     Conflict,

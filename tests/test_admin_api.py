@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from alter_serve.limits import FeedbackLimiter
+from alter_serve.serving.limits import FeedbackLimiter
 from alter_serve.registry import RequestLogEntry
 
 from .admin_app import AdminApp, store_random_bundle

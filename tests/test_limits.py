@@ -13,9 +13,10 @@ import httpx
 import pytest
 
 from alter_serve import metrics
-from alter_serve.api.errors import OpenAIError, refusal
+from alter_serve.api.errors import OpenAIError, openai_error
 from alter_serve.api.schemas import CHAT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
-from alter_serve.limits import DEFAULT_RESERVATION, FeedbackLimiter, Refused, TenantLimiter
+from alter_serve.serving.errors import RateLimited, ServingError
+from alter_serve.serving.limits import DEFAULT_RESERVATION, FeedbackLimiter, TenantLimiter
 from alter_serve.registry import Limits, Principal
 
 from .admin_app import AdminApp
@@ -36,9 +37,9 @@ def tenant(tenant_id: int, **limits: int) -> Principal:
 
 def refused(fn, *args, **kwargs) -> OpenAIError:
     """The refusal `fn` raises, as the API answers it."""
-    with pytest.raises(Refused) as info:
+    with pytest.raises(ServingError) as info:
         fn(*args, **kwargs)
-    return refusal(info.value)
+    return openai_error(info.value)
 
 
 def rejected(reason: str) -> float:
@@ -171,9 +172,7 @@ def test_the_budget_charges_prompt_tokens_up_front_and_settles_the_real_usage():
 def test_a_prompt_that_does_not_fit_the_whole_budget_is_refused_up_front():
     limiter, acme = TenantLimiter(Clock()), tenant(1, tokens_per_minute=1000)
     permit = limiter.acquire(acme, 100, sequences=2)
-    with pytest.raises(Refused) as info:
-        permit.reserve(900, 100)
-    err = refusal(info.value)
+    err = refused(permit.reserve, 900, 100)
     assert (err.status, err.code) == (400, "request_exceeds_token_budget")
     assert "up to 1100 tokens (900 prompt tokens + 2 sequences × max_tokens 100)" in err.message
     assert "budget of 1000" in err.message and "Shorten the prompt" in err.message
@@ -187,9 +186,9 @@ def test_a_prompt_that_does_not_fit_the_window_now_is_a_429():
     limiter, acme = TenantLimiter(clock), tenant(1, tokens_per_minute=1000)
     limiter.acquire(acme, 10).release(700)
     permit = limiter.acquire(acme, 100)  # 700 charged + 100 reserved
-    with pytest.raises(Refused) as info:
+    with pytest.raises(RateLimited) as info:
         permit.reserve(250, 100)  # 700 + 350 > 1000
-    assert (info.value.status, info.value.retry_after_s) == (429, 61)
+    assert info.value.retry_after_s == 61
     permit.release(0)
 
 

@@ -1,6 +1,8 @@
 """Errors in the OpenAI body format: {"error": {"message", "type", "param", "code"}}.
 
-Every failure a client can see goes through here, so no raw traceback ever reaches one.
+Every failure a client can see goes through here, so no raw traceback ever reaches one. The
+service's own errors (`serving.errors`) get their status code, OpenAI `type` and headers here
+(`openai_error`), and nowhere else.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from vllm.exceptions import VLLMClientError
 
 from ..core.bundle import BundleError
 from ..engine.vllm_engine import EngineUnavailable
-from ..limits import Refused
 from ..registry import Conflict, InvalidInput, NotFound, RegistryError
+from ..serving.errors import (Forbidden, InvalidRequest, ModelNotFound, RateLimited, ResourceConflict,
+                              ResourceNotFound, ServingError, Unauthenticated, Unavailable, ViewLoadFailed,
+                              as_serving_error)
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +98,28 @@ def unavailable(message: str, retry_after_s: int = 5) -> OpenAIError:
                        headers={"Retry-After": str(max(1, retry_after_s))})
 
 
-def refusal(exc: Refused) -> OpenAIError:
-    """An admission refusal (`limits.Refused`) in the OpenAI format: 400 invalid request, 429 rate
-    limit, 503 server busy, with Retry-After where waiting helps."""
-    kind = {429: "rate_limit_error", 503: "server_error"}.get(exc.status, "invalid_request_error")
+# Each kind of service error: its HTTP status and OpenAI error `type`.
+_STATUS: dict[type[ServingError], tuple[int, str]] = {
+    InvalidRequest: (400, "invalid_request_error"),
+    Unauthenticated: (401, "authentication_error"),
+    Forbidden: (403, "permission_error"),
+    ModelNotFound: (404, "invalid_request_error"),
+    ResourceNotFound: (404, "invalid_request_error"),
+    ResourceConflict: (409, "invalid_request_error"),
+    RateLimited: (429, "rate_limit_error"),
+    ViewLoadFailed: (500, "server_error"),
+    Unavailable: (503, "server_error"),
+}
+
+
+def openai_error(exc: ServingError) -> OpenAIError:
+    """A service error in the OpenAI format: its status and type by its class, Retry-After where
+    waiting helps, and WWW-Authenticate on a 401."""
+    status, kind = next(found for cls, found in _STATUS.items() if isinstance(exc, cls))
     headers = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
-    return OpenAIError(exc.status, exc.message, kind, exc.param, exc.code, headers=headers)
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    return OpenAIError(status, exc.message, kind, exc.param, exc.code, headers=headers)
 
 
 async def registry_call(fn, *args, **kwargs):
@@ -121,18 +141,13 @@ def error_body(exc: OpenAIError) -> dict:
 
 
 def as_openai_error(exc: BaseException) -> OpenAIError | None:
-    """What a request's failure tells the client, or None for a server fault (a 500): an admission
-    refusal as `refusal` says, EngineUnavailable is a 503 with Retry-After, and an error vLLM
-    blames on the request (VLLMClientError, e.g. a prompt it will not take) is a 400, as in vLLM's own server."""
+    """What a request's failure tells the client, or None for a server fault (a 500): the service's
+    errors (and the engine's, as `serving.errors.as_serving_error` classifies them) as
+    `openai_error` says."""
     if isinstance(exc, OpenAIError):
         return exc
-    if isinstance(exc, Refused):
-        return refusal(exc)
-    if isinstance(exc, EngineUnavailable):
-        return unavailable(str(exc), exc.retry_after_s)
-    if isinstance(exc, VLLMClientError):
-        return invalid(str(exc), getattr(exc, "parameter", None))
-    return None
+    refusal = as_serving_error(exc)
+    return None if refusal is None else openai_error(refusal)
 
 
 # pydantic names the member of a union a value was tried against in an error's location
@@ -183,7 +198,7 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = _validation_message(exc)
         return invalid(message, param).response()
 
-    @app.exception_handler(Refused)
+    @app.exception_handler(ServingError)
     @app.exception_handler(EngineUnavailable)
     @app.exception_handler(VLLMClientError)
     async def _known(_: Request, exc: Exception):

@@ -31,8 +31,9 @@ and each one is a registry write.
 
 Over a limit the answer is 429 with a `Retry-After` that says when the request would fit: for the
 token window, when enough of the charged tokens age out of it; for concurrency (or a window held by
-in-flight reservations), 1 s, since only a finishing request frees room. Refusals are `Refused`
-exceptions; the API layer answers them in the OpenAI error format (`api.errors`).
+in-flight reservations), 1 s, since only a finishing request frees room. Refusals are
+`serving.errors` exceptions (InvalidRequest, RateLimited, Unavailable); the API layer answers them
+in the OpenAI error format (`api.errors`).
 
 Isolation: each tenant has its own counters, keyed by tenant id, so one tenant's traffic never
 counts against another's (only the server-wide cap is shared). Admin keys (no tenant) are not
@@ -54,29 +55,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import metrics
-from .registry import Limits, Principal
+from .. import metrics
+from ..registry import Limits, Principal
+from .errors import InvalidRequest, RateLimited, Unavailable
 
 WINDOW_S = 60.0
 # Reservation of a request that names no max_tokens and has no cap: the server's largest default
-# completion length (chat requests default to at most 1024 tokens, see api/schemas.py).
+# completion length (chat requests default to at most 1024 tokens, see serving/schemas.py).
 DEFAULT_RESERVATION = 1024
 _BUSY_RETRY_S = 1
 # A full server frees room as fast as the engine finishes sequences; a little longer than a
 # tenant's own wait, so clients back off from a busy server rather than add to it.
 SERVER_BUSY_RETRY_S = 2
-
-
-class Refused(Exception):
-    """A request admission refuses. `status` 400: it could never run as sent (`param` names what to
-    change); 429: its tenant is over a limit now; 503: the server holds its most sequences. 429 and
-    503 carry `retry_after_s`. The API layer answers it in the OpenAI error format."""
-
-    def __init__(self, status: int, message: str, code: str, *, param: str | None = None,
-                 retry_after_s: int | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.retry_after_s = None if retry_after_s is None else max(1, retry_after_s)
 
 
 @dataclass
@@ -164,9 +154,9 @@ class TenantLimiter:
 
     def acquire(self, principal: Principal, requested_max_tokens: int | None, *, sequences: int = 1) -> Permit:
         """Admit one request of `principal` asking for `requested_max_tokens` completion tokens per
-        sequence (None: not stated) over `sequences` sequences (n × prompts). Raises `Refused`: 400
-        for a request over the tenant's max_tokens cap or that could never fit a limit, 429 with
-        Retry-After over a tenant limit, 503 with Retry-After over the server's sequence cap."""
+        sequence (None: not stated) over `sequences` sequences (n × prompts). Raises InvalidRequest
+        (400) for a request over the tenant's max_tokens cap or that could never fit a limit,
+        RateLimited (429) over a tenant limit, Unavailable (503) over the server's sequence cap."""
         limits, sequences = principal.limits, max(1, sequences)
         max_tokens = _checked_max_tokens(limits, requested_max_tokens)
         tenant_id = principal.tenant_id
@@ -232,10 +222,10 @@ class TenantLimiter:
         if worst > budget:
             metrics.REJECTED.labels("over_budget").inc()
             prompt = f"{prompt_tokens} prompt tokens + " if prompt_tokens else ""
-            raise Refused(400, f"This request may use up to {worst} tokens ({prompt}{sequences} sequences × "
-                          f"max_tokens {per_sequence}), more than this API key's whole budget of {budget} tokens "
-                          "per minute, so it could never run. Shorten the prompt, or lower max_tokens or n.",
-                          "request_exceeds_token_budget", param="max_tokens")
+            raise InvalidRequest(f"This request may use up to {worst} tokens ({prompt}{sequences} sequences × "
+                                 f"max_tokens {per_sequence}), more than this API key's whole budget of {budget} "
+                                 "tokens per minute, so it could never run. Shorten the prompt, or lower max_tokens "
+                                 "or n.", param="max_tokens", code="request_exceeds_token_budget")
         return worst
 
     def _admit(self, state: _TenantState, limits: Limits, sequences: int, reservation: int, tenant: str | None) -> None:
@@ -264,8 +254,9 @@ class TenantLimiter:
         cap = self.max_queued_sequences
         if cap is not None and self._held + sequences > cap:
             metrics.REJECTED.labels("server_busy").inc()
-            raise Refused(503, f"The server is busy: it holds {self._held} sequences, and {sequences} more would pass "
-                          f"its limit of {cap}. Retry shortly.", "server_busy", retry_after_s=SERVER_BUSY_RETRY_S)
+            raise Unavailable(f"The server is busy: it holds {self._held} sequences, and {sequences} more would "
+                              f"pass its limit of {cap}. Retry shortly.", code="server_busy",
+                              retry_after_s=SERVER_BUSY_RETRY_S)
 
     def _reserve(self, permit: Permit, prompt_tokens: int, max_tokens: int) -> None:
         principal = permit._principal
@@ -316,8 +307,8 @@ def _checked_max_tokens(limits: Limits, requested: int | None) -> int | None:
         return requested if requested is not None else cap
     if requested > cap:
         metrics.REJECTED.labels("max_tokens").inc()
-        raise Refused(400, f"max_tokens is {requested}, but this API key allows at most {cap} completion tokens "
-                      "per request. Lower max_tokens.", "max_tokens_exceeded", param="max_tokens")
+        raise InvalidRequest(f"max_tokens is {requested}, but this API key allows at most {cap} completion tokens "
+                             "per request. Lower max_tokens.", param="max_tokens", code="max_tokens_exceeded")
     return requested
 
 
@@ -325,14 +316,14 @@ def _check_sequences(limits: Limits, sequences: int) -> None:
     """A request of more sequences than the tenant may run at once could never be admitted: a 400."""
     if limits.max_concurrent is not None and sequences > limits.max_concurrent:
         metrics.REJECTED.labels("too_many_sequences").inc()
-        raise Refused(400, f"This request runs {sequences} sequences at once (n × prompts), more than this API key's "
-                      f"limit of {limits.max_concurrent} concurrent sequences, so it could never run. Lower n or "
-                      "send fewer prompts per request.", "too_many_sequences", param="n")
+        raise InvalidRequest(f"This request runs {sequences} sequences at once (n × prompts), more than this API "
+                             f"key's limit of {limits.max_concurrent} concurrent sequences, so it could never run. "
+                             "Lower n or send fewer prompts per request.", param="n", code="too_many_sequences")
 
 
 def _reject(message: str, retry_after_s: int) -> None:
     metrics.REJECTED.labels("rate_limit").inc()
-    raise Refused(429, message, "rate_limit_exceeded", retry_after_s=retry_after_s)
+    raise RateLimited(message, retry_after_s=retry_after_s)
 
 
 class FeedbackLimiter:
