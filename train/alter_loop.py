@@ -83,10 +83,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .entropy import high_entropy_mask, low_entropy_mask
-from .examples import Batch
-from .modeling import AlterModel
-from .objectives import (
+from train.entropy import high_entropy_mask, low_entropy_mask
+from train.examples import Batch
+from train.modeling import AlterModel
+from train.objectives import (
     IGNORE_INDEX,
     bounded_nll_ascent,
     distribution_kl,

@@ -23,8 +23,8 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import nn
 
-from .examples import Batch
-from .objectives import grad_ascent_loss, grad_diff_loss, npo_loss
+from train.examples import Batch
+from train.objectives import grad_ascent_loss, grad_diff_loss, npo_loss
 
 BASELINES = ("grad_ascent", "grad_diff", "npo")
 

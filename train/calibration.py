@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 from alter_serve.core.bundle import Calibration
 
-from .examples import Example
-from .modeling import AlterModel
-from .scoring import mean_answer_probability, model_forward
+from train.examples import Example
+from train.modeling import AlterModel
+from train.scoring import mean_answer_probability, model_forward
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from alter_serve.core.bundle import MAX_ALPHA, MAX_SCALE, SUPPORTED_RANKS, is_valid_head_name
 
-from .data.prompting import PromptFormat, prompt_format
-from .runtime import check_device_name
+from train.data.prompting import PromptFormat, prompt_format
+from train.runtime import check_device_name
 
 Method = Literal["alter", "alter_no_entropy", "grad_ascent", "grad_diff", "npo"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

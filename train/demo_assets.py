@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .data.prompting import format_prompt
+from train.data.prompting import format_prompt
 
 DEFAULT_ASSETS = Path("var/demo/assets.json")
 
@@ -20,9 +20,9 @@ DEFAULT_ASSETS = Path("var/demo/assets.json")
 def build_demo_assets(out: Path = DEFAULT_ASSETS, progress: bool = True) -> dict:
     from alter_serve.core.bundle import load_bundle
 
-    from .data.synthetic import SyntheticTofu
-    from .demo_bundle import build_demo_bundle
-    from .demo_model import build_demo_model
+    from train.data.synthetic import SyntheticTofu
+    from train.demo_bundle import build_demo_bundle
+    from train.demo_model import build_demo_model
 
     model_dir = build_demo_model(progress=progress)
     bundle_dir = build_demo_bundle(model_dir, progress=progress)

@@ -22,7 +22,7 @@ from typing import Any
 from alter_serve.core.bundle import MANIFEST_FILE
 from alter_serve.core.fingerprint import fingerprint
 
-from .config import deep_merge, load_config
+from train.config import deep_merge, load_config
 
 # Bump when a change to the training code changes what a build produces.
 CODE_VERSION = 4
@@ -41,7 +41,7 @@ def build_demo_bundle(
 ) -> Path:
     """Train (or reuse) the demo bundle for the model in `model_dir` (default: the demo model)."""
     if model_dir is None:
-        from .demo_model import build_demo_model
+        from train.demo_model import build_demo_model
 
         model_dir = build_demo_model(progress=progress)
     model_dir = Path(model_dir).resolve()
@@ -55,7 +55,7 @@ def build_demo_bundle(
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".demo-{key}-", dir=root))
     try:
-        from .trainer import run
+        from train.trainer import run
 
         config.runtime.output_dir = str(scratch / "run")
         result = run(config)

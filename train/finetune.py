@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data.prompting import PromptFormat
-from .examples import epoch_batches, encode_records
-from .objectives import nll_loss
-from .runtime import autocast, seed_everything, torch_threads
+from train.data.prompting import PromptFormat
+from train.examples import epoch_batches, encode_records
+from train.objectives import nll_loss
+from train.runtime import autocast, seed_everything, torch_threads
 
 MODEL_DIR = "model"
 INFO_FILE = "finetune.json"

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import to_device
+from train.runtime import to_device
 
 if TYPE_CHECKING:
     from alter_serve.core.bundle import AlterBundle, EntropySpec, RouterSpec

@@ -37,8 +37,8 @@ from torch import nn
 
 from alter_serve.core.bundle import AlterBundle, RouterSpec
 
-from .entropy import tsallis_entropy
-from .modeling import AlterModel
+from train.entropy import tsallis_entropy
+from train.modeling import AlterModel
 
 ROUTER_KIND = "entropy_softmax"
 NULL_SLOT = 0

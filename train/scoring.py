@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .examples import Batch, Example, epoch_batches
-from .objectives import token_nll
+from train.examples import Batch, Example, epoch_batches
+from train.objectives import token_nll
 
 Forward = Callable[[Batch], torch.Tensor]
 

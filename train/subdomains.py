@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .examples import Example, epoch_batches
+from train.examples import Example, epoch_batches
 
 
 def cluster_head_names(k: int) -> list[str]:

@@ -32,8 +32,8 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .trainer import run
+    from train.config import load_config
+    from train.trainer import run
 
     runtime = {"progress": not args.no_progress}
     if args.output_dir:
@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_bundle(args: argparse.Namespace) -> int:
-    from .demo_bundle import build_demo_bundle
+    from train.demo_bundle import build_demo_bundle
 
     print(build_demo_bundle(args.model_dir, args.out_root, args.config, progress=not args.no_progress))
     return 0

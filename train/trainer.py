@@ -53,13 +53,13 @@ from alter_serve.core.bundle import RETAIN_HEAD, AlterBundle, BaseModelRef, Cali
 from alter_serve.core.fingerprint import fingerprint
 from alter_serve.core.views import View, calibrated_view
 
-from .alter_loop import AlterStepConfig, AlterSteps, answer_mask_without_eos
-from .baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
-from .calibration import CalibrationSettings, answer_probability_scorer, calibrate_views
-from .checkpoint import TrainState, config_digest, load_state, save_state
-from .config import TrainConfig
-from .entropy import EntropySplit, cached_example_entropies, check_reachable_threshold, plot_entropy_histogram
-from .examples import (
+from train.alter_loop import AlterStepConfig, AlterSteps, answer_mask_without_eos
+from train.baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
+from train.calibration import CalibrationSettings, answer_probability_scorer, calibrate_views
+from train.checkpoint import TrainState, config_digest, load_state, save_state
+from train.config import TrainConfig
+from train.entropy import EntropySplit, cached_example_entropies, check_reachable_threshold, plot_entropy_histogram
+from train.examples import (
     Batch,
     Example,
     answer_token_values,
@@ -69,14 +69,14 @@ from .examples import (
     sample_by_tokens,
     with_entropies,
 )
-from .fused_step import FusedPhase2
-from .head_init import init_heads
-from .modeling import AlterModel, inject, to_bundle
-from .objectives import sequence_mean_nll
-from .optim import lr_factor, optimizer_step, set_lr
-from .report import LOSS_PLOT_FILE, REPORT_FILE, plot_losses, write_json
-from .router import EntropyRouter, routed_forward, train_router
-from .runtime import (
+from train.fused_step import FusedPhase2
+from train.head_init import init_heads
+from train.modeling import AlterModel, inject, to_bundle
+from train.objectives import sequence_mean_nll
+from train.optim import lr_factor, optimizer_step, set_lr
+from train.report import LOSS_PLOT_FILE, REPORT_FILE, plot_losses, write_json
+from train.router import EntropyRouter, routed_forward, train_router
+from train.runtime import (
     PhaseMeter,
     autocast,
     count_trainable,
@@ -86,9 +86,9 @@ from .runtime import (
     torch_threads,
     weight_dtype,
 )
-from .scoring import mean_answer_probability, model_forward
-from .subdomains import mean_hidden_states
-from .unlearning_data import load_unlearning_data, read_records
+from train.scoring import mean_answer_probability, model_forward
+from train.subdomains import mean_hidden_states
+from train.unlearning_data import load_unlearning_data, read_records
 
 BUNDLE_DIR = "bundle"
 ENTROPY_PLOT_FILE = "entropy_hist.png"
@@ -112,7 +112,7 @@ def run(config: TrainConfig, resume: bool = False) -> RunResult:
 
 def resolve_model_dir(path: str) -> Path:
     if path == "demo":
-        from .demo_model import build_demo_model
+        from train.demo_model import build_demo_model
 
         return build_demo_model()
     folder = Path(path)

@@ -18,8 +18,8 @@ import torch
 from alter_serve.core.bundle import HEAD_NAME_PATTERN, is_valid_head_name
 from train.data.synthetic import SyntheticTofu, records_digest
 
-from .config import DataSection
-from .subdomains import cluster_head_names, kmeans
+from train.config import DataSection
+from train.subdomains import cluster_head_names, kmeans
 
 Record = dict
 
