@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .api.errors import OpenAIError, model_not_found, unauthorized, unavailable
 from .api.generation import Generator, Target
-from .api.schemas import DEFAULT_MODEL
+from .serving.schemas import DEFAULT_MODEL
 from .config import ServeConfig
 from .core.fingerprint import fingerprint, module_shapes
 from .core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW, ComposedView
@@ -281,7 +281,7 @@ class AlterService:
 
     def _route(self, context: RequestContext, sticky: StickyLookup) -> Routed:
         """The tenant's model name: an experiment alias first, then a granted view, then `default`
-        for the tenant's default view (api.schemas.DEFAULT_MODEL). Either way only
+        for the tenant's default view (serving.schemas.DEFAULT_MODEL). Either way only
         a view granted to the tenant is served: the registry refuses experiments whose arms are not
         granted, and this checks again against the grants read with the request."""
         experiment, principal = context.experiment, context.principal

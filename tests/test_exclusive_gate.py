@@ -11,7 +11,7 @@ import pytest
 from vllm import SamplingParams
 
 from alter_serve.api.errors import as_openai_error
-from alter_serve.api.schemas import MAX_LOGPROBS, MAX_TOP_LOGPROBS
+from alter_serve.serving.schemas import MAX_LOGPROBS, MAX_TOP_LOGPROBS
 from alter_serve.engine import vllm_engine
 from alter_serve.engine.config import EngineConfig
 from alter_serve.engine.vllm_engine import EngineUnavailable, ExclusiveGate, VllmEngine

@@ -17,7 +17,7 @@ from vllm.outputs import CompletionOutput, RequestOutput
 
 from alter_serve.api.errors import OpenAIError, as_openai_error
 from alter_serve.api.generation import Generator, Outcome, Target, TokenStrings, gather_or_cancel, sse_stream
-from alter_serve.api.schemas import ChatCompletionRequest, CompletionRequest
+from alter_serve.serving.schemas import ChatCompletionRequest, CompletionRequest
 from alter_serve.serving.limits import TenantLimiter
 from alter_serve.registry import Limits, Principal
 

@@ -14,7 +14,7 @@ import pytest
 
 from alter_serve import metrics
 from alter_serve.api.errors import OpenAIError, openai_error
-from alter_serve.api.schemas import CHAT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
+from alter_serve.serving.schemas import CHAT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 from alter_serve.serving.errors import RateLimited, ServingError
 from alter_serve.serving.limits import DEFAULT_RESERVATION, FeedbackLimiter, TenantLimiter
 from alter_serve.registry import Limits, Principal

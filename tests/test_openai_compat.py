@@ -1,4 +1,4 @@
-"""The request-field table (`api.request_fields`, docs/openai-compat.md) against the server.
+"""The request-field table (`serving.request_fields`, docs/openai-compat.md) against the server.
 
 The document is the table rendered; the table covers every field of the OpenAI SDK's requests and
 of vLLM's server; and every row's example, sent through the real app (routes, schemas, generator)
@@ -23,10 +23,10 @@ from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import StructuredOutputsParams
 
-from alter_serve.api import request_fields
+from alter_serve.serving import request_fields
 from alter_serve.api.app import create_app
 from alter_serve.api.generation import Generator, Target
-from alter_serve.api.schemas import ChatCompletionRequest, CompletionRequest
+from alter_serve.serving.schemas import ChatCompletionRequest, CompletionRequest
 from alter_serve.service import cache_salt
 
 from .admin_app import build_service

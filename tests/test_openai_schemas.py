@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from alter_serve.api.errors import install_error_handlers
-from alter_serve.api.schemas import ChatCompletionRequest, CompletionRequest
+from alter_serve.serving.schemas import ChatCompletionRequest, CompletionRequest
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

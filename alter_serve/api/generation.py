@@ -32,7 +32,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from ..engine.adapters import Lease
 from ..engine.vllm_engine import VllmEngine, cancel_and_wait
 from .errors import as_openai_error, error_body, invalid
-from .schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat
+from ..serving.schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ from .auth import model_request_key, tenant_principal
 from ..engine.vllm_engine import EngineUnavailable, cancel_and_wait
 from .errors import OpenAIError, as_openai_error, model_not_found, not_found, registry_call
 from .generation import Outcome, Target, new_response_id, sse_stream
-from .schemas import DEFAULT_MODEL, ChatCompletionRequest, CompletionRequest, FeedbackRequest
+from ..serving.schemas import DEFAULT_MODEL, ChatCompletionRequest, CompletionRequest, FeedbackRequest
 
 router = APIRouter()
 Tenant = Annotated[Principal, Depends(tenant_principal)]

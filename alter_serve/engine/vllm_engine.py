@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 EngineState = Literal["stopped", "starting", "ready", "dead", "restarting"]
 ENGINE_PROCESS_PREFIX = "VLLM::EngineCore"
 # The most logprobs per token a request may ask for: OpenAI's chat `top_logprobs` limit (vLLM's
-# default too; api.schemas.MAX_TOP_LOGPROBS must not exceed it, a test checks).
+# default too; serving.schemas.MAX_TOP_LOGPROBS must not exceed it, a test checks).
 MAX_LOGPROBS = 20
 # How long a scoring call waits for the engine to itself before it answers 503 (see ExclusiveGate).
 SCORING_WAIT_S = 30.0

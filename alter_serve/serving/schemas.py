@@ -1,4 +1,5 @@
-"""Request bodies of the OpenAI-compatible routes, validated by pydantic.
+"""Request bodies of the OpenAI-compatible routes, validated by pydantic (no web code: the routes
+parse them, and the service plans and runs them; so they live in the service layer).
 
 What each field does is in `request_fields.ROWS` (docs/openai-compat.md): honoured, accepted and
 ignored, or refused with a 400 that names it and says "not supported". The fields that table
