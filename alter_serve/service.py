@@ -25,7 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .api.errors import OpenAIError, model_not_found, unauthorized, unavailable
-from .api.generation import Generator, Target
+from .serving.generation import Generator
+from .serving.routing import Target
 from .serving.schemas import DEFAULT_MODEL
 from .config import ServeConfig
 from .core.fingerprint import fingerprint, module_shapes

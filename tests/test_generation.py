@@ -1,4 +1,4 @@
-"""The request shaping of api.generation, on the tiny byte-level BPE tokenizer and a fake engine:
+"""The request planning and shaping of serving.generation, on the tiny byte-level BPE tokenizer and a fake engine:
 completion-token limits, prompt checks before decoding (off the event loop), logprobs blocks
 (top-k by rank, exact bytes of multi-byte tokens), echo with max_tokens 0, task hygiene and the
 SSE wrapper's status."""
@@ -15,8 +15,12 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput, RequestOutput
 
-from alter_serve.api.errors import OpenAIError, as_openai_error
-from alter_serve.api.generation import Generator, Outcome, Target, TokenStrings, gather_or_cancel, sse_stream
+from alter_serve.api.errors import as_openai_error
+from alter_serve.api.streaming import sse_stream
+from alter_serve.serving.generation import Generator, Outcome, gather_or_cancel
+from alter_serve.serving.routing import Target
+from alter_serve.serving.errors import InvalidRequest
+from alter_serve.serving.tokens import TokenStrings
 from alter_serve.serving.schemas import ChatCompletionRequest, CompletionRequest
 from alter_serve.serving.limits import TenantLimiter
 from alter_serve.registry import Limits, Principal
@@ -120,16 +124,16 @@ def test_completions_default_to_16_within_the_room_and_a_sent_limit_must_fit(tok
     assert plan.params.max_tokens == 8
     roomy = Generator(FakeEngine(tokenizer))
     assert asyncio.run(roomy.plan_completion(CompletionRequest(model="m", prompt=ids))).params.max_tokens == 16
-    with pytest.raises(OpenAIError) as info:
+    with pytest.raises(InvalidRequest) as info:
         asyncio.run(gen.plan_completion(CompletionRequest(model="m", prompt=ids, max_tokens=9)))
-    assert (info.value.status, info.value.param, info.value.code) == (400, "max_tokens", "context_length_exceeded")
+    assert (info.value.param, info.value.code) == ("max_tokens", "context_length_exceeded")
 
 
 # ---- prompts: checked before decoding, tokenised off the event loop ------------------------------
 def test_an_oversized_prompt_is_refused_before_anything_is_decoded(tokenizer, monkeypatch):
     gen = Generator(FakeEngine(tokenizer, max_model_len=2048))
     monkeypatch.setattr(gen.tokens, "pieces", lambda *a, **k: pytest.fail("decoded an oversized prompt"))
-    with pytest.raises(OpenAIError) as info:
+    with pytest.raises(InvalidRequest) as info:
         asyncio.run(gen.plan_completion(CompletionRequest(model="m", prompt=[100] * 2048, echo=True, logprobs=1)))
     assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
 
@@ -137,8 +141,8 @@ def test_an_oversized_prompt_is_refused_before_anything_is_decoded(tokenizer, mo
 def test_a_huge_text_prompt_is_refused_without_tokenising_it(tokenizer):
     gen = Generator(FakeEngine(tokenizer, max_model_len=2048))
     calls = []
-    gen.tokenizer = lambda *a, **k: calls.append(1)
-    with pytest.raises(OpenAIError) as info:
+    gen.planner.tokenizer = lambda *a, **k: calls.append(1)
+    with pytest.raises(InvalidRequest) as info:
         asyncio.run(gen.plan_completion(CompletionRequest(model="m", prompt="hello world " * 600_000)))
     assert info.value.code == "context_length_exceeded" and "at least" in info.value.message and not calls
 
@@ -146,7 +150,7 @@ def test_a_huge_text_prompt_is_refused_without_tokenising_it(tokenizer):
 def test_prompts_are_tokenised_in_a_worker_thread_and_decoded_only_for_echo(tokenizer):
     engine = FakeEngine(tokenizer)
     gen = Generator(engine)
-    real = gen.tokenizer
+    real = gen.planner.tokenizer
 
     class Spy:
         def __getattr__(self, name):
@@ -160,7 +164,7 @@ def test_prompts_are_tokenised_in_a_worker_thread_and_decoded_only_for_echo(toke
             assert not kwargs.get("return_offsets_mapping")  # offsets only for echo + logprobs
             return real(*args, **kwargs)
 
-    gen.tokenizer = Spy()
+    gen.planner.tokenizer = Spy()
     for prompt in ("hello", [5, 6, 7]):
         plan = asyncio.run(gen.plan_completion(CompletionRequest(model="m", prompt=prompt)))
         assert (plan.prompts[0].text, plan.prompts[0].offsets) == (None, None)
@@ -171,9 +175,9 @@ def test_prompts_are_tokenised_in_a_worker_thread_and_decoded_only_for_echo(toke
 
 def test_a_lone_surrogate_is_a_400_not_a_tokenizer_crash(tokenizer):
     gen = Generator(FakeEngine(tokenizer))
-    with pytest.raises(OpenAIError) as info:
+    with pytest.raises(InvalidRequest) as info:
         asyncio.run(gen.plan_completion(CompletionRequest(model="m", prompt="a\ud800b")))
-    assert (info.value.status, info.value.param) == (400, "prompt")
+    assert info.value.param == "prompt"
 
 
 # ---- tokens as text ------------------------------------------------------------------------------

@@ -340,7 +340,7 @@ def test_http_cap_is_a_400_and_limits_answer_429_with_retry_after(app):
 
 def test_http_prompt_tokens_count_against_the_budget_and_n_against_concurrency(app, monkeypatch):
     # Prompts are checked against the context length of a running engine; this one never starts.
-    monkeypatch.setattr(app.service.generator, "engine", SimpleNamespace(max_model_len=2048))
+    monkeypatch.setattr(app.service.generator.planner, "engine", SimpleNamespace(max_model_len=2048))
     _, key = _tenant_key(app, "wordy", tokens_per_minute=50, max_concurrent=2)
     long_prompt = " ".join(["word"] * 200)
     over = _complete(app, key, prompt=long_prompt, max_tokens=1)

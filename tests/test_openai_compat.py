@@ -25,7 +25,8 @@ from vllm.sampling_params import StructuredOutputsParams
 
 from alter_serve.serving import request_fields
 from alter_serve.api.app import create_app
-from alter_serve.api.generation import Generator, Target
+from alter_serve.serving.generation import Generator
+from alter_serve.serving.routing import Target
 from alter_serve.serving.schemas import ChatCompletionRequest, CompletionRequest
 from alter_serve.service import cache_salt
 

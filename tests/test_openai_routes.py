@@ -14,7 +14,8 @@ import pytest
 from vllm.exceptions import VLLMValidationError
 
 from alter_serve.api.app import create_app
-from alter_serve.api.generation import Plan, Prompt, Target
+from alter_serve.serving.planning import Plan, Prompt
+from alter_serve.serving.routing import Target
 from alter_serve.engine.vllm_engine import EngineUnavailable
 from alter_serve.registry import Limits
 from alter_serve.service import cache_salt

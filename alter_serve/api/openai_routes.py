@@ -9,14 +9,16 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from .. import metrics
 from ..registry import Principal, RequestLogEntry, experiments
 from .auth import model_request_key, tenant_principal
 from ..engine.vllm_engine import EngineUnavailable, cancel_and_wait
 from .errors import OpenAIError, as_openai_error, model_not_found, not_found, registry_call
-from .generation import Outcome, Target, new_response_id, sse_stream
+from ..serving.generation import Outcome, new_response_id
+from ..serving.routing import Target
+from .streaming import FinishingStreamingResponse, sse_stream
 from ..serving.schemas import DEFAULT_MODEL, ChatCompletionRequest, CompletionRequest, FeedbackRequest
 
 router = APIRouter()
@@ -107,27 +109,6 @@ def _sticky_lookup(request: Request, user: str | None):
     def lookup(kind: str, key_id: int) -> str | None:
         return experiments.sticky_value(kind, user=user, headers=request.headers, key_id=key_id)
     return lookup
-
-
-class FinishingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that always runs `finish`, even when the client leaves before the body
-    iterator starts (then the iterator's own `finally` never runs and the lease would leak).
-
-    A client that leaves while a chunk is being sent leaves the body iterator suspended, not
-    closed; it is closed here, so its engine requests are aborted before the lease is released."""
-
-    def __init__(self, content, finish, **kwargs):
-        super().__init__(content, **kwargs)
-        self._finish = finish
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                await self.body_iterator.aclose()
-            finally:
-                self._finish(499)
 
 
 class ClientGone(Exception):
