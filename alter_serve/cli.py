@@ -48,7 +48,7 @@ def run_server(config: ServeConfig, prepare=None) -> None:
     import uvicorn
 
     from .api.app import create_app
-    from .service import AlterService
+    from .serving.service import AlterService
 
     if config.engine.model is None:
         raise SystemExit("no model: pass --model DIR (a Hugging Face causal-LM folder) or set engine.model")

@@ -22,7 +22,7 @@ import uvicorn
 
 from alter_serve.api.app import create_app
 from alter_serve.config import ServeConfig
-from alter_serve.service import AlterService
+from alter_serve.serving.service import AlterService
 
 from .server.bundle_factory import random_bundle
 from .tiny_model import build_tiny_model

@@ -20,7 +20,8 @@ from alter_serve import cli
 from alter_serve.config import ServeConfig
 from alter_serve.demo_setup import register_demo
 from alter_serve.registry.keys import write_secret_file
-from alter_serve.service import AlterService, cache_salt
+from alter_serve.serving.routing import cache_salt
+from alter_serve.serving.service import AlterService
 
 from .admin_app import AdminApp, build_service
 from .server.bundle_factory import random_bundle

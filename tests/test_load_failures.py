@@ -4,11 +4,13 @@ the admin call says so, GET /admin/views and /v1/models show it, its requests an
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import httpx
 import pytest
 
-from alter_serve.api.errors import OpenAIError
-from alter_serve.service import AlterService, Routed
+from alter_serve.serving.errors import Unavailable
+from alter_serve.serving.routing import Routed
 
 from .admin_app import AdminApp, store_random_bundle
 
@@ -43,19 +45,19 @@ def test_a_failed_load_is_marked_failed_and_cleared_by_a_good_load(app, monkeypa
     assert card["lineage"]["load_failed"] is True and card["lineage"]["loaded"] is False
 
     # A request for it: a 503 that says the view is broken, and no load started per request.
-    monkeypatch.setattr(AlterService, "ready", property(lambda self: True))
+    monkeypatch.setattr(service.router, "engine", SimpleNamespace(ready=True))  # the engine is up
     principal = service.registry.authenticate(key)
-    with pytest.raises(OpenAIError) as refused:
-        service.target("fx", Routed("fx"), principal)
-    assert refused.value.status == 503 and "failed to load" in refused.value.message
-    assert "fx" not in service._loading
+    with pytest.raises(Unavailable) as refused:
+        service.router.lease("fx", Routed("fx"), principal)
+    assert "failed to load" in refused.value.message
+    assert "fx" not in service.publisher._loading
 
     # Fixed (the engine takes it again) and defined again: it loads, and the mark is gone.
     monkeypatch.setattr(service.engine, "add_lora", add_lora)
     with app.client() as admin:
         assert admin.put("/admin/views/fx", json={"bundle": "rnd", "forget": {"x": 1.0}}).status_code == 200
-    assert "fx" not in service.load_failures
-    lease = service.target("fx", Routed("fx"), principal)
+    assert "fx" not in service.publisher.load_failures
+    lease = service.router.lease("fx", Routed("fx"), principal)
     assert lease.view_label.startswith("fx@")
     lease.lease.release()
     with app.client() as admin:

@@ -26,9 +26,8 @@ from vllm.sampling_params import StructuredOutputsParams
 from alter_serve.serving import request_fields
 from alter_serve.api.app import create_app
 from alter_serve.serving.generation import Generator
-from alter_serve.serving.routing import Target
+from alter_serve.serving.routing import Target, cache_salt
 from alter_serve.serving.schemas import ChatCompletionRequest, CompletionRequest
-from alter_serve.service import cache_salt
 
 from .admin_app import build_service
 from .tiny_model import build_tiny_model
@@ -82,7 +81,7 @@ def served(tmp_path_factory):
                                 release=lambda: None)
         return Target(model, lease, routed.experiment, routed.arm, cache_salt=cache_salt(principal))
 
-    service.target = target
+    service.router.lease = target
     client = TestClient(create_app(service, start_engine=False), headers={"Authorization": f"Bearer {key}"})
     return SimpleNamespace(client=client, engine=engine, service=service, tokenizer=tokenizer)
 

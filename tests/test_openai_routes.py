@@ -15,10 +15,9 @@ from vllm.exceptions import VLLMValidationError
 
 from alter_serve.api.app import create_app
 from alter_serve.serving.planning import Plan, Prompt
-from alter_serve.serving.routing import Target
+from alter_serve.serving.routing import Target, cache_salt
 from alter_serve.engine.vllm_engine import EngineUnavailable
 from alter_serve.registry import Limits
-from alter_serve.service import cache_salt
 
 from .admin_app import build_service
 from .tiny_model import build_tiny_model
@@ -77,9 +76,9 @@ def served(setup, monkeypatch):
         return Target(model, lease, routed.experiment, routed.arm, cache_salt=cache_salt(principal))
 
     generator = FakeGenerator()
-    monkeypatch.setattr(setup.service, "target", target)
+    monkeypatch.setattr(setup.service.router, "lease", target)
     monkeypatch.setattr(setup.service, "generator", generator)
-    monkeypatch.setattr(setup.service, "log_request", rows.append)
+    monkeypatch.setattr(setup.service.request_log, "append", rows.append)
     return setup, generator, leases, rows
 
 

@@ -1,5 +1,5 @@
 """Several replicas on one registry: a change made through one replica's admin API reaches the
-others' engines (`AlterService.sync_views`, polled every `registry_poll_s`), and a request on a
+others' engines (`ViewPublisher.sync`, polled every `registry_poll_s`), and a request on a
 replica that has not loaded a view yet starts its load instead of answering 503 forever.
 
 Two `AdminApp`s (real app, real registry, the vLLM engine never started: its adapter table records

@@ -12,11 +12,11 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from alter_serve import metrics
-from alter_serve.api.errors import OpenAIError
 from alter_serve.core.views import View
 from alter_serve.registry import RequestLogEntry
 from alter_serve.registry.experiments import sticky_value
 from alter_serve.registry.models import RequestLogRow, grants
+from alter_serve.serving.errors import ModelNotFound
 
 from .admin_app import build_service, store_random_bundle
 from .tiny_model import build_tiny_model
@@ -48,7 +48,7 @@ def lookup(user: str | None = None):
 
 
 def route(service, secret: str, user: str | None = None):
-    return service._route(service.registry.request_context(secret, "chat"), lookup(user))
+    return service.router.route(service.registry.request_context(secret, "chat"), lookup(user))
 
 
 def test_an_alias_serves_only_views_the_tenant_is_granted(service):
@@ -59,9 +59,9 @@ def test_an_alias_serves_only_views_the_tenant_is_granted(service):
     # or a direct edit): the alias answers as the view itself would, 404 model_not_found.
     with service.registry.engine.begin() as conn:
         conn.execute(grants.delete())
-    with pytest.raises(OpenAIError) as caught:
+    with pytest.raises(ModelNotFound) as caught:
         route(service, secret, "user-0")
-    assert (caught.value.status, caught.value.code) == (404, "model_not_found")
+    assert caught.value.code == "model_not_found"
 
 
 def test_paused_traffic_goes_to_control_outside_the_arms(service):
@@ -95,39 +95,39 @@ def _registry_down(batch):
 
 def test_a_request_log_batch_the_registry_refuses_is_written_by_the_next_flush(service, monkeypatch):
     for row in _entries("r0", "r1"):
-        service.log_request(row)
+        service.request_log.append(row)
     with monkeypatch.context() as patch:
         patch.setattr(service.registry, "log_requests", _registry_down)
         with pytest.raises(RuntimeError, match="unreachable"):
-            asyncio.run(service.flush_request_log())
-    service.log_request(_entries("r2")[0])
-    asyncio.run(service.flush_request_log())
+            asyncio.run(service.request_log.flush())
+    service.request_log.append(_entries("r2")[0])
+    asyncio.run(service.request_log.flush())
     assert _logged(service) == ["r0", "r1", "r2"]
 
 
 def test_the_request_log_kept_for_retry_is_bounded(service, monkeypatch, caplog):
-    monkeypatch.setattr(service, "MAX_PENDING_LOG_ROWS", 4)
+    monkeypatch.setattr(service.request_log, "MAX_PENDING_ROWS", 4)
     dropped_before = metrics.REQUEST_LOG_DROPPED._value.get()
     with monkeypatch.context() as patch:
         patch.setattr(service.registry, "log_requests", _registry_down)
         for batch in (("r0", "r1", "r2"), ("r3", "r4", "r5")):
             for row in _entries(*batch):
-                service.log_request(row)
-            with pytest.raises(RuntimeError), caplog.at_level(logging.ERROR, "alter_serve.service"):
-                asyncio.run(service.flush_request_log())
-    assert service.dropped_log_rows == 2 and "dropped the 2 oldest" in caplog.text
+                service.request_log.append(row)
+            with pytest.raises(RuntimeError), caplog.at_level(logging.ERROR, "alter_serve.serving.request_log"):
+                asyncio.run(service.request_log.flush())
+    assert service.request_log.dropped_rows == 2 and "dropped the 2 oldest" in caplog.text
     assert metrics.REQUEST_LOG_DROPPED._value.get() - dropped_before == 2  # exported to Prometheus too
-    asyncio.run(service.flush_request_log())
+    asyncio.run(service.request_log.flush())
     assert _logged(service) == ["r2", "r3", "r4", "r5"]
 
 
 def test_a_row_is_timed_when_logged_not_when_its_batch_is_written(service):
     """A response of experiment 'ab' whose batch is written after 'ab' was deleted and created
     again belongs to the old experiment, not to the new one of the same name."""
-    service.log_request(_entries("old")[0])
+    service.request_log.append(_entries("old")[0])
     service.registry.delete_experiment("ab")
     service.registry.create_experiment("ab", alias="chat", tenants=["acme"], arms=ARMS)
-    asyncio.run(service.flush_request_log())
+    asyncio.run(service.request_log.flush())
     assert _logged(service) == ["old"]
     assert [a.requests for a in service.registry.experiment_results("ab")] == [0, 0]
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE
+from ..core.names import MANIFEST_FILE, WEIGHTS_FILE
 from ..core.views import View, calibrated_view
 from ..registry import UNCHANGED, Limits, Principal
 from ..registry.experiments import MAX_ARM_WEIGHT
@@ -73,7 +73,7 @@ async def register_bundle(request: Request, body: BundleFromPath) -> dict:
     service = _service(request)
     update = await registry_call(service.registry.store_bundle, body.name, _allowed_path(request, body.path),
                                   replace=body.replace)
-    return {"bundle": _jsonable(update.bundle), "views": await service.apply(update.views)}
+    return {"bundle": _jsonable(update.bundle), "views": await service.publisher.publish_changes(update.views)}
 
 
 def _upload_folder(request: Request) -> Path:
@@ -112,7 +112,7 @@ async def upload_bundle(request: Request) -> dict:
         update = await registry_call(service.registry.store_bundle, name, staging, replace=replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"bundle": _jsonable(update.bundle), "views": await service.apply(update.views)}
+    return {"bundle": _jsonable(update.bundle), "views": await service.publisher.publish_changes(update.views)}
 
 
 @router.put("/bundles/{name}/heads/{head}", openapi_extra=_HEAD_FORM)
@@ -127,7 +127,7 @@ async def replace_head(request: Request, name: str, head: str) -> dict:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"bundle": _jsonable(update.bundle), "previous_hash": update.previous_hash,
-            "views": await service.apply(update.views)}
+            "views": await service.publisher.publish_changes(update.views)}
 
 
 @router.get("/bundles")
@@ -165,7 +165,7 @@ async def define_view(request: Request, name: str, body: ViewBody) -> dict:
         except ValueError as exc:
             raise invalid(f"bundle {body.bundle!r}: {exc}", "calibrated") from None
     change = await registry_call(service.registry.define_view, view, body.bundle, replace=True)
-    labels = await service.apply([change])
+    labels = await service.publisher.publish_changes([change])
     return {"view": _jsonable(change.view), "version": labels[0]}
 
 
@@ -179,8 +179,8 @@ async def list_views(request: Request) -> dict:
 def _load_state(service, view) -> dict:
     """Whether this engine serves the view, and why not when its version failed to load."""
     loaded = service.adapters.current(view.name)
-    failure = service.load_failures.get(view.name)
-    failed = failure is not None and failure.content_hash == view.content_hash
+    failure = service.publisher.failure(view)
+    failed = failure is not None
     return {"loaded": loaded is not None, "loaded_version": None if loaded is None else loaded.version,
             "load_error": failure.error if failed else None,
             "load_failed_at": failure.at.isoformat() if failed else None}
@@ -190,7 +190,7 @@ def _load_state(service, view) -> dict:
 async def delete_view(request: Request, name: str) -> dict:
     service = _service(request)
     await registry_call(service.registry.remove_view, name)
-    await service.forget_view(name)
+    await service.publisher.unpublish(name)
     return {"deleted": name}
 
 

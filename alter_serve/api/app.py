@@ -17,10 +17,11 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import metrics
 from ..registry import Principal
-from ..service import AlterService
+from ..serving.errors import ServingError
+from ..serving.service import AlterService
 from . import admin_routes, dashboard, openai_routes
 from .auth import PRINCIPAL_STATE, bearer_key, check_admin, check_any_key
-from .errors import BodyTooLarge, OpenAIError, install_error_handlers, too_large
+from .errors import BodyTooLarge, install_error_handlers, openai_error, too_large
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class AuthGate:
     - `/v1/...` needs any valid key (tenant or admin).
     The principal is left in the request state (`auth.PRINCIPAL_STATE`), so a route does not
     authenticate a second time; the model routes still read the key again with their model name
-    (`AlterService.authorize`: one registry read that also resolves the view)."""
+    (`Router.authorize`: one registry read that also resolves the view)."""
 
     def __init__(self, app, service: AlterService):
         self.app, self.service = app, service
@@ -81,8 +82,8 @@ class AuthGate:
         if check is not None:
             try:
                 principal = await check(self.service, bearer_key(Request(scope)))
-            except OpenAIError as refused:
-                return await refused.response()(scope, receive, send)
+            except ServingError as refused:
+                return await openai_error(refused).response()(scope, receive, send)
             scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
         await self.app(scope, receive, send)
 

@@ -6,7 +6,8 @@ from fastapi import Request
 
 from ..registry import Principal
 from ..registry.keys import looks_like_secret
-from .errors import forbidden
+from ..serving.errors import Forbidden
+from ..serving.routing import unauthenticated
 
 
 def bearer_key(request: Request) -> str | None:
@@ -20,10 +21,10 @@ def bearer_key(request: Request) -> str | None:
 async def model_request_key(request: Request) -> str:
     """The bearer key of a model request (completions, chat). `app.AuthGate` authenticated it before
     the body was read; the route reads it again together with resolving the model
-    (`AlterService.authorize`, one registry read), so a key revoked in between is still refused."""
+    (`Router.authorize`, one registry read), so a key revoked in between is still refused."""
     secret = bearer_key(request)
     if secret is None or not looks_like_secret(secret):
-        raise request.app.state.service.unauthenticated()
+        raise unauthenticated()
     return secret
 
 
@@ -32,14 +33,14 @@ PRINCIPAL_STATE = "principal"  # where `app.AuthGate` leaves the principal it au
 
 async def check_any_key(service, secret: str | None) -> Principal:
     """The principal `secret` belongs to, tenant or admin: 401 for no valid key."""
-    return await service.authenticate(secret)
+    return await service.router.authenticate(secret)
 
 
 async def check_admin(service, secret: str | None) -> Principal:
     """The admin `secret` belongs to: 401 for no valid key, 403 for a tenant key."""
-    principal = await service.authenticate(secret)
+    principal = await service.router.authenticate(secret)
     if not principal.is_admin:
-        raise forbidden("This endpoint needs an admin key; tenant keys are refused.")
+        raise Forbidden("This endpoint needs an admin key; tenant keys are refused.")
     return principal
 
 

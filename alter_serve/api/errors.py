@@ -51,21 +51,6 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return OpenAIError(400, message, "invalid_request_error", param, code)
 
 
-def model_not_found(name: str) -> OpenAIError:
-    # Same answer for "does not exist" and "not yours": it must not reveal what exists.
-    return OpenAIError(404, f"The model '{name}' does not exist or you do not have access to it.",
-                       "invalid_request_error", "model", "model_not_found")
-
-
-def unauthorized(message: str = "Invalid or missing API key. Send 'Authorization: Bearer <key>'.") -> OpenAIError:
-    return OpenAIError(401, message, "authentication_error", None, "invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
-
-
-def forbidden(message: str) -> OpenAIError:
-    return OpenAIError(403, message, "permission_error", None, "forbidden")
-
-
 def not_found(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(404, message, "invalid_request_error", param, "not_found")
 
@@ -86,16 +71,6 @@ class BodyTooLarge(StarletteHTTPException):
 
 def too_large(limit: int) -> OpenAIError:
     return OpenAIError(413, f"Request body exceeds the {limit}-byte limit.", "invalid_request_error", None, "request_too_large")
-
-
-def rate_limited(message: str, retry_after_s: int) -> OpenAIError:
-    return OpenAIError(429, message, "rate_limit_error", None, "rate_limit_exceeded",
-                       headers={"Retry-After": str(max(1, retry_after_s))})
-
-
-def unavailable(message: str, retry_after_s: int = 5) -> OpenAIError:
-    return OpenAIError(503, message, "server_error", None, "service_unavailable",
-                       headers={"Retry-After": str(max(1, retry_after_s))})
 
 
 # Each kind of service error: its HTTP status and OpenAI error `type`.

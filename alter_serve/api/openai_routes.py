@@ -15,7 +15,8 @@ from .. import metrics
 from ..registry import Principal, RequestLogEntry, experiments
 from .auth import model_request_key, tenant_principal
 from ..engine.vllm_engine import EngineUnavailable, cancel_and_wait
-from .errors import OpenAIError, as_openai_error, model_not_found, not_found, registry_call
+from ..serving.errors import ModelNotFound
+from .errors import OpenAIError, as_openai_error, not_found, registry_call
 from ..serving.generation import Outcome, new_response_id
 from ..serving.routing import Target
 from .streaming import FinishingStreamingResponse, sse_stream
@@ -37,7 +38,7 @@ async def retrieve_model(request: Request, model_id: str, principal: Tenant) -> 
     """One model of the caller's; anything else is the same 404 as a completion for it."""
     card = (await _model_cards(request.app.state.service, principal)).get(model_id)
     if card is None:
-        raise model_not_found(model_id)
+        raise ModelNotFound(model_id)
     return card
 
 
@@ -99,8 +100,7 @@ async def _model_cards(service, principal: Principal) -> dict[str, dict]:
 
 
 def _load_failed(service, view) -> bool:
-    failure = service.load_failures.get(view.name)
-    return failure is not None and failure.content_hash == view.content_hash
+    return service.publisher.failure(view) is not None
 
 
 def _sticky_lookup(request: Request, user: str | None):
@@ -140,13 +140,13 @@ async def _disconnected(request: Request) -> None:
 
 async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, once, stream):
     service = request.app.state.service
-    principal, routed = await service.authorize(secret, body.model, _sticky_lookup(request, body.user))
+    principal, routed = await service.router.authorize(secret, body.model, _sticky_lookup(request, body.user))
     # 400 for what could never run, 429 over a tenant limit, 503 over the server's sequence cap.
     permit = service.limiter.admit(principal, body)
     try:
         plan = await plan_fn(body, permit.max_tokens, permit.budget)  # tokenised in a worker thread
         permit.reserve(plan.prompt_tokens, plan.max_tokens)  # the exact worst case, prompt included
-        target: Target = service.target(body.model, routed, principal)
+        target: Target = service.router.lease(body.model, routed, principal)
     except BaseException:
         permit.release(0)
         raise
@@ -166,7 +166,7 @@ async def _serve(request: Request, secret: str, body, endpoint: str, plan_fn, on
         latency = time.perf_counter() - outcome.started
         metrics.observe_request(tenant, routed.view, routed.sample_arm or "", endpoint, status, latency, outcome.ttft_s,
                                 outcome.prompt_tokens, outcome.completion_tokens)
-        service.log_request(RequestLogEntry(
+        service.request_log.append(RequestLogEntry(
             response_id=outcome.response_id, tenant=tenant, model=body.model, view=routed.view,
             status_code=status, latency_ms=latency * 1000, view_version=target.lease.version.version,
             experiment=routed.experiment, arm=routed.sample_arm,
@@ -216,7 +216,7 @@ async def feedback(request: Request, body: FeedbackRequest, principal: Tenant) -
     # first only lets this reply (and the metric) name the arm of a response this replica just served.
     # So a failed flush does not fail the rating (the periodic flush logs it and retries the rows).
     with contextlib.suppress(Exception):
-        await service.flush_request_log()
+        await service.request_log.flush()
     try:
         info = await registry_call(service.registry.record_feedback, principal.tenant_name, body.response_id,
                                    body.rating, comment=body.comment, require_logged=True)

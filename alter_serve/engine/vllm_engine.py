@@ -249,7 +249,7 @@ class VllmEngine:
         cancelling the iterator aborts the engine request (and has, once it returns).
 
         `cache_salt` goes into the hash of the prompt's first KV block, so only requests with the same
-        salt share prefix-cache blocks: the caller gives each tenant its own (see `AlterService.target`).
+        salt share prefix-cache blocks: the caller gives each tenant its own (see `serving.routing.Router.lease`).
 
         With the gate, the request holds its shared side while it is *in the engine*, not while the
         caller reads: a task pumps vLLM's outputs into a queue and leaves the gate when the engine

@@ -1,0 +1,156 @@
+"""The running server: registry + engine + adapter versions, wired together, and its lifecycle.
+
+`AlterService` is what the web layer holds. Its parts, one concern each:
+
+    router      the request path: API key → model name → view → lease (`routing`)
+    limiter     admission: per-tenant limits and the server-wide cap (`limits`)
+    generator   plans a request and runs it on the engine (`generation`)
+    publisher   keeps the engine's views in line with the registry (`publishing`)
+    request_log the request log, written in batches (`request_log`)
+
+Background tasks, started with the engine: the registry poll (every `registry_poll_s`; replicas
+pick up each other's view changes), the request-log flush (every `request_log_flush_s`) and the
+gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from .. import metrics
+from ..config import ServeConfig
+from ..core.fingerprint import fingerprint, module_shapes
+from ..engine.adapters import AdapterManager
+from ..engine.vllm_engine import VllmEngine
+from ..registry import Conflict, KeyInfo, Registry
+from ..registry.garbage import GarbageReport
+from .generation import Generator
+from .limits import FeedbackLimiter, TenantLimiter
+from .publishing import ViewPublisher
+from .request_log import RequestLog
+from .routing import Router
+
+log = logging.getLogger(__name__)
+
+
+class AlterService:
+    def __init__(self, config: ServeConfig, model_dir: str | Path):
+        self.config = config
+        self.model_dir = Path(model_dir).resolve()
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.registry = Registry(config.registry_url, config.data_dir,
+                                 base_fingerprint=fingerprint(self.model_dir), base_shapes=module_shapes(self.model_dir),
+                                 max_rank=config.engine.max_lora_rank)
+        self.engine = VllmEngine(config.engine, self.model_dir)
+        self.adapters = AdapterManager(self.engine)
+        self.publisher = ViewPublisher(self.registry, self.adapters)
+        self.router = Router(self.registry, self.engine, self.adapters, self.publisher)
+        self.generator = Generator(self.engine)
+        # Per-tenant concurrency / tokens-per-minute / max_tokens limits, and the server's sequence cap.
+        self.limiter = TenantLimiter(max_queued_sequences=config.max_queued_sequences)
+        self.feedback_limiter = FeedbackLimiter(config.feedback_per_minute)
+        self.request_log = RequestLog(self.registry)
+        self._background: list[asyncio.Task] = []
+        self.engine.on_restart(metrics.ENGINE_RESTARTS.inc)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create tables and folders (sync; before the event loop serves requests)."""
+        self.registry.create_all()
+
+    async def start(self) -> None:
+        """Publish every view, then start the engine (which loads them). Runs in the background."""
+        await self.publisher.sync(force=True)
+        await self.engine.start()
+        # Batched off the request path: one executemany per interval, not one write per request.
+        self._background.append(asyncio.create_task(
+            _every(self.config.request_log_flush_s, self.request_log.flush, "could not write the request log batch"),
+            name="request-log"))
+        self._background.append(asyncio.create_task(self._gauges(), name="gauges"))
+        self.start_registry_sync()
+
+    def start_registry_sync(self) -> None:
+        """Poll the registry for views other replicas changed (every `registry_poll_s`; 0 = never)."""
+        if self.config.registry_poll_s > 0 and not any(t.get_name() == "registry-sync" for t in self._background):
+            self._background.append(asyncio.create_task(
+                _every(self.config.registry_poll_s, self.publisher.sync,
+                       "could not poll the registry for view changes; retrying"), name="registry-sync"))
+
+    async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        self.publisher.cancel_loads()
+        await self.request_log.flush()
+        await self.engine.stop()
+        self.registry.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    async def _gauges(self) -> None:
+        while True:
+            metrics.ENGINE_READY.set(1 if self.ready else 0)
+            metrics.LOADED_VIEWS.labels("current").set(len(self.adapters.loaded()) - 1)
+            metrics.LOADED_VIEWS.labels("draining").set(self.adapters.draining)
+            await asyncio.sleep(1.0)
+
+    # ---- operations ---------------------------------------------------------------------------
+    async def collect_garbage(self, *, dry_run: bool = False) -> GarbageReport:
+        """`Registry.collect_garbage` with this server's settings, sparing the view versions its
+        engine still serves (current and draining)."""
+        config = self.config
+        return await asyncio.to_thread(
+            self.registry.collect_garbage, keep_views=self.adapters.served_hashes(), grace_s=config.gc_grace_s,
+            retention_days=config.request_log_retention_days, retention_rows=config.request_log_retention_rows,
+            dry_run=dry_run)
+
+    # ---- bootstrap ----------------------------------------------------------------------------
+    def ensure_admin_key(self) -> str | None:
+        """Make sure an admin can log in. A configured key (ALTER_SERVE_ADMIN_KEY) is imported once;
+        otherwise, when no admin key is active, one is created. Returns a secret to show, or None.
+        Raises ValueError saying what to do when the configured key exists but cannot be an admin key."""
+        configured = self.config.admin_key.get_secret_value() if self.config.admin_key else None
+        if configured is not None:
+            known = self.registry.find_key(configured)
+            if known is None:
+                try:
+                    self.registry.create_key(None, "admin", secret=configured)
+                    return None
+                except Conflict:  # another replica imported it at the same moment: check what it stored
+                    known = self.registry.find_key(configured)
+                    if known is None:
+                        raise
+            _check_configured_admin_key(known)
+            return None
+        if any(k.role == "admin" and k.active for k in self.registry.list_keys()):
+            return None
+        _, secret = self.registry.create_key(None, "admin")
+        return secret
+
+
+def _check_configured_admin_key(key: KeyInfo) -> None:
+    """The configured admin key is stored already: fine if it is an active admin key."""
+    where = f"the configured admin key (ALTER_SERVE_ADMIN_KEY, key id {key.id}, prefix {key.prefix})"
+    if key.role != "admin":
+        raise ValueError(f"{where} is an API key of tenant {key.tenant!r}, not an admin key; set "
+                         "ALTER_SERVE_ADMIN_KEY to another secret (or unset it to have one created)")
+    if key.revoked_at is not None:
+        raise ValueError(f"{where} was revoked at {key.revoked_at.isoformat()}, and a revoked key stays revoked; set "
+                         "ALTER_SERVE_ADMIN_KEY to a new secret (or unset it to have one created)")
+    if key.expired:
+        raise ValueError(f"{where} expired at {key.expires_at.isoformat()}; set ALTER_SERVE_ADMIN_KEY to a new secret "
+                         "(or unset it to have one created)")
+
+
+async def _every(interval_s: float, action: Callable[[], Awaitable[object]], failure: str) -> None:
+    """Run `action` every `interval_s` seconds until cancelled; a failure is logged, and retried next time."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await action()
+        except Exception:
+            log.exception(failure)
