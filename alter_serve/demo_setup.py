@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .core.bundle import Calibration
+from .core.manifest import Calibration
 from .core.views import ORIGINAL_VIEW, View, calibrated_view
 from .registry import NotFound, Registry
 from .registry.keys import write_secret_file

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from alter_serve.core.bundle import AlterBundle, BaseModelRef, Heads, Manifest, load_bundle, validate_contents
+from alter_serve.core.bundle import AlterBundle, load_bundle, validate_contents
+from alter_serve.core.manifest import BaseModelRef, Heads, Manifest
 from alter_serve.core.views import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

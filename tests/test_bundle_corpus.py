@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from alter_serve.core.bundle import MANIFEST_FILE, WEIGHTS_FILE, BundleError, load_bundle
+from alter_serve.core.bundle import BundleError, load_bundle
+from alter_serve.core.names import MANIFEST_FILE, WEIGHTS_FILE
 from alter_serve.registry import InvalidInput, Registry
 
 from .test_registry import BASE_SHAPES, FINGERPRINT, make_bundle, store_listing, write_raw_bundle

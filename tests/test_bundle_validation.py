@@ -15,18 +15,12 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from alter_serve.core import bundle as bundle_module
-from alter_serve.core.bundle import (
-    MANIFEST_FILE,
-    MAX_WEIGHT_MAGNITUDE,
-    WEIGHTS_FILE,
-    AlterBundle,
-    BundleError,
-    Calibration,
-    Manifest,
-    load_bundle,
-)
+from alter_serve.core import validation
+from alter_serve.core.bundle import AlterBundle, BundleError, load_bundle
+from alter_serve.core.manifest import MAX_MANIFEST_BYTES, Calibration, Manifest
+from alter_serve.core.names import MANIFEST_FILE, WEIGHTS_FILE
 from alter_serve.core.fingerprint import module_shapes
+from alter_serve.core.validation import MAX_WEIGHT_MAGNITUDE
 from train.calibration import CalibrationSettings, calibrate_views
 
 from .test_calibration import FakeAlter
@@ -207,7 +201,7 @@ def test_an_unexpected_exception_is_a_listed_problem(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("self.dim() cannot be 0")
 
-    monkeypatch.setattr(bundle_module, "_router_problems", broken)
+    monkeypatch.setattr(validation, "_router_problems", broken)
     assert_listed(problems_of(write(tmp_path / "b")), "could not be validated (RuntimeError: self.dim() cannot be 0)")
     with pytest.raises(BundleError, match="could not be validated"):
         make_bundle(0).save(tmp_path / "saved")
@@ -364,7 +358,7 @@ def test_a_link_to_a_device_or_a_fifo_is_refused_without_reading_it(tmp_path):
 
 def test_an_oversized_manifest_is_refused(tmp_path):
     folder = write(tmp_path / "b")
-    (folder / MANIFEST_FILE).write_text(" " * (bundle_module.MAX_MANIFEST_BYTES + 1))
+    (folder / MANIFEST_FILE).write_text(" " * (MAX_MANIFEST_BYTES + 1))
     assert_listed(problems_of(folder), "larger than the 1048576-byte limit")
 
 

@@ -10,7 +10,8 @@ import math
 import httpx
 import pytest
 
-from alter_serve.core.bundle import Calibration, load_bundle
+from alter_serve.core.bundle import load_bundle
+from alter_serve.core.manifest import Calibration
 from alter_serve.core.views import View, calibrated_view
 from train.calibration import CalibrationSettings, calibrate_views
 

@@ -213,13 +213,6 @@ def test_from_bundle_refuses_a_bundle_for_another_architecture(alter) -> None:
         from_bundle(other, bundle)
 
 
-def test_retain_head_name_matches_the_bundle_format() -> None:
-    from alter_serve.core.bundle import RETAIN_HEAD
-    from train.modeling import RETAIN_HEAD as LAYER_RETAIN_HEAD
-
-    assert LAYER_RETAIN_HEAD == RETAIN_HEAD
-
-
 # ---- GPU-readiness: no host sync in a layer's forward; the mixing tensors follow the module ------
 
 

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from sqlalchemy import event, inspect, text
 
-from alter_serve.core.bundle import AlterBundle, BaseModelRef, Heads, Manifest
+from alter_serve.core.bundle import AlterBundle
+from alter_serve.core.manifest import BaseModelRef, Heads, Manifest
 from alter_serve.core.views import View
 from alter_serve.registry import (
     Conflict,

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from alter_serve.core.bundle import MANIFEST_FILE, WEIGHTS_FILE
+from alter_serve.core.names import MANIFEST_FILE, WEIGHTS_FILE
 
 from .admin_app import AdminApp, store_random_bundle
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alter_serve.core.bundle import AlterBundle, BaseModelRef, BundleError, Heads, Manifest
+from alter_serve.core.bundle import AlterBundle, BundleError
+from alter_serve.core.manifest import BaseModelRef, Heads, Manifest
 from alter_serve.core.views import (
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,

@@ -35,7 +35,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from alter_serve.core.bundle import Calibration
+from alter_serve.core.manifest import Calibration
 
 from train.examples import Example
 from train.modeling import AlterModel

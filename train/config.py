@@ -13,7 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from alter_serve.core.bundle import MAX_ALPHA, MAX_SCALE, SUPPORTED_RANKS, is_valid_head_name
+from alter_serve.core.manifest import MAX_ALPHA, MAX_SCALE, SUPPORTED_RANKS
+from alter_serve.core.names import is_valid_head_name
 
 from train.data.prompting import PromptFormat, prompt_format
 from train.runtime import check_device_name

@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from alter_serve.core.bundle import MANIFEST_FILE
 from alter_serve.core.fingerprint import fingerprint
+from alter_serve.core.names import MANIFEST_FILE
 
 from train.config import deep_merge, load_config
 

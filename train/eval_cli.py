@@ -120,7 +120,9 @@ def resolve_prompt_format(name: str | None, bundle_dir: str | None) -> PromptFor
         return prompt_format(name)
     if not bundle_dir:
         return QA_FORMAT
-    from alter_serve.core.bundle import MANIFEST_FILE, MAX_MANIFEST_BYTES, BundleError, parse_manifest
+    from alter_serve.core.bundle import BundleError
+    from alter_serve.core.manifest import MAX_MANIFEST_BYTES, parse_manifest
+    from alter_serve.core.names import MANIFEST_FILE
 
     path = Path(bundle_dir) / MANIFEST_FILE
     problems: list[str] = []

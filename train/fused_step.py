@@ -54,9 +54,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from alter_serve.core.names import RETAIN_HEAD
+
 from train.alter_loop import AlterStepConfig, Teacher, forget_term, forget_token_mask, random_view
 from train.examples import Batch
-from train.modeling import RETAIN_HEAD, AlterModel
+from train.modeling import AlterModel
 from train.objectives import IGNORE_INDEX, distribution_kl, nll_loss
 from train.runtime import to_device
 

@@ -47,15 +47,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alter_serve.core.names import RETAIN_HEAD
+
 from train.runtime import to_device
 
 if TYPE_CHECKING:
-    from alter_serve.core.bundle import AlterBundle, EntropySpec, RouterSpec
+    from alter_serve.core.bundle import AlterBundle
+    from alter_serve.core.manifest import EntropySpec, RouterSpec
 
-# The bundle format's retain-head name (alter_serve.core.bundle.RETAIN_HEAD, checked by a test).
 # The bundle module is imported only by to_bundle/from_bundle, so the layers need nothing but torch
-# (the GPU benchmark runs them where only torch, transformers and peft are installed).
-RETAIN_HEAD = "retain"
+# and the standard-library `names` (the GPU benchmark runs them where only torch, transformers and
+# peft are installed).
 MODES = ("off", "view", "routed", "samples")
 
 
@@ -386,7 +388,8 @@ def to_bundle(
     dtype: torch.dtype = torch.float32,
 ) -> AlterBundle:
     """The trained adapters as an `AlterBundle` (module names as in `model.named_modules()`)."""
-    from alter_serve.core.bundle import AlterBundle, BaseModelRef, EntropySpec, Heads, Manifest, RouterSpec
+    from alter_serve.core.bundle import AlterBundle
+    from alter_serve.core.manifest import BaseModelRef, EntropySpec, Heads, Manifest, RouterSpec
 
     manifest = Manifest(
         base_model=BaseModelRef(name_or_path=base_model, fingerprint=base_fingerprint),

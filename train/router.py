@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alter_serve.core.bundle import AlterBundle, RouterSpec
+from alter_serve.core.bundle import AlterBundle
+from alter_serve.core.manifest import RouterSpec
 
 from train.entropy import tsallis_entropy
 from train.modeling import AlterModel

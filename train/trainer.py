@@ -49,8 +49,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from alter_serve.core.bundle import RETAIN_HEAD, AlterBundle, BaseModelRef, Calibration, EntropySpec, Heads, Manifest
+from alter_serve.core.bundle import AlterBundle
 from alter_serve.core.fingerprint import fingerprint
+from alter_serve.core.manifest import BaseModelRef, Calibration, EntropySpec, Heads, Manifest
+from alter_serve.core.names import RETAIN_HEAD, ROUTER_PREFIX, router_tensor_name
 from alter_serve.core.views import View, calibrated_view
 
 from train.alter_loop import AlterStepConfig, AlterSteps, answer_mask_without_eos
@@ -411,7 +413,7 @@ class Trainer:
         random sample of its examples holding `adapter.init_tokens` answer tokens (the retain set
         for B_r, sub-domain d's forget set for B_d), spread over the set rather than its first rows."""
         if self.state.weights:
-            alter.load_adapter_state({k: v for k, v in self.state.weights.items() if not k.startswith("router.")})
+            alter.load_adapter_state({k: v for k, v in self.state.weights.items() if not k.startswith(ROUTER_PREFIX)})
             return
         budget = self.config.adapter.init_tokens
 
@@ -531,8 +533,8 @@ class Trainer:
             return None
         router = EntropyRouter(alter.config.hidden_size, len(alter.forget_heads), cfg.entropy.q,
                                self.entropy_stats["threshold"]).to(self.device)
-        if "router.weight" in self.state.weights:
-            router.weight.data.copy_(self.state.weights["router.weight"])
+        if router_tensor_name("weight") in self.state.weights:
+            router.weight.data.copy_(self.state.weights[router_tensor_name("weight")])
             return router
         # One token budget per label, each filled from a seeded sample of that label's examples.
         budget = cfg.optim.router_tokens_per_label
@@ -547,7 +549,7 @@ class Trainer:
                                tokens_per_label=budget, seed=cfg.runtime.seed)
         meter.steps, meter.tokens = fit.steps, sum(fit.tokens.values())
         self.state.history["router/cross_entropy"] = fit.history
-        self.state.weights = {**alter.adapter_state(), "router.weight": router.weight.detach()}
+        self.state.weights = {**alter.adapter_state(), router_tensor_name("weight"): router.weight.detach()}
         names = list(labelled)
         self.state.meters["router"] = {**meter.summary(),
                                        "tokens_per_label": {names[label]: n for label, n in fit.tokens.items()}}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from alter_serve.core.bundle import HEAD_NAME_PATTERN, is_valid_head_name
+from alter_serve.core.names import HEAD_NAME_PATTERN, is_valid_head_name
 from train.data.synthetic import SyntheticTofu, records_digest
 
 from train.config import DataSection

@@ -33,17 +33,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save_file
 
-from .bundle import (
-    FP16_MAX,
-    HEAD_NAME_PATTERN,
-    AlterBundle,
-    BundleError,
-    Calibration,
-    content_hash,
-    float32_array,
-    is_valid_head_name,
-    peak_abs,
-)
+from .bundle import AlterBundle, BundleError
+from .manifest import Calibration
+from .names import HEAD_NAME_PATTERN, is_valid_head_name
+from .tensors import content_hash, float32_array, peak_abs
+from .validation import FP16_MAX
 
 ORIGINAL_VIEW = "original"
 PEFT_PREFIX = "base_model.model."

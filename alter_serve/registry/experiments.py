@@ -38,7 +38,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.bundle import HEAD_NAME_PATTERN
+from ..core.names import HEAD_NAME_PATTERN
 
 RUNNING, PAUSED, STOPPED = "running", "paused", "stopped"
 STATUSES = (RUNNING, PAUSED, STOPPED)

@@ -18,7 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..core.bundle import MANIFEST_FILE, WEIGHTS_FILE, AlterBundle
+from ..core.bundle import AlterBundle
+from ..core.names import MANIFEST_FILE, WEIGHTS_FILE
 
 BUNDLES_DIR = "bundles"
 VIEWS_DIR = "views"

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.bundle import Calibration
+from ..core.manifest import Calibration
 from ..core.views import ComposedView, View
 from . import experiments
 from .experiments import Arm

@@ -50,15 +50,9 @@ from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql import ColumnElement, Subquery
 
-from ..core.bundle import (
-    HEAD_NAME_PATTERN,
-    AlterBundle,
-    BundleError,
-    is_valid_head_name,
-    load_bundle,
-    read_safetensors,
-    validate_contents,
-)
+from ..core.bundle import AlterBundle, BundleError, load_bundle, validate_contents
+from ..core.names import HEAD_NAME_PATTERN, is_valid_head_name
+from ..core.safe_read import read_safetensors
 from ..core.views import ADAPTER_WEIGHTS, ORIGINAL_VIEW, ComposedView, View, check_view_fits, compose
 from . import experiments as exp
 from . import files, garbage, keys, stats

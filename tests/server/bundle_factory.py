@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from alter_serve.core.bundle import AlterBundle, BaseModelRef, Heads, Manifest
+from alter_serve.core.bundle import AlterBundle
 from alter_serve.core.fingerprint import fingerprint, module_shapes
+from alter_serve.core.manifest import BaseModelRef, Heads, Manifest
 
 
 def random_bundle(model_dir: Path, heads: list[str], *, rank: int = 8, scale: float = 0.5, seed: int = 0,

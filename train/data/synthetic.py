@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from alter_serve.core.bundle import HEAD_NAME_PATTERN, is_valid_head_name
+from alter_serve.core.names import HEAD_NAME_PATTERN, is_valid_head_name
 
 Record = dict[str, Any]
 
