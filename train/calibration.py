@@ -24,7 +24,7 @@ when even the retain head alone does not). The cap ω(n−1) makes the weights n
 as the bundle format requires (more heads never get a larger weight). For n < k the head sets S
 are a few random subsets, and the smallest ω wins, so the bound holds for those sets with margin
 for others.
-The result goes into the bundle manifest (`alter_serve.core.bundle.Calibration`) and is what a
+The result goes into the bundle manifest (`alter_serve.core.manifest.Calibration`) and is what a
 "calibrated" view uses.
 """
 

@@ -121,7 +121,7 @@ class AdapterSection(_Section):
     def _servable_rank(self) -> AdapterSection:
         if self.rank not in SUPPORTED_RANKS:
             raise ValueError(f"adapter.rank {self.rank} cannot be served by vLLM; use one of {list(SUPPORTED_RANKS)}")
-        if self.alpha / self.rank > MAX_SCALE:  # the bundle format refuses it (alter_serve.core.bundle)
+        if self.alpha / self.rank > MAX_SCALE:  # the bundle format refuses it (alter_serve.core.validation)
             raise ValueError(f"adapter.alpha / adapter.rank = {self.alpha / self.rank:g} exceeds {MAX_SCALE:g}; lower alpha")
         return self
 
