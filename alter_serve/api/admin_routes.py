@@ -1,14 +1,12 @@
 """Admin API (admin keys only): bundles, head hot-swap, views, tenants, keys, experiments, gc.
 
-Every change is made in the registry first (atomically), then each view whose weights changed is
-published to the engine before the call returns, so requests accepted afterwards use it.
+Each handler validates its input, calls one method of the service's `Administration` (which
+changes the registry, then publishes to the engine: `serving.admin`) and shapes the answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,13 +15,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from ..core.names import MANIFEST_FILE, WEIGHTS_FILE
-from ..core.views import View, calibrated_view
 from ..registry import UNCHANGED, Limits, Principal
 from ..registry.experiments import MAX_ARM_WEIGHT
-from ..registry.files import UPLOADS_DIR
 from ..registry.models import INT32_MAX
+from ..serving.service import AlterService
 from .auth import admin_principal
-from .errors import invalid, registry_call
+from .dependencies import ServiceDep
+from .errors import invalid
 from .uploads import FilePart, receive_form
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(admin_principal)])
@@ -47,10 +45,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _service(request: Request):
-    return request.app.state.service
-
-
 # ---- bundles ------------------------------------------------------------------------------------
 class BundleFromPath(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -59,29 +53,10 @@ class BundleFromPath(BaseModel):
     replace: bool = False
 
 
-def _allowed_path(request: Request, raw: str) -> Path:
-    path = Path(raw).expanduser().resolve()
-    roots = [Path(r).expanduser().resolve() for r in _service(request).config.bundle_dirs]
-    if not any(path == root or root in path.parents for root in roots):
-        raise invalid(f"Bundles may only be registered from the configured bundle_dirs {[str(r) for r in roots]}; "
-                      "upload the files instead.", "path")
-    return path
-
-
 @router.post("/bundles")
-async def register_bundle(request: Request, body: BundleFromPath) -> dict:
-    service = _service(request)
-    update = await registry_call(service.registry.store_bundle, body.name, _allowed_path(request, body.path),
-                                  replace=body.replace)
-    return {"bundle": _jsonable(update.bundle), "views": await service.publisher.publish_changes(update.views)}
-
-
-def _upload_folder(request: Request) -> Path:
-    """A fresh folder for one upload under `<data_dir>/uploads/` (on the disk the bundle is stored
-    on; removed when the call ends, and by `gc` if a crash left it)."""
-    root = _service(request).registry.data_dir / UPLOADS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="upload-", dir=root))
+async def register_bundle(service: ServiceDep, body: BundleFromPath) -> dict:
+    update, versions = await service.admin.register_bundle(body.name, body.path, replace=body.replace)
+    return {"bundle": _jsonable(update.bundle), "views": versions}
 
 
 _BUNDLE_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -96,12 +71,10 @@ _HEAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data
 
 
 @router.post("/bundles/upload", openapi_extra=_BUNDLE_FORM)
-async def upload_bundle(request: Request) -> dict:
+async def upload_bundle(request: Request, service: ServiceDep) -> dict:
     """Upload a bundle as multipart/form-data (name, manifest, weights, replace). The files stream
     to disk as they arrive (`uploads.receive_form`), then are validated and stored."""
-    service = _service(request)
-    staging = _upload_folder(request)
-    try:
+    with service.admin.upload_folder() as staging:
         form = await receive_form(request, staging, {
             "manifest": FilePart(MANIFEST_FILE, MAX_MANIFEST_BYTES),
             "weights": FilePart(WEIGHTS_FILE, service.config.max_upload_bytes)}, texts=("name", "replace"))
@@ -109,35 +82,28 @@ async def upload_bundle(request: Request) -> dict:
         if not name or len(name) > 63:
             raise invalid("The form field 'name' must name the bundle (1 to 63 characters).", "name")
         replace = form.get("replace", "false").strip().lower() in ("true", "1", "yes", "on")
-        update = await registry_call(service.registry.store_bundle, name, staging, replace=replace)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"bundle": _jsonable(update.bundle), "views": await service.publisher.publish_changes(update.views)}
+        update, versions = await service.admin.store_bundle(name, staging, replace=replace)
+    return {"bundle": _jsonable(update.bundle), "views": versions}
 
 
 @router.put("/bundles/{name}/heads/{head}", openapi_extra=_HEAD_FORM)
-async def replace_head(request: Request, name: str, head: str) -> dict:
+async def replace_head(request: Request, service: ServiceDep, name: str, head: str) -> dict:
     """The hot-swap: new B matrices for one head (multipart field `weights`, streamed to disk);
     every view that uses it gets a new version."""
-    service = _service(request)
-    staging = _upload_folder(request)
-    try:
+    with service.admin.upload_folder() as staging:
         await receive_form(request, staging, {"weights": FilePart("head.safetensors", service.config.max_upload_bytes)})
-        update = await registry_call(service.registry.replace_head, name, head, staging / "head.safetensors")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"bundle": _jsonable(update.bundle), "previous_hash": update.previous_hash,
-            "views": await service.publisher.publish_changes(update.views)}
+        update, versions = await service.admin.replace_head(name, head, staging / "head.safetensors")
+    return {"bundle": _jsonable(update.bundle), "previous_hash": update.previous_hash, "views": versions}
 
 
 @router.get("/bundles")
-async def list_bundles(request: Request) -> dict:
-    return {"data": _jsonable(await registry_call(_service(request).registry.list_bundles))}
+async def list_bundles(service: ServiceDep) -> dict:
+    return {"data": _jsonable(await service.admin.list_bundles())}
 
 
 @router.delete("/bundles/{name}")
-async def delete_bundle(request: Request, name: str) -> dict:
-    await registry_call(_service(request).registry.remove_bundle, name)
+async def delete_bundle(service: ServiceDep, name: str) -> dict:
+    await service.admin.remove_bundle(name)
     return {"deleted": name}
 
 
@@ -152,45 +118,22 @@ class ViewBody(BaseModel):
 
 
 @router.put("/views/{name}")
-async def define_view(request: Request, name: str, body: ViewBody) -> dict:
-    service = _service(request)
-    try:
-        view = View(name=name, retain=body.retain, forget=body.forget)
-    except ValueError as exc:
-        raise invalid(str(exc), "view") from None
-    if body.calibrated:
-        info = await registry_call(service.registry.get_bundle, body.bundle)
-        try:
-            view = calibrated_view(view, info.calibration)
-        except ValueError as exc:
-            raise invalid(f"bundle {body.bundle!r}: {exc}", "calibrated") from None
-    change = await registry_call(service.registry.define_view, view, body.bundle, replace=True)
-    labels = await service.publisher.publish_changes([change])
-    return {"view": _jsonable(change.view), "version": labels[0]}
+async def define_view(service: ServiceDep, name: str, body: ViewBody) -> dict:
+    view, version = await service.admin.define_view(name, body.bundle, retain=body.retain, forget=body.forget,
+                                                    calibrated=body.calibrated)
+    return {"view": _jsonable(view), "version": version}
 
 
 @router.get("/views")
-async def list_views(request: Request) -> dict:
-    service = _service(request)
-    views = await registry_call(service.registry.list_views)
-    return {"data": [{**_jsonable(v), **_load_state(service, v)} for v in views]}
-
-
-def _load_state(service, view) -> dict:
-    """Whether this engine serves the view, and why not when its version failed to load."""
-    loaded = service.adapters.current(view.name)
-    failure = service.publisher.failure(view)
-    failed = failure is not None
-    return {"loaded": loaded is not None, "loaded_version": None if loaded is None else loaded.version,
-            "load_error": failure.error if failed else None,
-            "load_failed_at": failure.at.isoformat() if failed else None}
+async def list_views(service: ServiceDep) -> dict:
+    """Every view, with whether this server serves it (`loaded`, `loaded_version`) and why not when
+    its version failed to load (`load_error`, `load_failed_at`)."""
+    return {"data": [{**_jsonable(view), **_jsonable(state)} for view, state in await service.admin.list_views()]}
 
 
 @router.delete("/views/{name}")
-async def delete_view(request: Request, name: str) -> dict:
-    service = _service(request)
-    await registry_call(service.registry.remove_view, name)
-    await service.publisher.unpublish(name)
+async def delete_view(service: ServiceDep, name: str) -> dict:
+    await service.admin.remove_view(name)
     return {"deleted": name}
 
 
@@ -217,28 +160,28 @@ class TenantPatch(BaseModel):
 
 
 @router.post("/tenants")
-async def create_tenant(request: Request, body: TenantBody) -> dict:
-    tenant = await registry_call(_service(request).registry.create_tenant, body.name, limits=body.limits,
-                                  views=body.views, default_view=body.default_view)
+async def create_tenant(service: ServiceDep, body: TenantBody) -> dict:
+    tenant = await service.admin.create_tenant(body.name, limits=body.limits, views=body.views,
+                                               default_view=body.default_view)
     return _jsonable(tenant)
 
 
 @router.get("/tenants")
-async def list_tenants(request: Request) -> dict:
-    return {"data": _jsonable(await registry_call(_service(request).registry.list_tenants))}
+async def list_tenants(service: ServiceDep) -> dict:
+    return {"data": _jsonable(await service.admin.list_tenants())}
 
 
 @router.patch("/tenants/{name}")
-async def update_tenant(request: Request, name: str, body: TenantPatch) -> dict:
+async def update_tenant(service: ServiceDep, name: str, body: TenantPatch) -> dict:
     default_view = body.default_view if "default_view" in body.model_fields_set else UNCHANGED
-    tenant = await registry_call(_service(request).registry.update_tenant, name, grant=body.grant, revoke=body.revoke,
-                                 default_view=default_view, limits=body.limits, disabled=body.disabled)
+    tenant = await service.admin.update_tenant(name, grant=body.grant, revoke=body.revoke, default_view=default_view,
+                                               limits=body.limits, disabled=body.disabled)
     return _jsonable(tenant)
 
 
 @router.delete("/tenants/{name}")
-async def delete_tenant(request: Request, name: str) -> dict:
-    await registry_call(_service(request).registry.delete_tenant, name)
+async def delete_tenant(service: ServiceDep, name: str) -> dict:
+    await service.admin.delete_tenant(name)
     return {"deleted": name}
 
 
@@ -254,30 +197,30 @@ class KeyBody(KeyExpiry):
 
 
 @router.post("/tenants/{name}/keys")
-async def create_tenant_key(request: Request, name: str, body: KeyExpiry | None = None) -> dict:
-    return await _create_key(request, name, "tenant", None if body is None else body.expires_at)
+async def create_tenant_key(service: ServiceDep, name: str, body: KeyExpiry | None = None) -> dict:
+    return await _create_key(service, name, "tenant", None if body is None else body.expires_at)
 
 
 @router.post("/keys")
-async def create_key(request: Request, body: KeyBody) -> dict:
+async def create_key(service: ServiceDep, body: KeyBody) -> dict:
     """A tenant key (`tenant` set) or an admin key (`role: admin`); the secret is in this answer only."""
-    return await _create_key(request, body.tenant, body.role, body.expires_at)
+    return await _create_key(service, body.tenant, body.role, body.expires_at)
 
 
-async def _create_key(request: Request, tenant: str | None, role: str, expires_at: datetime | None) -> dict:
-    key_id, secret = await registry_call(_service(request).registry.create_key, tenant, role, expires_at=expires_at)
+async def _create_key(service: AlterService, tenant: str | None, role: str, expires_at: datetime | None) -> dict:
+    key_id, secret = await service.admin.create_key(tenant, role, expires_at)
     return {"id": key_id, "tenant": tenant, "role": role, "expires_at": _jsonable(expires_at), "key": secret,
             "note": "Store this key now; it is not shown again."}
 
 
 @router.get("/keys")
-async def list_keys(request: Request, tenant: str | None = None) -> dict:
-    return {"data": _jsonable(await registry_call(_service(request).registry.list_keys, tenant))}
+async def list_keys(service: ServiceDep, tenant: str | None = None) -> dict:
+    return {"data": _jsonable(await service.admin.list_keys(tenant))}
 
 
 @router.delete("/keys/{key_id}")
-async def revoke_key(request: Request, key_id: int) -> dict:
-    return _jsonable(await registry_call(_service(request).registry.revoke_key, key_id))
+async def revoke_key(service: ServiceDep, key_id: int) -> dict:
+    return _jsonable(await service.admin.revoke_key(key_id))
 
 
 # ---- experiments ----------------------------------------------------------------------------------
@@ -308,45 +251,43 @@ class ExperimentPatch(BaseModel):
 
 
 @router.post("/experiments")
-async def create_experiment(request: Request, body: ExperimentBody) -> dict:
-    registry = _service(request).registry
-    info = await registry_call(registry.create_experiment, body.name, alias=body.alias, tenants=body.tenants,
-                                arms=[a.model_dump() for a in body.arms], sticky=body.sticky,
-                                control_arm=body.control_arm, status=body.status)
+async def create_experiment(service: ServiceDep, body: ExperimentBody) -> dict:
+    info = await service.admin.create_experiment(body.name, alias=body.alias, tenants=body.tenants,
+                                                 arms=[a.model_dump() for a in body.arms], sticky=body.sticky,
+                                                 control_arm=body.control_arm, status=body.status)
     return _jsonable(info)
 
 
 @router.get("/experiments")
-async def list_experiments(request: Request) -> dict:
-    return {"data": _jsonable(await registry_call(_service(request).registry.list_experiments))}
+async def list_experiments(service: ServiceDep) -> dict:
+    return {"data": _jsonable(await service.admin.list_experiments())}
 
 
 @router.patch("/experiments/{name}")
-async def update_experiment(request: Request, name: str, body: ExperimentPatch) -> dict:
+async def update_experiment(service: ServiceDep, name: str, body: ExperimentPatch) -> dict:
     arms = None if body.arms is None else [a.model_dump() for a in body.arms]
-    info = await registry_call(_service(request).registry.update_experiment, name, arms=arms,
-                                control_arm=body.control_arm, tenants=body.tenants, status=body.status)
+    info = await service.admin.update_experiment(name, arms=arms, control_arm=body.control_arm, tenants=body.tenants,
+                                                 status=body.status)
     return _jsonable(info)
 
 
 @router.delete("/experiments/{name}")
-async def delete_experiment(request: Request, name: str) -> dict:
-    await registry_call(_service(request).registry.delete_experiment, name)
+async def delete_experiment(service: ServiceDep, name: str) -> dict:
+    await service.admin.delete_experiment(name)
     return {"deleted": name}
 
 
 @router.get("/experiments/{name}")
-async def get_experiment(request: Request, name: str) -> dict:
-    return _jsonable(await registry_call(_service(request).registry.get_experiment, name))
+async def get_experiment(service: ServiceDep, name: str) -> dict:
+    return _jsonable(await service.admin.get_experiment(name))
 
 
 @router.get("/experiments/{name}/results")
-async def experiment_results(request: Request, name: str,
+async def experiment_results(service: ServiceDep, name: str,
                              confidence: Annotated[float, Query(ge=0.5, lt=1.0)] = 0.95) -> dict:
     """Per arm: requests, errors (rate + Wilson interval), latency/TTFT mean-p50-p95, tokens, feedback
     mean + t interval, the latest offline probe, and Welch / chi-square tests against the control arm."""
-    report = await registry_call(_service(request).registry.experiment_report, name, confidence=confidence)
-    return _jsonable(report)
+    return _jsonable(await service.admin.experiment_report(name, confidence=confidence))
 
 
 class ProbeArmBody(BaseModel):
@@ -365,17 +306,15 @@ class ProbeBody(BaseModel):
 
 
 @router.post("/experiments/{name}/probes")
-async def record_probe(request: Request, name: str, body: ProbeBody) -> dict:
+async def record_probe(service: ServiceDep, name: str, body: ProbeBody) -> dict:
     """Store one offline probe run (per-arm evaluation scores from `alter-train probe`)."""
-    stored = await registry_call(_service(request).registry.record_probe_results, name,
-                                  [r.model_dump() for r in body.results], source=body.source)
+    stored = await service.admin.record_probe(name, [r.model_dump() for r in body.results], source=body.source)
     return {"experiment": name, "data": _jsonable(stored)}
 
 
 @router.get("/experiments/{name}/probes")
-async def list_probes(request: Request, name: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict:
-    return {"experiment": name,
-            "data": _jsonable(await registry_call(_service(request).registry.list_probe_results, name, limit=limit))}
+async def list_probes(service: ServiceDep, name: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict:
+    return {"experiment": name, "data": _jsonable(await service.admin.list_probes(name, limit=limit))}
 
 
 # ---- operations -----------------------------------------------------------------------------------
@@ -385,9 +324,9 @@ class GcBody(BaseModel):
 
 
 @router.post("/gc")
-async def collect_garbage(request: Request, body: GcBody | None = None) -> dict:
+async def collect_garbage(service: ServiceDep, body: GcBody | None = None) -> dict:
     """Remove superseded bundle versions, unreferenced bundle and composed-view folders, upload debris
     and request-log rows outside the configured retention (`registry.garbage`); never anything a
     bundle, view or this engine still uses."""
-    report = await _service(request).collect_garbage(dry_run=body is not None and body.dry_run)
+    report = await service.admin.collect_garbage(dry_run=body is not None and body.dry_run)
     return _jsonable(report)

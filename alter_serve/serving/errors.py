@@ -19,9 +19,17 @@ waiting cures carry `retry_after_s` (at least 1). The classes say *what kind* of
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from vllm.exceptions import VLLMClientError
 
+from ..core.bundle import BundleError
 from ..engine.vllm_engine import EngineUnavailable
+from ..registry import Conflict, InvalidInput, NotFound, RegistryError
+
+T = TypeVar("T")
 
 
 class ServingError(Exception):
@@ -80,6 +88,21 @@ class ViewLoadFailed(ServingError):
     (the message names each view and its error)."""
 
     default_code = "view_load_failed"
+
+
+async def registry_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a registry operation in a worker thread; its refusals become the service's errors (a
+    missing object, a conflict, an invalid bundle or input)."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except NotFound as exc:
+        raise ResourceNotFound(exc.message) from None
+    except Conflict as exc:
+        raise ResourceConflict(exc.message) from None
+    except BundleError as exc:
+        raise InvalidRequest(str(exc), param="bundle", code="invalid_bundle") from None
+    except (InvalidInput, RegistryError) as exc:
+        raise InvalidRequest(exc.message) from None
 
 
 def as_serving_error(exc: BaseException) -> ServingError | None:

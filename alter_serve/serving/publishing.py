@@ -43,6 +43,17 @@ class LoadFailure:
     at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class LoadState:
+    """A view on this server: whether a version of it is loaded (and which), and the error of its
+    registry version's failed load (None: it did not fail)."""
+
+    loaded: bool
+    loaded_version: str | None
+    load_error: str | None
+    load_failed_at: datetime | None
+
+
 class ViewPublisher:
     """Publishes the registry's views to one engine's adapters (see the module docstring)."""
 
@@ -58,6 +69,12 @@ class ViewPublisher:
         """Why the registry's current version of `view` failed to load here (None: it did not)."""
         failure = self.load_failures.get(view.name)
         return failure if failure is not None and failure.content_hash == view.content_hash else None
+
+    def load_state(self, view: ViewInfo) -> LoadState:
+        """Whether this engine serves `view`, and why not when its current version failed to load."""
+        loaded, failure = self.adapters.current(view.name), self.failure(view)
+        return LoadState(loaded is not None, None if loaded is None else loaded.version,
+                         None if failure is None else failure.error, None if failure is None else failure.at)
 
     async def publish_changes(self, changes: Iterable[ViewChange]) -> list[str]:
         """Publish the new version of every changed view (the hot-swap). Returns their labels.

@@ -7,6 +7,7 @@
     generator   plans a request and runs it on the engine (`generation`)
     publisher   keeps the engine's views in line with the registry (`publishing`)
     request_log the request log, written in batches (`request_log`)
+    admin       the admin operations: change the registry, then publish to the engine (`admin`)
 
 Background tasks, started with the engine: the registry poll (every `registry_poll_s`; replicas
 pick up each other's view changes), the request-log flush (every `request_log_flush_s`) and the
@@ -26,7 +27,7 @@ from ..core.fingerprint import fingerprint, module_shapes
 from ..engine.adapters import AdapterManager
 from ..engine.vllm_engine import VllmEngine
 from ..registry import Conflict, KeyInfo, Registry
-from ..registry.garbage import GarbageReport
+from .admin import Administration
 from .generation import Generator
 from .limits import FeedbackLimiter, TenantLimiter
 from .publishing import ViewPublisher
@@ -53,6 +54,7 @@ class AlterService:
         self.limiter = TenantLimiter(max_queued_sequences=config.max_queued_sequences)
         self.feedback_limiter = FeedbackLimiter(config.feedback_per_minute)
         self.request_log = RequestLog(self.registry)
+        self.admin = Administration(config, self.registry, self.adapters, self.publisher)
         self._background: list[asyncio.Task] = []
         self.engine.on_restart(metrics.ENGINE_RESTARTS.inc)
 
@@ -97,16 +99,6 @@ class AlterService:
             metrics.LOADED_VIEWS.labels("current").set(len(self.adapters.loaded()) - 1)
             metrics.LOADED_VIEWS.labels("draining").set(self.adapters.draining)
             await asyncio.sleep(1.0)
-
-    # ---- operations ---------------------------------------------------------------------------
-    async def collect_garbage(self, *, dry_run: bool = False) -> GarbageReport:
-        """`Registry.collect_garbage` with this server's settings, sparing the view versions its
-        engine still serves (current and draining)."""
-        config = self.config
-        return await asyncio.to_thread(
-            self.registry.collect_garbage, keep_views=self.adapters.served_hashes(), grace_s=config.gc_grace_s,
-            retention_days=config.request_log_retention_days, retention_rows=config.request_log_retention_rows,
-            dry_run=dry_run)
 
     # ---- bootstrap ----------------------------------------------------------------------------
     def ensure_admin_key(self) -> str | None:
