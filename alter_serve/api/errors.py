@@ -7,19 +7,14 @@ service's own errors (`serving.errors`) get their status code, OpenAI `type` and
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from vllm.exceptions import VLLMClientError
 
-from ..core.bundle import BundleError
-from ..engine.vllm_engine import EngineUnavailable
-from ..registry import Conflict, InvalidInput, NotFound, RegistryError
-from ..serving.errors import (Forbidden, InvalidRequest, ModelNotFound, RateLimited, ResourceConflict,
+from ..serving.errors import (ENGINE_CLIENT_ERRORS, Forbidden, InvalidRequest, ModelNotFound, RateLimited, ResourceConflict,
                               ResourceNotFound, ServingError, Unauthenticated, Unavailable, ViewLoadFailed,
                               as_serving_error)
 
@@ -53,10 +48,6 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 def not_found(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(404, message, "invalid_request_error", param, "not_found")
-
-
-def conflict(message: str, param: str | None = None) -> OpenAIError:
-    return OpenAIError(409, message, "invalid_request_error", param, "conflict")
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -95,20 +86,6 @@ def openai_error(exc: ServingError) -> OpenAIError:
     if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"
     return OpenAIError(status, exc.message, kind, exc.param, exc.code, headers=headers)
-
-
-async def registry_call(fn, *args, **kwargs):
-    """Run a registry operation in a worker thread; map its errors onto OpenAI-format HTTP errors."""
-    try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    except NotFound as exc:
-        raise not_found(exc.message) from None
-    except Conflict as exc:
-        raise conflict(exc.message) from None
-    except BundleError as exc:
-        raise invalid(str(exc), "bundle", "invalid_bundle") from None
-    except (InvalidInput, RegistryError) as exc:
-        raise invalid(exc.message) from None
 
 
 def error_body(exc: OpenAIError) -> dict:
@@ -173,11 +150,11 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = _validation_message(exc)
         return invalid(message, param).response()
 
-    @app.exception_handler(ServingError)
-    @app.exception_handler(EngineUnavailable)
-    @app.exception_handler(VLLMClientError)
     async def _known(_: Request, exc: Exception):
         return as_openai_error(exc).response()
+
+    for known in (ServingError, *ENGINE_CLIENT_ERRORS):
+        app.add_exception_handler(known, _known)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):

@@ -105,6 +105,10 @@ async def registry_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise InvalidRequest(exc.message) from None
 
 
+# The engine's exceptions that are the client's to see (`as_serving_error` says how).
+ENGINE_CLIENT_ERRORS: tuple[type[Exception], ...] = (EngineUnavailable, VLLMClientError)
+
+
 def as_serving_error(exc: BaseException) -> ServingError | None:
     """What a request's failure tells the client, or None for a server fault: a ServingError as it
     is; the engine not taking requests now is `Unavailable`; an error vLLM blames on the request

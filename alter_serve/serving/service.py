@@ -5,6 +5,7 @@
     router      the request path: API key → model name → view → lease (`routing`)
     limiter     admission: per-tenant limits and the server-wide cap (`limits`)
     generator   plans a request and runs it on the engine (`generation`)
+    catalog     the model cards a caller may see (`catalog`)
     publisher   keeps the engine's views in line with the registry (`publishing`)
     request_log the request log, written in batches (`request_log`)
     admin       the admin operations: change the registry, then publish to the engine (`admin`)
@@ -12,11 +13,15 @@
 Background tasks, started with the engine: the registry poll (every `registry_poll_s`; replicas
 pick up each other's view changes), the request-log flush (every `request_log_flush_s`) and the
 gauges.
+
+A model request goes through `begin` (authorize, admit, plan, lease: `runs`); a rating through
+`record_feedback`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,13 +31,17 @@ from ..config import ServeConfig
 from ..core.fingerprint import fingerprint, module_shapes
 from ..engine.adapters import AdapterManager
 from ..engine.vllm_engine import VllmEngine
-from ..registry import Conflict, KeyInfo, Registry
+from ..registry import Conflict, FeedbackInfo, KeyInfo, Principal, Registry
 from .admin import Administration
+from .catalog import ModelCatalog
+from .errors import ResourceNotFound, registry_call
 from .generation import Generator
 from .limits import FeedbackLimiter, TenantLimiter
 from .publishing import ViewPublisher
 from .request_log import RequestLog
-from .routing import Router
+from .routing import Router, StickyLookup
+from .runs import Endpoint, RequestRun
+from .schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,7 @@ class AlterService:
         self.publisher = ViewPublisher(self.registry, self.adapters)
         self.router = Router(self.registry, self.engine, self.adapters, self.publisher)
         self.generator = Generator(self.engine)
+        self.catalog = ModelCatalog(self.registry, self.engine, self.adapters, self.publisher, self.model_dir.name)
         # Per-tenant concurrency / tokens-per-minute / max_tokens limits, and the server's sequence cap.
         self.limiter = TenantLimiter(max_queued_sequences=config.max_queued_sequences)
         self.feedback_limiter = FeedbackLimiter(config.feedback_per_minute)
@@ -99,6 +109,49 @@ class AlterService:
             metrics.LOADED_VIEWS.labels("current").set(len(self.adapters.loaded()) - 1)
             metrics.LOADED_VIEWS.labels("draining").set(self.adapters.draining)
             await asyncio.sleep(1.0)
+
+    # ---- requests -----------------------------------------------------------------------------
+    async def begin(self, secret: str, body: CompletionRequest | ChatCompletionRequest, endpoint: Endpoint,
+                    sticky: StickyLookup) -> RequestRun:
+        """Authorize, admit, plan and lease one model request (`runs`). Raises the service's errors:
+        Unauthenticated, ModelNotFound; InvalidRequest for what could never run; RateLimited over a
+        tenant limit; Unavailable over the server's sequence cap or while the view is not served."""
+        principal, routed = await self.router.authorize(secret, body.model, sticky)
+        permit = self.limiter.admit(principal, body)
+        generator = self.generator
+        try:
+            plan_fn = generator.plan_completion if endpoint == "completions" else generator.plan_chat
+            plan = await plan_fn(body, permit.max_tokens, permit.budget)  # tokenised in a worker thread
+            permit.reserve(plan.prompt_tokens, plan.max_tokens)  # the exact worst case, prompt included
+            target = self.router.lease(body.model, routed, principal)
+        except BaseException:
+            permit.release(0)
+            raise
+        return RequestRun(generator, self.request_log, endpoint, body, principal, routed, permit, plan, target)
+
+    async def record_feedback(self, principal: Principal, response_id: str, rating: float,
+                              comment: str | None = None) -> FeedbackInfo:
+        """Store `principal`'s tenant's rating of a response it was served (rating it again replaces
+        the rating). ResourceNotFound for admin keys and for responses not its tenant's (one answer
+        for "never served" and "not yours": it reveals nothing); RateLimited over the feedback rate."""
+        if principal.tenant_name is None:
+            raise ResourceNotFound("Feedback is recorded for tenant responses; admin keys have none.",
+                                   param="response_id")
+        self.feedback_limiter.take(principal)
+        # The statistics attribute a rating through the request log whenever it is written; flushing
+        # ours first only lets this reply (and the metric) name the arm of a response this replica
+        # just served. So a failed flush does not fail the rating (the periodic flush retries it).
+        with contextlib.suppress(Exception):
+            await self.request_log.flush()
+        try:
+            info = await registry_call(self.registry.record_feedback, principal.tenant_name, response_id, rating,
+                                       comment=comment, require_logged=True)
+        except ResourceNotFound:
+            raise ResourceNotFound(f"No response '{response_id}' was served to this API key's tenant (a response "
+                                   "another replica served in the last second may not be logged yet: retry then).",
+                                   param="response_id") from None
+        metrics.FEEDBACK.labels(principal.tenant_name, info.experiment or "", info.arm or "").observe(rating)
+        return info
 
     # ---- bootstrap ----------------------------------------------------------------------------
     def ensure_admin_key(self) -> str | None:
