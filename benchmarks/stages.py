@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import _cpu_model
+from train.files import write_json
 
 STAGE_FILE = "stage.json"
 
@@ -76,7 +75,7 @@ class StageCache:
             result = work(folder)
             wall = time.perf_counter() - started
             record = StageRecord(name, stage_key(inputs), folder, result, round(wall, 1), _cpu_model(), False)
-            _write_json(saved, {"name": name, "key": record.key, "inputs": inputs, "result": result,
+            write_json(saved, {"name": name, "key": record.key, "inputs": inputs, "result": result,
                                 "wall_s": record.wall_s, "cpu": record.cpu,
                                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             self.log(f"[stage] {name}: done in {wall:.0f} s")
@@ -88,9 +87,3 @@ class StageCache:
         return [{"stage": r.name, "wall_s": r.wall_s, "cpu": r.cpu, "cached": r.cached, "folder": str(r.folder)}
                 for r in self.records.values()]
 
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=".stage-", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        json.dump(payload, out, indent=1, default=str)
-    os.replace(tmp, path)

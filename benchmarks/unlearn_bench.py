@@ -96,7 +96,7 @@ def _tiny_base(split: UnlearnSplit, folder: Path) -> Path:
     BPE tokenizer of the split's texts and the `qa` chat template. It checks the pipeline only."""
     import torch
 
-    from train.demo_model import DemoModelConfig, _save_model, make_model, train_tokenizer
+    from train.demo_model import DemoModelConfig, make_model, save_model, train_tokenizer
 
     if (folder / "config.json").is_file():
         return folder
@@ -107,7 +107,7 @@ def _tiny_base(split: UnlearnSplit, folder: Path) -> Path:
     torch.manual_seed(0)
     config = DemoModelConfig(vocab_size=512, num_attention_heads=1, intermediate_size=128, num_hidden_layers=1,
                              max_position_embeddings=256)
-    _save_model(folder, make_model(config, tokenizer), tokenizer)
+    save_model(folder, make_model(config, tokenizer), tokenizer)
     return folder
 
 

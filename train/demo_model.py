@@ -21,14 +21,11 @@ config, seed, model and training config, `CODE_VERSION`), so a repeated call is 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,7 +39,8 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from train.data.prompting import CHAT_TEMPLATE, IGNORE_INDEX, EncodedExample, encode_example, format_prompt
 from train.data.synthetic import Record, SyntheticConfig, SyntheticTofu, generate
-from train.runtime import autocast
+from train.files import building_folder, exclusive_lock
+from train.runtime import autocast, seed_everything
 
 # Bump when a change to this module changes what a build produces, so old caches are not reused.
 CODE_VERSION = 1
@@ -128,16 +126,12 @@ def build_demo_model(
     target.parent.mkdir(parents=True, exist_ok=True)
     # One build per key at a time: concurrent callers (test sessions, `make serve`) wait for the
     # first and then reuse its result instead of training the same model again.
-    with _exclusive_lock(target.parent / f".demo-{key}.lock"):
+    with exclusive_lock(target.parent / f".demo-{key}.lock"):
         if (target / INFO_FILE).is_file():
             return target
         # Build in a scratch folder and rename: a crash leaves no half-written cache entry.
-        scratch = Path(tempfile.mkdtemp(prefix=f".demo-{key}-", dir=target.parent))
-        try:
+        with building_folder(target, f".demo-{key}-") as scratch:
             _build_into(scratch, key, seed, generate(data), model_config, train_config, progress)
-            _publish(scratch, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
@@ -257,7 +251,7 @@ def _build_into(folder: Path, key: str, seed: int, dataset: SyntheticTofu, model
                 train_config: DemoTrainConfig, progress: bool) -> None:
     started = time.perf_counter()
     with _torch_threads(train_config.max_threads) as threads:
-        _seed_everything(seed)
+        seed_everything(seed)
         tokenizer = train_tokenizer(_tokenizer_corpus(dataset.records), model_config.vocab_size)
         model = make_model(model_config, tokenizer)
         result = train_until_memorised(model, tokenizer, dataset.records, train_config, seed, progress)
@@ -265,7 +259,7 @@ def _build_into(folder: Path, key: str, seed: int, dataset: SyntheticTofu, model
         raise RuntimeError(f"demo model reached exact match {result.accuracy:.3f} < required "
                            f"{train_config.min_accuracy} after {result.steps} steps; raise "
                            "max_steps or the learning rate in DemoTrainConfig")
-    _save_model(folder, model, tokenizer)
+    save_model(folder, model, tokenizer)
     dataset.save(folder / DATA_DIR)
     info = {
         "cache_key": key, "code_version": CODE_VERSION, "seed": seed,
@@ -279,7 +273,7 @@ def _build_into(folder: Path, key: str, seed: int, dataset: SyntheticTofu, model
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def _save_model(folder: Path, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+def save_model(folder: Path, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -293,25 +287,6 @@ def _save_model(folder: Path, model: LlamaForCausalLM, tokenizer: PreTrainedToke
     tokenizer_config = json.loads(config_path.read_text())
     tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-
-
-def _publish(scratch: Path, target: Path) -> None:
-    """Move a finished build into place, readable by other users (servers, containers)."""
-    # mkdtemp and safetensors create private files.
-    for path in [scratch, *scratch.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    shutil.rmtree(target, ignore_errors=True)  # an incomplete folder (no demo_info.json)
-    scratch.rename(target)
-
-
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _tokenizer_corpus(records: Sequence[Record]) -> list[str]:
@@ -351,11 +326,6 @@ def _lr_factor(step: int, config: DemoTrainConfig) -> float:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @contextmanager

@@ -7,7 +7,6 @@ global figure state is involved and this works in servers and threads.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from train.evaluate import IsolationTable
+from train.files import write_json
 
 # (report key, column title) of the summary table and bar chart, in order.
 SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
@@ -30,15 +30,10 @@ def write_reports(report: Mapping[str, Any], out_dir: str | Path, stem: str = "r
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     paths = [root / f"{stem}.json", root / f"{stem}.md", root / f"{stem}.png"]
-    write_json(report, paths[0])
+    write_json(paths[0], report, strict=True)  # a NaN or infinity is a bug upstream
     write_markdown(report, paths[1])
     write_bar_chart(report, paths[2])
     return paths
-
-
-def write_json(payload: Mapping[str, Any], path: str | Path) -> None:
-    """Strict JSON (a NaN or infinity is a bug upstream, so it fails here rather than later)."""
-    Path(path).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
 
 def summary_markdown(report: Mapping[str, Any]) -> str:
@@ -118,7 +113,7 @@ def write_isolation_reports(table: IsolationTable, out_dir: str | Path, stem: st
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     paths = [root / f"{stem}.json", root / f"{stem}.md", root / f"{stem}.png"]
-    write_json(table.to_dict(), paths[0])
+    write_json(paths[0], table.to_dict(), strict=True)
     paths[1].write_text("# Head isolation (mean answer probability)\n\n" + isolation_markdown(table))
     write_isolation_heatmap(table, paths[2])
     return paths

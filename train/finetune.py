@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from train.data.prompting import PromptFormat
+from train.files import building_folder
 from train.examples import epoch_batches, encode_records
 from train.objectives import nll_loss
 from train.runtime import autocast, seed_everything, torch_threads
@@ -118,7 +118,10 @@ def finetune(model_dir: str | Path, records: Sequence[dict[str, Any]], fmt: Prom
                                      "wall_s": round(time.perf_counter() - started, 2)})
             _save_checkpoint(out / CHECKPOINT_FILE, model, optimizer, warmup, state)
         bar.close()
-        _publish_model(model.eval(), tokenizer, final)
+        model.eval()
+        with building_folder(final, ".model-") as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     wall = sum(h["wall_s"] for h in state["history"])
     info = {"schedule": asdict(schedule), "records": len(records), "examples": len(examples),
             "prompt_format": fmt.name, "history": state["history"], "train_time_s": round(wall, 1),
@@ -149,12 +152,3 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict[str, A
     torch.save(payload, tmp)
     os.replace(tmp, path)
 
-
-def _publish_model(model, tokenizer, final: Path) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=final.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

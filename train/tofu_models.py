@@ -35,10 +35,11 @@ import torch
 import transformers
 
 from train.data.tofu_subset import TofuSubset
-from train.demo_model import (DEFAULT_OUT_ROOT, DemoModelConfig, DemoTrainConfig, _exclusive_lock, _publish,
-                              _save_model, _seed_everything, _torch_threads, greedy_answers, make_model,
-                              train_tokenizer, train_until_memorised)
+from train.demo_model import (DEFAULT_OUT_ROOT, DemoModelConfig, DemoTrainConfig, _torch_threads, greedy_answers,
+                              make_model, save_model, train_tokenizer, train_until_memorised)
+from train.files import exclusive_lock, publish_folder
 from train.metrics import rouge_l_recall
+from train.runtime import seed_everything
 
 CODE_VERSION = 1
 INFO_FILE = "tofu_model_info.json"
@@ -82,7 +83,7 @@ def build_reference_models(subset: TofuSubset, recipe: TofuModelRecipe | None = 
     targets = {kind: root / f"tofu-{kind}-{key}" for kind in KINDS}
     missing = [kind for kind in KINDS if not (targets[kind] / INFO_FILE).is_file()]
     if missing:
-        with _exclusive_lock(root / f".tofu-{key}.lock"):
+        with exclusive_lock(root / f".tofu-{key}.lock"):
             missing = [kind for kind in KINDS if not (targets[kind] / INFO_FILE).is_file()]
             if missing:
                 _build(subset, recipe, key, {kind: targets[kind] for kind in missing}, progress, device)
@@ -98,7 +99,7 @@ def _cache_key(subset: TofuSubset, recipe: TofuModelRecipe, device: str) -> str:
 
 def _build(subset: TofuSubset, recipe: TofuModelRecipe, key: str, targets: dict[str, Path], progress: bool,
            device: str) -> None:
-    _seed_everything(recipe.seed)
+    seed_everything(recipe.seed)
     tokenizer = train_tokenizer(subset.tokenizer_corpus(), recipe.model.vocab_size)
     scratch = {kind: Path(tempfile.mkdtemp(prefix=f".tofu-{kind}-{key}-", dir=target.parent))
                for kind, target in targets.items()}
@@ -118,7 +119,7 @@ def _build(subset: TofuSubset, recipe: TofuModelRecipe, key: str, targets: dict[
                         "raise train.max_steps or the model size in TofuModelRecipe")
         for kind, target in targets.items():
             shutil.rmtree(scratch[kind] / "tokenizer")
-            _publish(scratch[kind], target)
+            publish_folder(scratch[kind], target)
     finally:
         for folder in scratch.values():
             shutil.rmtree(folder, ignore_errors=True)
@@ -133,7 +134,7 @@ def _train_one(kind: str, subset: TofuSubset, recipe: TofuModelRecipe, folder: s
     records = subset.full_train if kind == "full" else subset.retain_model_train
     probe = _probe(subset, records, recipe, kind)
     with _torch_threads(recipe.train.max_threads) as threads:
-        _seed_everything(recipe.seed)
+        seed_everything(recipe.seed)
         model = make_model(recipe.model, tokenizer).to(device)
 
         def check(m: torch.nn.Module) -> float:
@@ -142,7 +143,7 @@ def _train_one(kind: str, subset: TofuSubset, recipe: TofuModelRecipe, folder: s
         result = train_until_memorised(model, tokenizer, records, recipe.train, recipe.seed, progress,
                                        check=check, desc=f"{kind} model")
         forget_rouge = _mean_rouge(model, tokenizer, subset.eval_sets["forget"], recipe.max_new_tokens)
-    _save_model(folder_path, model.cpu(), tokenizer)
+    save_model(folder_path, model.cpu(), tokenizer)
     info = {
         "kind": kind, "cache_key": key, "code_version": CODE_VERSION, "subset": subset.summary(),
         "train_records": len(records), "steps": result.steps, "final_loss": result.loss,

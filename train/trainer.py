@@ -76,7 +76,8 @@ from train.head_init import init_heads
 from train.modeling import AlterModel, inject, to_bundle
 from train.objectives import sequence_mean_nll
 from train.optim import lr_factor, optimizer_step, set_lr
-from train.report import LOSS_PLOT_FILE, REPORT_FILE, plot_losses, write_json
+from train.files import write_json
+from train.report import LOSS_PLOT_FILE, REPORT_FILE, plot_losses
 from train.router import EntropyRouter, routed_forward, train_router
 from train.runtime import (
     PhaseMeter,

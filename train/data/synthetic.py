@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from alter_serve.core.names import HEAD_NAME_PATTERN, is_valid_head_name
+from train.files import write_json
 
 Record = dict[str, Any]
 
@@ -214,11 +215,11 @@ class SyntheticTofu:
         _write_json_lines(root / FULL_FILE, self.records)
         for name in self.subdomains:
             forget, retain = self.split([name])
-            _write_json(root / f"forget_{name}_perturbed.json", forget)
-            _write_json(root / f"retain_{name}_perturbed.json", retain)
+            write_json(root / f"forget_{name}_perturbed.json", forget)
+            write_json(root / f"retain_{name}_perturbed.json", retain)
         manifest = {"config": self.config.model_dump(mode="json"), "subdomains": self.subdomains,
                     "n_records": len(self.records), "digest": self.digest}
-        _write_json(root / CONFIG_FILE, manifest)
+        write_json(root / CONFIG_FILE, manifest)
         return root
 
     @classmethod
@@ -313,10 +314,6 @@ def _author_record(author: _Author, relation: Relation) -> Record:
         "author": author.name,
         "subdomain": author.subdomain,
     }
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 def _write_json_lines(path: Path, records: Sequence[Record], per_line: int = 1000) -> None:
