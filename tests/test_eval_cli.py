@@ -15,7 +15,8 @@ from alter_serve.core.bundle import BundleError
 from benchmarks.tofu_bench import DEFAULT_TOFU_ROOT as TOFU_DIR
 from alter_serve.core.fingerprint import fingerprint
 from train.data.synthetic import generate
-from train.eval_cli import load_eval_sets, local_view_scorers, main, resolve_prompt_format
+from train.cli import main
+from train.eval_cli import load_eval_sets, local_view_scorers, resolve_prompt_format
 from train.modeling import inject, to_bundle
 
 SUBDOMAINS = ("mystery", "fantasy", "poetry")

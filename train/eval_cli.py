@@ -305,15 +305,3 @@ class _RoutedModel(torch.nn.Module):
         from train.router import routed_forward
 
         return routed_forward(self.alter, self.router, input_ids, attention_mask)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (``python -m train.eval_cli ...``) until cli.py registers ``eval``."""
-    parser = argparse.ArgumentParser(prog="alter-train")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

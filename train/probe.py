@@ -233,15 +233,3 @@ def cmd_probe(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps([r.payload() for r in results], indent=2))
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (``python -m train.probe ...``) until train/cli.py registers ``probe``."""
-    parser = argparse.ArgumentParser(prog="alter-train")
-    add_probe_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
