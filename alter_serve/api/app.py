@@ -21,6 +21,7 @@ from ..serving.errors import ServingError
 from ..serving.service import AlterService
 from . import admin_routes, dashboard, openai_routes
 from .auth import PRINCIPAL_STATE, bearer_key, check_admin, check_any_key
+from .dependencies import ServiceDep
 from .errors import BodyTooLarge, install_error_handlers, openai_error, too_large
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def create_app(service: AlterService, *, start_engine: bool = True) -> FastAPI:
     app = FastAPI(title="alter-serve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible serving of ALTER forgetting views on vLLM.",
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
-    app.state.service = service
+    app.state.service = service  # what routes get as `dependencies.ServiceDep`
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
@@ -139,8 +140,7 @@ def create_app(service: AlterService, *, start_engine: bool = True) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/ready")
-    async def ready(request: Request):
-        svc = request.app.state.service
+    async def ready(svc: ServiceDep):
         body = {"ready": svc.ready, "engine": svc.engine.state, "restarts": svc.engine.restarts,
                 "views_loaded": len(svc.adapters.loaded())}
         return JSONResponse(body, status_code=200 if svc.ready else 503,
