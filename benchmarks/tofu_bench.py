@@ -19,7 +19,7 @@ Protocol (TOFU's, scaled down; see `train.data.tofu_subset` and `train.tofu_mode
    recipe (cached; the full model must reach forget ROUGE-L recall ≥ 0.8);
 3. unlearn the forget authors from the full model with every method, each with the same data, rank,
    epochs and batch size, using the open-unlearning loss definitions (`train.baseline_loop`);
-4. score every result with the TOFU metrics (`train.evaluate`): forget quality = KS-test p-value of
+4. score every result with the TOFU metrics (`train.evaluation.tofu_eval`): forget quality = KS-test p-value of
    forget truth ratios against the retain model's, model utility = harmonic mean of the nine
    retain / real-author / world-fact numbers. ALTER is scored as served (view mode: the retain head
    plus every forget head at the bundle's calibrated weight ω(n), `train.calibration`), with the
@@ -56,7 +56,7 @@ from benchmarks.common import (RESULTS_DIR, REPO_ROOT, machine_info, markdown_ta
                                write_results)
 from train.data.tofu_subset import SubsetSpec, TofuSubset, build_subset
 from train.demo_model import DemoModelConfig, DemoTrainConfig
-from train.eval_cli import CALIBRATED_PREFIX
+from train.evaluation.bundle_views import CALIBRATED_PREFIX
 from train.tofu_models import TofuModelRecipe, build_reference_models
 
 DEFAULT_TOFU_ROOT = REPO_ROOT.parent / "shared" / "data" / "tofu"
@@ -250,8 +250,8 @@ def _execute_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progr
     import torch
 
     from train.checkpoint import config_digest, discard_stale_state
-    from train.eval_cli import local_view_scorers
-    from train.evaluate import evaluate_tofu
+    from train.evaluation.bundle_views import local_view_scorers
+    from train.evaluation.tofu_eval import evaluate_tofu
     from train.trainer import run
 
     if settings.device == "cpu":
@@ -323,8 +323,8 @@ def _write_unlearning_data(subset: TofuSubset, work_dir: Path) -> dict[str, str]
 
 
 def _rows(outcomes: list[dict[str, Any]], subset: TofuSubset) -> list[dict[str, Any]]:
-    from train import metrics
-    from train.evaluate import forget_truth_ratios
+    from train.evaluation import tofu_metrics
+    from train.evaluation.tofu_eval import forget_truth_ratios
 
     by_name = {o["name"]: o for o in outcomes}
     reference = forget_truth_ratios(by_name["retain"]["views"]["original"])
@@ -337,7 +337,7 @@ def _rows(outcomes: list[dict[str, Any]], subset: TofuSubset) -> list[dict[str, 
             label = _label(outcome["name"], view)
             rows.append({
                 "method": label, "run": outcome["name"], "kind": outcome["kind"], "view": view,
-                "forget_quality": metrics.forget_quality(forget_truth_ratios(report), reference),
+                "forget_quality": tofu_metrics.forget_quality(forget_truth_ratios(report), reference),
                 "model_utility": report["model_utility"],
                 "utility_vs_full": report["model_utility"] / full_utility if full_utility else None,
                 "forget_rouge": sets["forget"]["rouge_l_recall"], "retain_rouge": sets["retain"]["rouge_l_recall"],

@@ -302,7 +302,7 @@ def scored_views(method: Method, split: UnlearnSplit, omegas: Sequence[float] = 
     """label → view name: the views of a trained method that get the full TOFU scoring. An ALTER
     bundle gets its served (calibrated) view, every head at ω = 1, and every head at each ω of the
     sweep `omegas`: the forget–utility trade-off that calibration picks one point of."""
-    from train.eval_cli import CALIBRATED_PREFIX
+    from train.evaluation.bundle_views import CALIBRATED_PREFIX
 
     every = "+".join(split.heads)
     if method.is_alter:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train import metrics
+from train.evaluation import tofu_metrics
 from train.data.unlearn_split import UnlearnSplit
 
 # The gates' thresholds (see benchmarks.unlearn_bench).
@@ -35,7 +35,7 @@ def view_scorer(model_dir: str | Path, bundle_dir: str | Path | None, view: str,
     """A LocalScorer of one view (`original` for a plain model), under bf16 autocast if asked."""
     import torch
 
-    from train.eval_cli import local_view_scorers
+    from train.evaluation.bundle_views import local_view_scorers
 
     scorer = local_view_scorers(str(model_dir), str(bundle_dir) if bundle_dir else None, [view], device="cpu",
                                 batch_size=batch_size, progress=progress)[view]
@@ -52,7 +52,7 @@ def view_scorer(model_dir: str | Path, bundle_dir: str | Path | None, view: str,
 
 def score_view(scorer: Any, split: UnlearnSplit, fmt: Any, *, max_new_tokens: int) -> dict[str, Any]:
     """TOFU metrics of one view, compact (`compact_report`); EOS scored after every answer."""
-    from train.evaluate import evaluate_tofu
+    from train.evaluation.tofu_eval import evaluate_tofu
 
     report = evaluate_tofu(scorer, split.eval_sets, max_new_tokens=max_new_tokens, prompt_format=fmt,
                            answer_suffix=scorer.tokenizer.eos_token)
@@ -64,7 +64,7 @@ def holdout_nll(scorer: Any, split: UnlearnSplit, fmt: Any) -> list[float]:
     eos = scorer.tokenizer.eos_token
     logprobs = scorer.answer_logprobs([fmt.prompt(r["question"]) for r in split.holdout],
                                       [fmt.answer(r["answer"]) + eos for r in split.holdout])
-    return [metrics.mean_nll(lp) for lp in logprobs]
+    return [tofu_metrics.mean_nll(lp) for lp in logprobs]
 
 
 def compact_report(report: Mapping[str, Any], split: UnlearnSplit) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def compact_report(report: Mapping[str, Any], split: UnlearnSplit) -> dict[str, 
     per_head: dict[str, list[float]] = {}
     for record, sample in zip(split.eval_sets["forget"], forget):
         per_head.setdefault(record["subdomain"], []).append(sample["probability"])
-    terms = {key: sets[key.split("/")[0]][key.split("/")[1]] for key in metrics.MODEL_UTILITY_KEYS}
+    terms = {key: sets[key.split("/")[0]][key.split("/")[1]] for key in tofu_metrics.MODEL_UTILITY_KEYS}
     return {
         "model_utility": report["model_utility"],
         "mu_terms": terms,
@@ -81,7 +81,7 @@ def compact_report(report: Mapping[str, Any], split: UnlearnSplit) -> dict[str, 
         "forget_truth_ratios": [s["truth_ratio"] for s in forget],
         "forget_nll": [-math.log(max(s["probability"], 1e-300)) for s in forget],
         "forget_rouge": [s["rouge_l_recall"] for s in forget],
-        "head_probability": {head: metrics.mean(values) for head, values in per_head.items()},
+        "head_probability": {head: tofu_metrics.mean(values) for head, values in per_head.items()},
         "examples": [{"question": s["question"], "answer": s["answer"], "generation": s["generation"]}
                      for s in forget[:5]],
     }
@@ -94,8 +94,8 @@ def forget_quality_of(view: Mapping[str, Any], reference: Mapping[str, Any], res
                       seed: int = 0) -> dict[str, float]:
     """FQ (KS p-value), D, and the bootstrap interval of FQ, of `view` against `reference`."""
     a, b = view["forget_truth_ratios"], reference["forget_truth_ratios"]
-    low, high = metrics.forget_quality_interval(a, b, resamples, seed=seed)
-    return {"fq": metrics.forget_quality(a, b), "ks_d": metrics.ks_statistic(a, b), "fq_low": low, "fq_high": high}
+    low, high = tofu_metrics.forget_quality_interval(a, b, resamples, seed=seed)
+    return {"fq": tofu_metrics.forget_quality(a, b), "ks_d": tofu_metrics.ks_statistic(a, b), "fq_low": low, "fq_high": high}
 
 
 def nll_ks_pvalue(view: Mapping[str, Any]) -> float:
@@ -106,7 +106,7 @@ def nll_ks_pvalue(view: Mapping[str, Any]) -> float:
 
 
 def membership(view: Mapping[str, Any]) -> float:
-    return metrics.membership_auc(view["forget_nll"], view["holdout_nll"])
+    return tofu_metrics.membership_auc(view["forget_nll"], view["holdout_nll"])
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def row_for(label: str, view: Mapping[str, Any], references: Mapping[str, Mappin
         "forget_rouge": view["sets"]["forget"]["rouge_l_recall"],
         "forget_probability": forget_p,
         "forget_probability_vs_retain_a": forget_p / retain_a["sets"]["forget"]["probability"],
-        "privacy_leak": metrics.privacy_leak(membership(view), membership(retain_a)),
+        "privacy_leak": tofu_metrics.privacy_leak(membership(view), membership(retain_a)),
         "mu_terms": view["mu_terms"],
     }
 
@@ -175,7 +175,7 @@ def isolation_table(model_dir: str | Path, bundle_dir: str | Path, split: Unlear
     view's ratio to the original model and the isolation targets checked."""
     import torch
 
-    from train.eval_cli import CALIBRATED_PREFIX, local_view_scorers
+    from train.evaluation.bundle_views import CALIBRATED_PREFIX, local_view_scorers
 
     heads = split.heads
     views = {"original": "original", **{f"forget-{h}": h for h in heads},
@@ -193,7 +193,7 @@ def isolation_table(model_dir: str | Path, bundle_dir: str | Path, split: Unlear
             with (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
                 logprobs = scorer.answer_logprobs([fmt.prompt(r["question"]) for r in records],
                                                   [fmt.answer(r["answer"]) + eos for r in records])
-            row[domain] = metrics.mean([metrics.answer_probability(lp) for lp in logprobs])
+            row[domain] = tofu_metrics.mean([tofu_metrics.answer_probability(lp) for lp in logprobs])
         probability[label] = row
     base = probability["original"]
     ratio = {label: {d: row[d] / base[d] for d in row} for label, row in probability.items()}

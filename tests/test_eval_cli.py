@@ -16,7 +16,8 @@ from benchmarks.tofu_bench import DEFAULT_TOFU_ROOT as TOFU_DIR
 from alter_serve.core.fingerprint import fingerprint
 from train.data.synthetic import generate
 from train.cli import main
-from train.eval_cli import load_eval_sets, local_view_scorers, resolve_prompt_format
+from train.evaluation.bundle_views import local_view_scorers, resolve_prompt_format
+from train.evaluation.eval_sets import load_eval_sets
 from train.modeling import inject, to_bundle
 
 SUBDOMAINS = ("mystery", "fantasy", "poetry")

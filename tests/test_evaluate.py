@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from train.evaluate import evaluate_tofu, forget_truth_ratios, isolation_matrix
-from train.eval_reports import write_isolation_reports, write_reports
-from train.scorers import AnswerScores, Scorer
+from train.evaluation.tofu_eval import evaluate_tofu, forget_truth_ratios, isolation_matrix
+from train.evaluation.eval_reports import write_isolation_reports, write_reports
+from train.evaluation.scorers import AnswerScores, Scorer
 
 LN2, LN4, LN8 = math.log(2), math.log(4), math.log(8)
 

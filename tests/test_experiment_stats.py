@@ -330,9 +330,10 @@ def test_probe_endpoint_validates_and_results_mark_a_stale_probe(app, experiment
 
 
 def test_probe_command_scores_each_arm_and_the_results_show_it(app, experiment, tmp_path):
-    from train.eval_cli import load_eval_sets, local_view_scorers
-    from train.evaluate import evaluate_tofu
-    from train.probe import run_probe, summarize
+    from train.evaluation.bundle_views import local_view_scorers
+    from train.evaluation.eval_sets import load_eval_sets
+    from train.evaluation.tofu_eval import evaluate_tofu
+    from train.evaluation.probe import run_probe, summarize
 
     sets, _ = load_eval_sets("synthetic", None, limit=3)
     local = local_view_scorers(str(app.service.model_dir), str(experiment), ["original", "x"], device="cpu",

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from train.scorers import (
+from train.evaluation.scorers import (
     AnswerScores,
     EndpointScorer,
     LocalScorer,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from train.examples import Batch, Example
-from train.scoring import answer_probabilities, mean_answer_probability
+from train.answer_probability import answer_probabilities, mean_answer_probability
 
 VOCAB = 16
 

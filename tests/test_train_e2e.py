@@ -20,7 +20,7 @@ from alter_serve.core.views import View, calibrated_view, compose
 from train.data.synthetic import SyntheticTofu
 from train.examples import encode_records
 from train.modeling import from_bundle
-from train.scoring import mean_answer_probability, model_forward
+from train.answer_probability import mean_answer_probability, model_forward
 
 MIN_FORGET_DROP = 5.0   # forget-set answer probability falls at least 5x
 MIN_RETAIN_RATIO = 0.9  # retain-set answer probability stays within 10 % of the base model's

@@ -39,7 +39,7 @@ from alter_serve.core.manifest import Calibration
 
 from train.examples import Example
 from train.modeling import AlterModel
-from train.scoring import mean_answer_probability, model_forward
+from train.answer_probability import mean_answer_probability, model_forward
 
 
 @dataclass(frozen=True)

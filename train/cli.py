@@ -16,7 +16,7 @@ from pathlib import Path
 
 from train.demo_assets import add_demo_assets_parser  # `demo-assets` (what `make serve` builds)
 from train.eval_cli import add_eval_parser  # `eval`
-from train.probe import add_probe_parser  # `probe` (A/B arms through a live server)
+from train.evaluation.probe import add_probe_parser  # `probe` (A/B arms through a live server)
 from train.train_cli import add_train_parsers  # `run`, `demo-bundle` (argparse only; torch loads lazily)
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]

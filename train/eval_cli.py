@@ -26,28 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from train.data.prompting import PROMPT_FORMATS, QA_FORMAT, PromptFormat, prompt_format
-from train.evaluate import Record, evaluate_tofu, forget_truth_ratios, isolation_matrix
-from train.eval_reports import summary_markdown, write_isolation_reports, write_reports
-from train.scorers import EndpointScorer, LocalScorer, ModeContext, Scorer
-
-TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
-TOFU_SETS = {  # set name → file in a TOFU folder ({forget} is the chosen split)
-    "forget": "{forget}_perturbed.json",
-    "retain": "retain_perturbed.json",
-    "real_authors": "real_authors_perturbed.json",
-    "world_facts": "world_facts_perturbed.json",
-}
-SYNTHETIC = "synthetic"
-CALIBRATED_PREFIX = "calibrated:"
+from train.data.prompting import PROMPT_FORMATS
+from train.evaluation.bundle_views import local_view_scorers, resolve_prompt_format
+from train.evaluation.eval_reports import summary_markdown, write_isolation_reports, write_reports
+from train.evaluation.eval_sets import TOFU_FORGET_SPLITS, load_eval_sets
+from train.evaluation.scorers import EndpointScorer, Scorer
+from train.evaluation.tofu_eval import evaluate_tofu, forget_truth_ratios, isolation_matrix
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -113,33 +102,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--limit must be >= 1")
 
 
-def resolve_prompt_format(name: str | None, bundle_dir: str | None) -> PromptFormat:
-    """`name` when given; else the format recorded in the bundle's manifest (training config
-    `data.prompt_format`); else `qa`, the format of bundles made before formats were recorded."""
-    if name:
-        return prompt_format(name)
-    if not bundle_dir:
-        return QA_FORMAT
-    from alter_serve.core.bundle import BundleError
-    from alter_serve.core.manifest import MAX_MANIFEST_BYTES, parse_manifest
-    from alter_serve.core.names import MANIFEST_FILE
-
-    path = Path(bundle_dir) / MANIFEST_FILE
-    problems: list[str] = []
-    try:
-        with path.open("rb") as f:
-            manifest = parse_manifest(f.read(MAX_MANIFEST_BYTES + 1), problems)
-    except OSError as exc:
-        raise BundleError(bundle_dir, [f"{MANIFEST_FILE}: {exc}"]) from None
-    if manifest is None:
-        raise BundleError(bundle_dir, problems)
-    spec = manifest.training.get("config", {}).get("data", {}).get("prompt_format", "qa")
-    try:
-        return prompt_format(spec)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        problem = f"{MANIFEST_FILE}: training.config.data.prompt_format {spec!r}: {exc}"
-        raise BundleError(bundle_dir, [problem]) from None
-
 
 def _scorers(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Scorer]:
     """One scorer per name: a served model name (endpoint) or a bundle view (local model)."""
@@ -149,159 +111,3 @@ def _scorers(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Scorer
             for n in dict.fromkeys(names)
         }
     return dict(local_view_scorers(args.model, args.bundle, names, device=args.device, batch_size=args.batch_size))
-
-
-# ---------------------------------------------------------------------------------------------
-# data
-
-
-def load_eval_sets(
-    data: str,
-    model: str | None = None,
-    forget_split: str = "forget10",
-    forget: Sequence[str] | None = None,
-    limit: int | None = None,
-) -> tuple[dict[str, list[Record]], dict[str, list[Record]]]:
-    """(sets for :func:`evaluate_tofu`, QA by sub-domain for :func:`isolation_matrix`).
-
-    On synthetic data the forget set is the records of the ``forget`` sub-domains (default: the
-    first one) and the retain set every other record; the isolation columns are each forget
-    sub-domain plus "retain". TOFU has no sub-domains, so the second result is empty there.
-    """
-    root = Path(data)
-    if (root / TOFU_SETS["retain"]).is_file():
-        return _limit(_tofu_sets(root, forget_split), limit), {}
-    dataset = _synthetic(data, model)
-    names = list(forget or dataset.subdomains[:1])
-    forget_records, retain_records = dataset.split(names)
-    by_domain = {d: dataset.by_subdomain(d) for d in names} | {"retain": retain_records}
-    return _limit({"forget": forget_records, "retain": retain_records}, limit), _limit(by_domain, limit)
-
-
-def _tofu_sets(root: Path, forget_split: str) -> dict[str, list[Record]]:
-    # The *_perturbed.json files are single JSON arrays (see the TOFU README's format notes).
-    return {
-        name: json.loads((root / pattern.format(forget=forget_split)).read_text())
-        for name, pattern in TOFU_SETS.items()
-    }
-
-
-def _synthetic(data: str, model: str | None) -> Any:
-    from train.data.synthetic import CONFIG_FILE, SyntheticTofu, generate
-
-    if data != SYNTHETIC:
-        if not (Path(data) / CONFIG_FILE).is_file():
-            raise SystemExit(f"--data {data}: neither a TOFU folder (retain_perturbed.json) nor a "
-                             f"synthetic-TOFU folder ({CONFIG_FILE}), nor '{SYNTHETIC}'")
-        return SyntheticTofu.load(data)
-    bundled = Path(model or "") / "data"
-    return SyntheticTofu.load(bundled) if (bundled / CONFIG_FILE).is_file() else generate()
-
-
-def _limit(sets: dict[str, list[Record]], limit: int | None) -> dict[str, list[Record]]:
-    return {name: records[:limit] if limit else records for name, records in sets.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# local model + bundle view (the hook into train.modeling)
-
-
-def local_view_scorers(
-    model_dir: str,
-    bundle_dir: str | None,
-    views: Sequence[str],
-    *,
-    device: str | None = None,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> dict[str, LocalScorer]:
-    """LocalScorers for the HF model in ``model_dir``, one per view of the ALTER bundle in
-    ``bundle_dir``, all sharing one copy of the model (see the module docstring for view names;
-    without a bundle only ``original``, the plain model)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    if bundle_dir is None:
-        if set(views) != {"original"}:
-            raise SystemExit(f"views {sorted(set(views) - {'original'})} need a bundle")
-        return {"original": LocalScorer(model.to(dev), tokenizer, batch_size=batch_size, progress=progress)}
-    alter, bundle = attach_bundle(model, model_dir, bundle_dir)
-    scorers = {}
-    for view in dict.fromkeys(views):
-        module, mode = bundle_view(alter, bundle, view)
-        scorers[view] = LocalScorer(module.to(dev), tokenizer, mode=mode, batch_size=batch_size, progress=progress)
-    return scorers
-
-
-def attach_bundle(model: torch.nn.Module, model_dir: str, bundle_dir: str) -> tuple[Any, Any]:
-    """(AlterModel, AlterBundle): the bundle validated against the base model's module shapes
-    and fingerprint (a bundle trained on another base model is refused), then injected into
-    ``model`` in place by ``train.modeling.from_bundle``."""
-    from alter_serve.core.bundle import load_bundle
-    from alter_serve.core.fingerprint import fingerprint, module_shapes
-    from train.modeling import from_bundle
-
-    bundle = load_bundle(bundle_dir, module_shapes(model_dir), fingerprint(model_dir))
-    return from_bundle(model, bundle), bundle
-
-
-def bundle_view(alter: Any, bundle: Any, view: str) -> tuple[torch.nn.Module, ModeContext | None]:
-    """(module to score, mode context) that makes ``alter`` behave as ``view``."""
-    if view == "routed":
-        return _RoutedModel(alter, bundle), None
-    if view == "original":
-        return alter.model, lambda: alter.mixing("off")
-    heads_part = view.removeprefix(CALIBRATED_PREFIX)
-    forget = {} if heads_part == "retain" else weighted_heads(view, heads_part)
-    unknown = sorted(set(forget) - set(alter.forget_heads))
-    if unknown:
-        raise SystemExit(f"view {view!r}: no forget heads {unknown} in the bundle (heads: {alter.forget_heads})")
-    if view.startswith(CALIBRATED_PREFIX):
-        if any(weight != 1.0 for weight in forget.values()):
-            raise SystemExit(f"view {view!r}: a calibrated view takes its weights from the bundle; "
-                             "drop the *W weights or the calibrated: prefix")
-        from alter_serve.core.views import View, calibrated_view
-
-        try:
-            forget = calibrated_view(View(name="calibrated", forget=forget), bundle.manifest.calibration).forget
-        except ValueError as exc:
-            raise SystemExit(f"view {view!r}: {exc}") from None
-    return alter.model, lambda: alter.mixing("view", retain=1.0, forget=forget)
-
-
-def weighted_heads(view: str, heads_part: str) -> dict[str, float]:
-    """``a+b*0.5`` → {"a": 1.0, "b": 0.5}: forget heads joined by ``+``, each with an optional
-    ``*W`` weight in [0, 1] (SystemExit naming the view on a bad term)."""
-    forget: dict[str, float] = {}
-    for term in heads_part.split("+"):
-        name, star, weight_text = term.partition("*")
-        try:
-            weight = float(weight_text) if star else 1.0
-        except ValueError:
-            weight = math.nan
-        if not name or not 0.0 <= weight <= 1.0 or name in forget:
-            raise SystemExit(f"view {view!r}: {term!r} is not a forget head NAME or NAME*W with W in [0, 1] "
-                             "(each head at most once)")
-        forget[name] = weight
-    return forget
-
-
-class _RoutedModel(torch.nn.Module):
-    """Forward-only module running the paper's routed inference (a base pass for entropy and
-    hidden state, then the adapted pass with per-token head weights). It has no ``generate``:
-    per-token routing needs the base pass at every step, so LocalScorer's greedy loop is used."""
-
-    def __init__(self, alter: Any, bundle: Any) -> None:
-        from train.router import EntropyRouter
-
-        super().__init__()
-        self.alter = alter
-        self.router = EntropyRouter.from_bundle(bundle)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        from train.router import routed_forward
-
-        return routed_forward(self.alter, self.router, input_ids, attention_mask)

@@ -38,7 +38,7 @@ from train.data.tofu_subset import TofuSubset
 from train.demo_model import (DEFAULT_OUT_ROOT, DemoModelConfig, DemoTrainConfig, _torch_threads, greedy_answers,
                               make_model, save_model, train_tokenizer, train_until_memorised)
 from train.files import exclusive_lock, publish_folder
-from train.metrics import rouge_l_recall
+from train.evaluation.tofu_metrics import rouge_l_recall
 from train.runtime import seed_everything
 
 CODE_VERSION = 1

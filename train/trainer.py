@@ -89,7 +89,7 @@ from train.runtime import (
     torch_threads,
     weight_dtype,
 )
-from train.scoring import mean_answer_probability, model_forward
+from train.answer_probability import mean_answer_probability, model_forward
 from train.subdomains import mean_hidden_states
 from train.unlearning_data import load_unlearning_data, read_records
 

@@ -13,8 +13,9 @@ import pytest
 
 from alter_serve.core.bundle import load_bundle
 from train.data.prompting import format_prompt
-from train.eval_cli import load_eval_sets, local_view_scorers
-from train.scorers import EndpointScorer
+from train.evaluation.bundle_views import local_view_scorers
+from train.evaluation.eval_sets import load_eval_sets
+from train.evaluation.scorers import EndpointScorer
 
 pytestmark = pytest.mark.vllm
 N_PROMPTS = 10
@@ -30,7 +31,7 @@ def qa(demo_model_dir):
 @pytest.fixture(scope="module")
 def served_views(demo_bundle_dir):
     heads = load_bundle(demo_bundle_dir).forget_heads
-    # served model name → the reference's view name (train.eval_cli.bundle_view); the demo's views
+    # served model name → the reference's view name (train.evaluation.bundle_views.bundle_view); the demo's views
     # use the bundle's calibrated head weights (alter_serve.demo_setup)
     return {"original": "original", f"forget-{heads[0]}": f"calibrated:{heads[0]}",
             "forget-all": "calibrated:" + "+".join(heads)}

@@ -18,8 +18,8 @@ import pytest
 
 from benchmarks.tofu_bench import DEFAULT_TOFU_ROOT as TOFU_DIR
 from train.data.prompting import IGNORE_INDEX, TOFU_LLAMA2_FORMAT, encode_example
-from train.eval_cli import local_view_scorers
-from train.scorers import EndpointScorer
+from train.evaluation.bundle_views import local_view_scorers
+from train.evaluation.scorers import EndpointScorer
 
 from ..tiny_model import build_sentencepiece_tokenizer, build_tiny_model
 from .bundle_factory import random_bundle

@@ -13,7 +13,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from train.evaluate import IsolationTable
+from train.evaluation.tofu_eval import IsolationTable
 from train.files import write_json
 
 # (report key, column title) of the summary table and bar chart, in order.

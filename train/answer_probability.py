@@ -1,7 +1,7 @@
 """Answer probability of a local model, the number the training report and the e2e test use.
 
 Per example, p̄ = exp(−L̄) with L̄ the mean NLL of the answer tokens (answer continuation + EOS)
-given the prompt — TOFU's "probability" (`train.metrics.answer_probability` on the same
+given the prompt — TOFU's "probability" (`train.evaluation.tofu_metrics.answer_probability` on the same
 log-probabilities). `forward` maps a batch to logits, so the same code scores the base model,
 a static view, the routed model or a baseline.
 

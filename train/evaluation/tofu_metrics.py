@@ -2,7 +2,7 @@
 
 Definitions follow open-unlearning (locuslab/open-unlearning, ``src/evals/metrics``); every
 function here states its exact formula. Inputs are per-token log-probabilities of an answer
-given its prompt, ``ℓ_1 … ℓ_n`` (natural log), as produced by :mod:`train.scorers`.
+given its prompt, ``ℓ_1 … ℓ_n`` (natural log), as produced by :mod:`train.evaluation.scorers`.
 
 Notation used throughout:
 

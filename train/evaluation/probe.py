@@ -5,8 +5,8 @@ store the scores with the experiment, so its results show forget/retain quality 
         --tenant-key as-TENANT --data synthetic [--limit 20] [--sets forget,retain]
 
 Steps: read the experiment's arms and the views' current versions from the admin API; for each
-arm's view run the TOFU evaluation (:func:`train.evaluate.evaluate_tofu`) with an
-:class:`~train.scorers.EndpointScorer` on the served model name = the view, authenticated as a
+arm's view run the TOFU evaluation (:func:`train.evaluation.tofu_eval.evaluate_tofu`) with an
+:class:`~train.evaluation.scorers.EndpointScorer` on the served model name = the view, authenticated as a
 tenant that is granted every arm's view; then POST the per-arm summary (probability, ROUGE-L recall
 and truth ratio of each set, and model utility when the sets allow it) to
 ``/admin/experiments/{name}/probes``. ``GET /admin/experiments/{name}/results`` then shows them.
@@ -33,8 +33,8 @@ from typing import Any
 import httpx
 
 from train.data.prompting import PROMPT_FORMATS, QA_FORMAT, PromptFormat, prompt_format
-from train.evaluate import SET_NAMES, Record, evaluate_tofu
-from train.scorers import EndpointScorer, Scorer
+from train.evaluation.scorers import EndpointScorer, Scorer
+from train.evaluation.tofu_eval import SET_NAMES, Record, evaluate_tofu
 
 DEFAULT_SETS = ("forget", "retain")
 SUMMARY_METRICS = ("probability", "rouge_l_recall", "truth_ratio")
@@ -178,7 +178,7 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_sets(args: argparse.Namespace) -> dict[str, list[Record]]:
-    from train.eval_cli import load_eval_sets
+    from train.evaluation.eval_sets import load_eval_sets
 
     wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(SET_NAMES))

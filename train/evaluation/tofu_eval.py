@@ -1,11 +1,11 @@
 """TOFU evaluation: every metric for the forget, retain, real-authors and world-facts sets, and
-the head-isolation matrix, computed through a :class:`~train.scorers.Scorer` (a local model or a
+the head-isolation matrix, computed through a :class:`~train.evaluation.scorers.Scorer` (a local model or a
 served endpoint, so what is measured is what is served).
 
 Per record (TOFU ``*_perturbed.json`` format: question, answer, paraphrased_answer,
 perturbed_answer[...]) the prompt is ``fmt.prompt(question)`` and each answer is scored as the
 continuation ``fmt.answer(answer)`` (``" " + answer`` in the default `qa` format, see
-:mod:`train.data.prompting`; EOS not scored, see :mod:`train.scorers`). Then, with ℓ the
+:mod:`train.data.prompting`; EOS not scored, see :mod:`train.evaluation.scorers`). Then, with ℓ the
 answer-token log-probabilities:
 
 * probability      p̄(answer) = exp(mean ℓ); on real authors and world facts the normalised
@@ -14,7 +14,7 @@ answer-token log-probabilities:
 * truth ratio      R = geomean_j p̄(perturbed_j) / p̄(true), true = paraphrased answer on forget and
                    retain (the answer when a record has none), the answer on real authors / world
                    facts; reported as mean min(R, 1/R) on forget, mean max(0, 1 − R) elsewhere;
-* extraction strength  1 − k*/n on the gold answer (see :func:`train.metrics.extraction_strength`).
+* extraction strength  1 − k*/n on the gold answer (see :func:`train.evaluation.tofu_metrics.extraction_strength`).
 
 Across sets: model utility = harmonic mean of the nine retain / real-authors / world-facts numbers;
 forget quality = KS-test p-value between this model's per-sample forget R and a retain model's.
@@ -26,9 +26,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from train import metrics
+from train.evaluation import tofu_metrics
 from train.data.prompting import QA_FORMAT, PromptFormat
-from train.scorers import AnswerScores, Scorer
+from train.evaluation.scorers import AnswerScores, Scorer
 
 Record = Mapping[str, Any]
 
@@ -157,15 +157,15 @@ def _sample_metrics(
         "question": record["question"],
         "answer": record["answer"],
         "generation": generation,
-        "probability": metrics.answer_probability(gold.logprobs),
-        "rouge_l_recall": metrics.rouge_l_recall(generation, record["answer"]),
-        "truth_ratio": metrics.truth_ratio(scores[requests.true[i]].logprobs, wrong),
+        "probability": tofu_metrics.answer_probability(gold.logprobs),
+        "rouge_l_recall": tofu_metrics.rouge_l_recall(generation, record["answer"]),
+        "truth_ratio": tofu_metrics.truth_ratio(scores[requests.true[i]].logprobs, wrong),
         "extraction_strength": (
-            metrics.extraction_strength(gold.greedy) if gold.greedy is not None else None
+            tofu_metrics.extraction_strength(gold.greedy) if gold.greedy is not None else None
         ),
     }
     if name in OPTION_SETS:
-        sample["normalized_probability"] = metrics.normalized_probability(gold.logprobs, wrong)
+        sample["normalized_probability"] = tofu_metrics.normalized_probability(gold.logprobs, wrong)
     return sample
 
 
@@ -174,22 +174,22 @@ def _aggregate(name: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
     normalised one on real authors / world facts (the plain mean stays as ``probability_raw``)."""
     ratios = [s["truth_ratio"] for s in samples]
     es = [s["extraction_strength"] for s in samples]
-    raw_probability = metrics.mean([s["probability"] for s in samples])
+    raw_probability = tofu_metrics.mean([s["probability"] for s in samples])
     out: dict[str, Any] = {
         "n": len(samples),
         "probability": raw_probability,
-        "rouge_l_recall": metrics.mean([s["rouge_l_recall"] for s in samples]),
+        "rouge_l_recall": tofu_metrics.mean([s["rouge_l_recall"] for s in samples]),
         "truth_ratio": (
-            metrics.truth_ratio_forget_score(ratios)
+            tofu_metrics.truth_ratio_forget_score(ratios)
             if name == "forget"
-            else metrics.truth_ratio_retain_score(ratios)
+            else tofu_metrics.truth_ratio_retain_score(ratios)
         ),
         "truth_ratio_form": "mean(min(R, 1/R))" if name == "forget" else "mean(max(0, 1 - R))",
-        "extraction_strength": None if None in es else metrics.mean(es),
+        "extraction_strength": None if None in es else tofu_metrics.mean(es),
     }
     if name in OPTION_SETS:
         out["probability_raw"] = raw_probability
-        out["probability"] = metrics.mean([s["normalized_probability"] for s in samples])
+        out["probability"] = tofu_metrics.mean([s["normalized_probability"] for s in samples])
     out["samples"] = samples
     return out
 
@@ -198,10 +198,10 @@ def _model_utility(reports: Mapping[str, Mapping[str, Any]]) -> float | None:
     if not {"retain", "real_authors", "world_facts"} <= set(reports):
         return None
     values = {}
-    for key in metrics.MODEL_UTILITY_KEYS:
+    for key in tofu_metrics.MODEL_UTILITY_KEYS:
         set_name, metric = key.split("/")
         values[key] = reports[set_name][metric]
-    return metrics.model_utility(values)
+    return tofu_metrics.model_utility(values)
 
 
 def _forget_quality(
@@ -209,7 +209,7 @@ def _forget_quality(
 ) -> float | None:
     if reference is None or "forget" not in reports:
         return None
-    return metrics.forget_quality([s["truth_ratio"] for s in reports["forget"]["samples"]], reference)
+    return tofu_metrics.forget_quality([s["truth_ratio"] for s in reports["forget"]["samples"]], reference)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,4 +253,4 @@ def isolation_matrix(
 def _mean_probability(scorer: Scorer, records: Sequence[Record], fmt: PromptFormat) -> float:
     prompts = [fmt.prompt(r["question"]) for r in records]
     answers = [fmt.answer(r["answer"]) for r in records]
-    return metrics.mean([metrics.answer_probability(lp) for lp in scorer.answer_logprobs(prompts, answers)])
+    return tofu_metrics.mean([tofu_metrics.answer_probability(lp) for lp in scorer.answer_logprobs(prompts, answers)])
