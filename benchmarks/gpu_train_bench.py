@@ -9,13 +9,13 @@ enough: the cost of a training step does not depend on what the weights are. Dat
 ids with the first 64 positions of each sequence as the (unlabelled) prompt.
 
 Methods, each one optimizer step exactly as the trainer runs it (the same step classes,
-train.alter_loop / train.baseline_loop, and the same optimizer step, train.optim.optimizer_step:
+train.alter.alter_steps / train.baseline_loop, and the same optimizer step, train.optim.optimizer_step:
 gradient clipping at --grad-clip, the trainer's default 1.0, then AdamW):
 
     alter     AsymLoRA rank 8 on q/k/v/o/gate/up/down, 2 forget heads, the fused Phase II step
-              (train.fused_step: every head's batch in one forward/backward, IHL → B_d only,
+              (train.alter.fused_step: every head's batch in one forward/backward, IHL → B_d only,
               NLL → B_r only), per-head clipping; frozen bf16 base
-    alter_sequential  the same step the sequential way (train.alter_loop: one forward/backward per
+    alter_sequential  the same step the sequential way (train.alter.alter_steps: one forward/backward per
               forget head + one retain), the reference the fused step is measured against
     lora_graddiff  PEFT LoRA rank 8, same targets; GradDiff (ascent on a forget batch + NLL on a
               retain batch); frozen bf16 base
@@ -117,9 +117,9 @@ def random_batch(shape: Shape, generator: torch.Generator, head: int = 0):
 
 def alter_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckpt: bool, heads: int,
                   grad_clip: float | None, fused: bool = True):
-    from train.alter_loop import AlterStepConfig, AlterSteps
-    from train.fused_step import FusedPhase2
-    from train.modeling import inject
+    from train.alter.alter_steps import AlterStepConfig, AlterSteps
+    from train.alter.fused_step import FusedPhase2
+    from train.alter.modeling import inject
     from train.optim import optimizer_step
 
     model = make_model(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -22,7 +22,7 @@ Protocol (TOFU's, scaled down; see `train.data.tofu_subset` and `train.tofu_mode
 4. score every result with the TOFU metrics (`train.evaluation.tofu_eval`): forget quality = KS-test p-value of
    forget truth ratios against the retain model's, model utility = harmonic mean of the nine
    retain / real-author / world-fact numbers. ALTER is scored as served (view mode: the retain head
-   plus every forget head at the bundle's calibrated weight ω(n), `train.calibration`), with the
+   plus every forget head at the bundle's calibrated weight ω(n), `train.alter.calibration`), with the
    same heads at ω = 1 for comparison, and in the paper's routed mode. The calibration set is the
    retain authors' questions that are *not* scored (`TofuSubset.retain_calibration`).
 
@@ -88,7 +88,7 @@ class UnlearnSettings:
     phase1_epochs: int = 1
     router_epochs: int = 3
     npo_beta: float = 0.1
-    calibration_retain_ratio: float = 0.95  # ALTER view calibration floor ρ (train.calibration)
+    calibration_retain_ratio: float = 0.95  # ALTER view calibration floor ρ (train.alter.calibration)
     max_new_tokens: int = 128
     eval_batch_size: int = 32
     device: str = "cpu"

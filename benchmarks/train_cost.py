@@ -7,10 +7,10 @@
 Part 1, "methods": `--epochs` unlearning epochs (default 3, the paper's) on the demo model and data (forget = two synthetic genres,
 one ALTER forget head each; retain = the other genres), batch 8, for
 
-    alter            ALTER Phase II, fused (train.fused_step: per step, one forward/backward over
+    alter            ALTER Phase II, fused (train.alter.fused_step: per step, one forward/backward over
                      a batch of every forget head + a retain batch), after its one-off setup
                      (entropy pass + data-driven head init, timed apart)
-    alter_sequential the same Phase II step the sequential way (train.alter_loop: one IHL step per
+    alter_sequential the same Phase II step the sequential way (train.alter.alter_steps: one IHL step per
                      forget head + one retain step), the reference the fused step replaces
     lora_grad_ascent / lora_grad_diff / lora_npo    PEFT LoRA, same rank and targets as ALTER
     full_grad_diff / full_npo                       all parameters
@@ -96,12 +96,12 @@ def run_method(method: str, model_dir: Path, data_dir: Path, epochs: int, thread
 def _alter_epochs(model, tokenizer, forget, retain, epochs: int, fused: bool = True) -> dict[str, Any]:
     import contextlib
 
-    from train.alter_loop import AlterStepConfig, AlterSteps
-    from train.entropy import example_entropies
+    from train.alter.alter_steps import AlterStepConfig, AlterSteps
+    from train.alter.entropy import example_entropies
     from train.examples import epoch_batches, with_entropies
-    from train.fused_step import FusedPhase2
-    from train.head_init import init_heads
-    from train.modeling import inject
+    from train.alter.fused_step import FusedPhase2
+    from train.alter.head_init import init_heads
+    from train.alter.modeling import inject
     from train.optim import optimizer_step
 
     pad = tokenizer.pad_token_id
@@ -212,7 +212,7 @@ def methods_in_subprocesses(methods: list[str], model_dir: Path, epochs: int, th
 def head_mixing(heads_list: list[int], threads: int, repeats: int) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from train.modeling import inject
+    from train.alter.modeling import inject
 
     torch.set_num_threads(threads)
     config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,

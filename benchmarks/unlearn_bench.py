@@ -213,7 +213,7 @@ BUDGET = {"adapter": {"rank": 8, "alpha": 16.0},
           "optim": {"epochs": 10, "batch_size": 8, "lr_A": 1e-5, "lr_B": 1e-3, "phase1_epochs": 1,
                     "router_epochs": 0, "router_tokens_per_label": 10_000},
           "calibration": {"max_examples": 64, "min_retain_ratio": 0.95}}
-# ALTER beyond the paper (train.alter_loop): a bounded "never learned" forget term on the knowledge
+# ALTER beyond the paper (train.alter.alter_steps): a bounded "never learned" forget term on the knowledge
 # tokens (answer tokens without EOS), a retain KL to the base model, a retain anchor on every forget
 # head (its own view must keep retain text), and a quantile entropy split (the paper's absolute 1.2
 # passes almost no token of a fine-tuned model, so Phase I trains nothing).

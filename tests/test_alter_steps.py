@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.alter_loop import AlterStepConfig, AlterSteps, random_view, token_masks
+from train.alter.alter_steps import AlterStepConfig, AlterSteps, random_view, token_masks
 from train.examples import Example, collate
-from train.head_init import init_heads, top_directions
-from train.modeling import inject
+from train.alter.head_init import init_heads, top_directions
+from train.alter.modeling import inject
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 HEADS = ["bio", "cyber"]

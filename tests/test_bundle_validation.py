@@ -21,7 +21,7 @@ from alter_serve.core.manifest import MAX_MANIFEST_BYTES, Calibration, Manifest
 from alter_serve.core.names import MANIFEST_FILE, WEIGHTS_FILE
 from alter_serve.core.fingerprint import module_shapes
 from alter_serve.core.validation import MAX_WEIGHT_MAGNITUDE
-from train.calibration import CalibrationSettings, calibrate_views
+from train.alter.calibration import CalibrationSettings, calibrate_views
 
 from .test_calibration import FakeAlter
 from .test_registry import BASE_SHAPES, FINGERPRINT, Q0, make_bundle

@@ -13,7 +13,7 @@ import pytest
 from alter_serve.core.bundle import load_bundle
 from alter_serve.core.manifest import Calibration
 from alter_serve.core.views import View, calibrated_view
-from train.calibration import CalibrationSettings, calibrate_views
+from train.alter.calibration import CalibrationSettings, calibrate_views
 
 from .admin_app import AdminApp, store_random_bundle
 from .tiny_model import build_tiny_model

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.entropy import (
+from train.alter.entropy import (
     DEFAULT_Q,
     DEFAULT_THRESHOLD,
     EntropySplit,
@@ -149,7 +149,7 @@ def test_two_writers_of_one_entry_both_succeed(tmp_path, monkeypatch) -> None:
     """Two processes computing the same entry (the TOFU benchmark's parallel methods) used to share
     one temporary name: the second rename found the file gone. Here the second writer runs between
     the first one's write and its rename."""
-    import train.entropy as entropy_module
+    import train.alter.entropy as entropy_module
 
     model, seqs = _tiny_llama(), [[1, 2, 3, 4], [5, 6, 7]]
     real_save = entropy_module.save_file

@@ -18,7 +18,7 @@ from train.data.synthetic import generate
 from train.cli import main
 from train.evaluation.bundle_views import local_view_scorers, resolve_prompt_format
 from train.evaluation.eval_sets import load_eval_sets
-from train.modeling import inject, to_bundle
+from train.alter.modeling import inject, to_bundle
 
 SUBDOMAINS = ("mystery", "fantasy", "poetry")
 

@@ -1,4 +1,4 @@
-"""The fused Phase II step gives every head the gradient of the sequential steps (train.fused_step)."""
+"""The fused Phase II step gives every head the gradient of the sequential steps (train.alter.fused_step)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tests.test_alter_steps import HEADS, THRESHOLD, b_grads, base, set_phase  # noqa: F401 (fixture)
-from train.alter_loop import AlterStepConfig, AlterSteps
+from train.alter.alter_steps import AlterStepConfig, AlterSteps
 from train.examples import Example, collate
-from train.fused_step import FusedPhase2, concat_batches, draw_views, groups_of, head_orthogonality, row_mixing
-from train.modeling import inject
+from train.alter.fused_step import FusedPhase2, concat_batches, draw_views, groups_of, head_orthogonality, row_mixing
+from train.alter.modeling import inject
 from train.objectives import orthogonality_loss
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -86,7 +86,7 @@ def test_both_paths_draw_the_same_views() -> None:
     cfg = config(0.5)
     drawn = draw_views(HEADS, HEADS, random.Random(3), cfg.head_prob, cfg.retain_nonempty)
     steps_rng = random.Random(3)
-    from train.alter_loop import random_view
+    from train.alter.alter_steps import random_view
 
     expected = {h: random_view(HEADS, steps_rng, 0.5, include=h) for h in HEADS}
     expected["retain"] = random_view(HEADS, steps_rng, 0.5, nonempty=True)

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from alter_serve.core.bundle import load_bundle
 from alter_serve.core.fingerprint import fingerprint, module_shapes
 from alter_serve.core.views import View, compose, peft_tensors
-from train.modeling import AlterLinear, from_bundle, inject, to_bundle
+from train.alter.modeling import AlterLinear, from_bundle, inject, to_bundle
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HEADS = ["bio", "cyber"]

@@ -210,7 +210,7 @@ def test_distribution_kl_is_zero_for_the_teacher_itself_and_positive_otherwise()
 
 
 def test_answer_mask_without_eos_drops_each_rows_last_labelled_token():
-    from train.alter_loop import answer_mask_without_eos
+    from train.alter.alter_steps import answer_mask_without_eos
 
     labels = torch.tensor([[-100, -100, 5, 6, 2, -100], [-100, 7, 8, 9, 10, 2]])
     mask = answer_mask_without_eos(labels)

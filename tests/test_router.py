@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.modeling import inject
-from train.router import EntropyRouter, base_features, train_router
+from train.alter.modeling import inject
+from train.alter.router import EntropyRouter, base_features, train_router
 
 
 def _data():

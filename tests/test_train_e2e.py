@@ -19,7 +19,7 @@ from alter_serve.core.fingerprint import fingerprint, module_shapes
 from alter_serve.core.views import View, calibrated_view, compose
 from train.data.synthetic import SyntheticTofu
 from train.examples import encode_records
-from train.modeling import from_bundle
+from train.alter.modeling import from_bundle
 from train.answer_probability import mean_answer_probability, model_forward
 
 MIN_FORGET_DROP = 5.0   # forget-set answer probability falls at least 5x
@@ -67,7 +67,7 @@ def test_each_served_view_forgets_its_subdomain_and_keeps_the_retain_set(served)
 
 def test_the_calibrated_view_of_all_heads_forgets_every_subdomain_and_keeps_the_retain_set(served) -> None:
     """The demo's "forget-all" view: both heads at the calibrated ω(2) (at ω = 1 the stacked heads
-    cost most of the retain set; train.calibration)."""
+    cost most of the retain set; train.alter.calibration)."""
     alter, bundle, tokenizer, forget, retain = served
     calibration = bundle.manifest.calibration
     assert calibration is not None and calibration.min_retain_ratio >= MIN_RETAIN_RATIO

@@ -1,7 +1,7 @@
 """Training configuration: one pydantic model, loaded from YAML (`alter-train run --config x.yaml`).
 
 Defaults are the ALTER paper's: rank 8, lr_B 1e-3, lr_A 1e-5, β = γ = 1, λ = 0.01, batch 4,
-3 epochs, Tsallis q = 1.5 with threshold 1.2 (see `train.entropy` for why q = 1.5). Small
+3 epochs, Tsallis q = 1.5 with threshold 1.2 (see `train.alter.entropy` for why q = 1.5). Small
 from-scratch models need other values; they set them in their own config file.
 """
 
@@ -155,7 +155,7 @@ class OptimSection(_Section):
     # Retain step: each forget head joins the (detached) forward with this probability.
     retain_view_head_prob: float = Field(default=0.5, ge=0, le=1)
     retain_view_nonempty: bool = True             # ...redrawn until at least one forget head is on
-    # The forget term (train.alter_loop): "ihl" (the paper), "bounded_nll" (raise each answer's NLL
+    # The forget term (train.alter.alter_steps): "ihl" (the paper), "bounded_nll" (raise each answer's NLL
     # to the never-learned level τ, then stop), "kl_pre" (distil model.pretrained_path on forget data).
     forget_loss: Literal["ihl", "bounded_nll", "kl_pre"] = "ihl"
     # Tokens the forget loss sees: "low_entropy" (the paper) or "answer" (every answer token but EOS).
@@ -167,8 +167,8 @@ class OptimSection(_Section):
     # on `anchor_batch_size` retain rows per head and step, gradient to that head only (alter_loop).
     forget_anchor: float = Field(default=0.0, ge=0)
     anchor_batch_size: int = Field(default=4, ge=1)
-    # Phase II: every head in one forward/backward (train.fused_step); false: one pass per head
-    # (train.alter_loop, the reference). Same views, same gradients.
+    # Phase II: every head in one forward/backward (train.alter.fused_step); false: one pass per head
+    # (train.alter.alter_steps, the reference). Same views, same gradients.
     fused_step: bool = True
     router_epochs: int = Field(default=3, ge=0)
     router_lr: float = Field(default=1e-2, gt=0)
@@ -178,7 +178,7 @@ class OptimSection(_Section):
 
 
 class CalibrationSection(_Section):
-    """View calibration after ALTER training (train.calibration): the forget-head weight ω(n) for
+    """View calibration after ALTER training (train.alter.calibration): the forget-head weight ω(n) for
     views of n heads, the largest that keeps the retain calibration set's answer probability at
     `min_retain_ratio` × the base model's. The calibration set is up to `max_examples` records
     (a seeded sample) of `retain_file` (TOFU-format records, never an evaluation set) or, by
@@ -226,7 +226,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _reachable_threshold(self) -> TrainConfig:
-        """For q > 1, S_q < 1/(q − 1) over any vocabulary (train.entropy), so a threshold at or above
+        """For q > 1, S_q < 1/(q − 1) over any vocabulary (train.alter.entropy), so a threshold at or above
         that bound makes Phase I a no-op; the vocabulary-exact check runs once the model is loaded."""
         cfg = self.entropy
         if self.method == "alter" and cfg.split == "threshold" and cfg.q > 1.0:

@@ -12,7 +12,7 @@ A view NAME (local bundle) is ``original`` (adapters off), ``retain`` (the retai
 forget-head names joined by ``+`` (retain head plus those forget heads, weight 1 each; a head
 written ``NAME*W`` gets weight W in [0, 1] instead, e.g. ``bio*0.5+cyber*0.5``: a point of the
 forget–utility trade-off), ``calibrated:`` followed by plain names (the same heads at the bundle's calibrated weight ω(n) for
-n heads, see ``train.calibration``), or ``routed`` (the paper's per-token entropy routing; needs
+n heads, see ``train.alter.calibration``), or ``routed`` (the paper's per-token entropy routing; needs
 router weights in the bundle).
 Against an endpoint, the served model name *is* the view.
 

@@ -143,7 +143,7 @@ def answer_token_values(examples: Sequence[Example]) -> torch.Tensor:
     values = []
     for e in examples:
         if e.entropy is None:
-            raise ValueError("examples have no entropies yet; compute them with train.entropy first")
+            raise ValueError("examples have no entropies yet; compute them with train.alter.entropy first")
         labelled = torch.tensor(e.labels[1:]) != IGNORE_INDEX
         values.append(e.entropy[labelled])
     return torch.cat(values) if values else torch.zeros(0)

@@ -3,7 +3,7 @@
 Conventions. `logits` are [B, T, V] from a causal LM, `labels` [B, T] with IGNORE_INDEX (−100)
 on tokens that carry no loss (prompt, padding). Every loss first applies the causal shift —
 position t predicts label t + 1 — so an optional `mask` is [B, T − 1], aligned with the shifted
-labels (this is the alignment `train.entropy.example_entropies` produces). All reductions are in
+labels (this is the alignment `train.alter.entropy.example_entropies` produces). All reductions are in
 fp32. Baseline definitions follow open-unlearning (locuslab/open-unlearning, `src/trainer/unlearn`).
 """
 

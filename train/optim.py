@@ -3,7 +3,7 @@
 ALTER's heads are clipped one head at a time. Each layer stores its heads stacked, B [out, H, r],
 so torch's `clip_grad_norm_` over those parameters would compute one norm over all heads and
 scale every head by it: B_d's update would then depend on the retain head's and the other
-forget heads' gradients, which breaks the exact isolation of `train.alter_loop`. AdamW itself
+forget heads' gradients, which breaks the exact isolation of `train.alter.alter_steps`. AdamW itself
 is element-wise, so per-head clipping is all it takes to keep a head's update its own.
 """
 

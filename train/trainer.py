@@ -13,9 +13,9 @@
     model/               a full-parameter baseline's unlearned model (Hugging Face folder)
     checkpoint/state.pt  the state after the last finished epoch (`run(..., resume=True)` continues)
 
-The phases, losses and the isolation rules are documented in `train.alter_loop`; Phase II's fused
-step (every head in one forward/backward, `optim.fused_step`, the default) in `train.fused_step`;
-the head initialisation in `train.head_init`; the router in `train.router`.
+The phases, losses and the isolation rules are documented in `train.alter.alter_steps`; Phase II's fused
+step (every head in one forward/backward, `optim.fused_step`, the default) in `train.alter.fused_step`;
+the head initialisation in `train.alter.head_init`; the router in `train.alter.router`.
 
 Cost accounting in the report. `phases` holds each checkpointed phase (phase1, phase2, router;
 baseline) with its steps, tokens, wall time, tokens/s and peak memory. The headline numbers are
@@ -55,12 +55,12 @@ from alter_serve.core.manifest import BaseModelRef, Calibration, EntropySpec, He
 from alter_serve.core.names import RETAIN_HEAD, ROUTER_PREFIX, router_tensor_name
 from alter_serve.core.views import View, calibrated_view
 
-from train.alter_loop import AlterStepConfig, AlterSteps, answer_mask_without_eos
+from train.alter.alter_steps import AlterStepConfig, AlterSteps, answer_mask_without_eos
 from train.baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
-from train.calibration import CalibrationSettings, answer_probability_scorer, calibrate_views
+from train.alter.calibration import CalibrationSettings, answer_probability_scorer, calibrate_views
 from train.checkpoint import TrainState, config_digest, load_state, save_state
 from train.config import TrainConfig
-from train.entropy import EntropySplit, cached_example_entropies, check_reachable_threshold, plot_entropy_histogram
+from train.alter.entropy import EntropySplit, cached_example_entropies, check_reachable_threshold, plot_entropy_histogram
 from train.examples import (
     Batch,
     Example,
@@ -71,14 +71,14 @@ from train.examples import (
     sample_by_tokens,
     with_entropies,
 )
-from train.fused_step import FusedPhase2
-from train.head_init import init_heads
-from train.modeling import AlterModel, inject, to_bundle
+from train.alter.fused_step import FusedPhase2
+from train.alter.head_init import init_heads
+from train.alter.modeling import AlterModel, inject, to_bundle
 from train.objectives import sequence_mean_nll
 from train.optim import lr_factor, optimizer_step, set_lr
 from train.files import write_json
 from train.report import LOSS_PLOT_FILE, REPORT_FILE, plot_losses
-from train.router import EntropyRouter, routed_forward, train_router
+from train.alter.router import EntropyRouter, routed_forward, train_router
 from train.runtime import (
     PhaseMeter,
     autocast,
@@ -385,7 +385,7 @@ class Trainer:
         return lambda batch: teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
     def _calibrate(self, alter: AlterModel) -> Calibration | None:
-        """ω(n) for views of n forget heads, on the retain calibration set (train.calibration)."""
+        """ω(n) for views of n forget heads, on the retain calibration set (train.alter.calibration)."""
         cfg = self.config.calibration
         if not cfg.enabled:
             return None
@@ -510,7 +510,7 @@ class Trainer:
                            forget_iters: dict[str, Iterator[Batch]], retain_iter: Iterator[Batch],
                            anchor_iters: dict[str, Iterator[Batch]], meter: PhaseMeter,
                            schedule: tuple[float, int, int, int]) -> None:
-        """One Phase II optimizer step with every head in one forward/backward (train.fused_step);
+        """One Phase II optimizer step with every head in one forward/backward (train.alter.fused_step);
         logs the same series as the sequential step."""
         forget = {head: next(iterator) for head, iterator in forget_iters.items()}
         anchors = {head: next(iterator) for head, iterator in anchor_iters.items()}

@@ -85,10 +85,10 @@ def local_view_scorers(
 def attach_bundle(model: torch.nn.Module, model_dir: str, bundle_dir: str) -> tuple[Any, Any]:
     """(AlterModel, AlterBundle): the bundle validated against the base model's module shapes
     and fingerprint (a bundle trained on another base model is refused), then injected into
-    ``model`` in place by ``train.modeling.from_bundle``."""
+    ``model`` in place by ``train.alter.modeling.from_bundle``."""
     from alter_serve.core.bundle import load_bundle
     from alter_serve.core.fingerprint import fingerprint, module_shapes
-    from train.modeling import from_bundle
+    from train.alter.modeling import from_bundle
 
     bundle = load_bundle(bundle_dir, module_shapes(model_dir), fingerprint(model_dir))
     return from_bundle(model, bundle), bundle
@@ -141,13 +141,13 @@ class _RoutedModel(torch.nn.Module):
     per-token routing needs the base pass at every step, so LocalScorer's greedy loop is used."""
 
     def __init__(self, alter: Any, bundle: Any) -> None:
-        from train.router import EntropyRouter
+        from train.alter.router import EntropyRouter
 
         super().__init__()
         self.alter = alter
         self.router = EntropyRouter.from_bundle(bundle)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        from train.router import routed_forward
+        from train.alter.router import routed_forward
 
         return routed_forward(self.alter, self.router, input_ids, attention_mask)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from alter_serve.core.manifest import Calibration
 
 from train.examples import Example
-from train.modeling import AlterModel
+from train.alter.modeling import AlterModel
 from train.answer_probability import mean_answer_probability, model_forward
 
 

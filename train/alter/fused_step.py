@@ -1,6 +1,6 @@
 """ALTER's Phase II step, fused: every head trained in one forward and one backward.
 
-The sequential step (`train.alter_loop`: `AlterSteps.forget` per forget head, then
+The sequential step (`train.alter.alter_steps`: `AlterSteps.forget` per forget head, then
 `AlterSteps.retain`) runs one forward and backward per head, each on its own batch under its own
 random view. The fused step concatenates those batches into one batch of N rows (right-padded to
 the longest row only) and gives every row the view of the group it came from
@@ -35,7 +35,7 @@ exactly the rows the sequential step gives them. Another objective plugs in as
 `FusedPhase2(..., forget_objective=..., retain_objective=...)`.
 
 Cost. Per adapted layer: A x once for all N rows, the per-row [out, r] matrices as one small
-einsum of the [N, H] weights with B, and the mix as one bmm (`train.modeling`, samples mode).
+einsum of the [N, H] weights with B, and the mix as one bmm (`train.alter.modeling`, samples mode).
 The forward holds all N rows' activations at once, where the sequential step held one group's:
 that is the price of one pass (gradient checkpointing bounds it as usual).
 
@@ -56,9 +56,9 @@ import torch.nn.functional as F
 
 from alter_serve.core.names import RETAIN_HEAD
 
-from train.alter_loop import AlterStepConfig, Teacher, forget_term, forget_token_mask, random_view
+from train.alter.alter_steps import AlterStepConfig, Teacher, forget_term, forget_token_mask, random_view
 from train.examples import Batch
-from train.modeling import AlterModel
+from train.alter.modeling import AlterModel
 from train.objectives import IGNORE_INDEX, distribution_kl, nll_loss
 from train.runtime import to_device
 
@@ -212,7 +212,7 @@ def head_orthogonality(stacked_heads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class FusedPhase2:
-    """The Phase II step of `train.alter_loop` in one forward and one backward (module docstring).
+    """The Phase II step of `train.alter.alter_steps` in one forward and one backward (module docstring).
 
     Uses the sequential steps' config, RNG (for the views) and autocast; `pad_id` pads the
     concatenated rows. Every forget head of the model must bring a batch to each step.

@@ -1,7 +1,7 @@
 """ALTER's two training phases, one optimizer step at a time.
 
 Phase I — the shared A learns the high-entropy tokens. B is frozen (data-initialised, see
-`train.head_init`); the loss is the NLL of the tokens whose base-model entropy S_q exceeds the
+`train.alter.head_init`); the loss is the NLL of the tokens whose base-model entropy S_q exceeds the
 threshold, on forget and retain data alike:
 
     L_I = NLL(y_t : S_q(t) > τ_S)                    (only A has requires_grad)
@@ -35,7 +35,7 @@ forward removes that pressure: B_r's repair then generalises to the forget data 
 of the forgetting in the served view.) The cost: heads trained this way are tuned per view, and
 a view that combines several forget heads can hurt retain data more than each single-head view
 (the report measures every single-head view and the all-heads view). Served views therefore use
-the calibrated head weight ω(n) for n heads (`train.calibration`), chosen after training.
+the calibrated head weight ω(n) for n heads (`train.alter.calibration`), chosen after training.
 
 `use_entropy=False` is the ablation "AsymLoRA without entropy guidance": every answer token is
 both "high" (Phase I) and "low" (Phase II).
@@ -83,9 +83,9 @@ from dataclasses import dataclass
 
 import torch
 
-from train.entropy import high_entropy_mask, low_entropy_mask
+from train.alter.entropy import high_entropy_mask, low_entropy_mask
 from train.examples import Batch
-from train.modeling import AlterModel
+from train.alter.modeling import AlterModel
 from train.objectives import (
     IGNORE_INDEX,
     bounded_nll_ascent,

@@ -13,7 +13,7 @@ with heads h = 0 (retain, B_r) and h = 1 … H−1 (one forget head B_d per forg
 * `routed` mode (the paper's per-token inference): ω is [..., H] per token, so the heads are
   concatenated, B_cat = [B_0 | … | B_{H−1}] ∈ [out, H·r], and the layer adds
   s · B_cat ((ω ⊗ A x) flattened to [..., H·r]).
-* `samples` mode (the fused training step, `train.fused_step`): every sample n of the batch has
+* `samples` mode (the fused training step, `train.alter.fused_step`): every sample n of the batch has
   its own view, ω ∈ [N, H], split into the part that trains and the part that does not,
   `weights` = [2, N, H] with ω = weights[0] + weights[1]. Sample n adds s · B_n (A x_n) with
 

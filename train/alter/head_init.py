@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
-from train.modeling import AlterModel
+from train.alter.modeling import AlterModel
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, token mask
 

@@ -38,8 +38,8 @@ from torch import nn
 from alter_serve.core.bundle import AlterBundle
 from alter_serve.core.manifest import RouterSpec
 
-from train.entropy import tsallis_entropy
-from train.modeling import AlterModel
+from train.alter.entropy import tsallis_entropy
+from train.alter.modeling import AlterModel
 
 ROUTER_KIND = "entropy_softmax"
 NULL_SLOT = 0
