@@ -9,7 +9,7 @@ enough: the cost of a training step does not depend on what the weights are. Dat
 ids with the first 64 positions of each sequence as the (unlabelled) prompt.
 
 Methods, each one optimizer step exactly as the trainer runs it (the same step classes,
-train.alter.alter_steps / train.baseline_loop, and the same optimizer step, train.optim.optimizer_step:
+train.alter.alter_steps / train.baselines.baseline_steps, and the same optimizer step, train.optim.optimizer_step:
 gradient clipping at --grad-clip, the trainer's default 1.0, then AdamW):
 
     alter     AsymLoRA rank 8 on q/k/v/o/gate/up/down, 2 forget heads, the fused Phase II step
@@ -22,7 +22,7 @@ gradient clipping at --grad-clip, the trainer's default 1.0, then AdamW):
     lora_npo  PEFT LoRA rank 8, same targets; NPO on a forget batch (reference = adapter disabled)
               + NLL on a retain batch; frozen bf16 base
     full_npo  all parameters (fp32 master weights, AdamW), bf16 autocast; NPO + retain NLL; the
-              reference is a frozen copy made directly in bf16 (train.baseline_loop.Reference with
+              reference is a frozen copy made directly in bf16 (train.baselines.baseline_steps.Reference with
               the trainer's compute dtype; no transient fp32 copy)
 
 Batches are built on the host and handed to the steps, which copy them to the GPU asynchronously
@@ -157,7 +157,7 @@ def alter_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_c
 
 def baseline_step_fn(shape: Shape, device: torch.device, autocast: Callable, grad_ckpt: bool, full: bool,
                      grad_clip: float | None, loss: str = "npo"):
-    from train.baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
+    from train.baselines.baseline_steps import BaselineSteps, Reference, make_full_model, make_lora_model
     from train.optim import optimizer_step
 
     on_cuda = device.type == "cuda"

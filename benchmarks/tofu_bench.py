@@ -18,7 +18,7 @@ Protocol (TOFU's, scaled down; see `train.data.tofu_subset` and `train.tofu_mode
 2. train a "full" model (every author) and a "retain" model (no forget author) from scratch, with one
    recipe (cached; the full model must reach forget ROUGE-L recall ≥ 0.8);
 3. unlearn the forget authors from the full model with every method, each with the same data, rank,
-   epochs and batch size, using the open-unlearning loss definitions (`train.baseline_loop`);
+   epochs and batch size, using the open-unlearning loss definitions (`train.baselines.baseline_steps`);
 4. score every result with the TOFU metrics (`train.evaluation.tofu_eval`): forget quality = KS-test p-value of
    forget truth ratios against the retain model's, model utility = harmonic mean of the nine
    retain / real-author / world-fact numbers. ALTER is scored as served (view mode: the retain head

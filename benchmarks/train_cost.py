@@ -151,7 +151,7 @@ def _alter_epochs(model, tokenizer, forget, retain, epochs: int, fused: bool = T
 def _baseline_epochs(method: str, model, tokenizer, forget, retain, epochs: int) -> dict[str, Any]:
     import contextlib
 
-    from train.baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
+    from train.baselines.baseline_steps import BaselineSteps, Reference, make_full_model, make_lora_model
     from train.examples import epoch_batches
     from train.optim import optimizer_step
 

@@ -353,7 +353,7 @@ def test_a_phase_meter_measures_the_peak_of_its_own_blocks_only() -> None:
 def test_the_frozen_npo_reference_is_a_compute_dtype_copy(model_dir) -> None:
     from types import SimpleNamespace
 
-    from train.baseline_loop import Reference
+    from train.baselines.baseline_steps import Reference
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.tie_word_embeddings = True

@@ -56,7 +56,7 @@ from alter_serve.core.names import RETAIN_HEAD, ROUTER_PREFIX, router_tensor_nam
 from alter_serve.core.views import View, calibrated_view
 
 from train.alter.alter_steps import AlterStepConfig, AlterSteps, answer_mask_without_eos
-from train.baseline_loop import BaselineSteps, Reference, make_full_model, make_lora_model
+from train.baselines.baseline_steps import BaselineSteps, Reference, make_full_model, make_lora_model
 from train.alter.calibration import CalibrationSettings, answer_probability_scorer, calibrate_views
 from train.checkpoint import TrainState, config_digest, load_state, save_state
 from train.config import TrainConfig
