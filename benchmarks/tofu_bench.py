@@ -224,7 +224,7 @@ def _run_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progress:
     """Train (unless a reference) and score; returns {"name", "views": {view: report}, "training": {...}}.
 
     Resumable: a finished job's outcome is kept in its run folder under a key of everything it
-    depends on, and training resumes from its last finished epoch (`train.trainer.run(resume=True)`),
+    depends on, and training resumes from its last finished epoch (`train.run.run(resume=True)`),
     so an interrupted benchmark redoes only what it had not finished.
     """
     key = _job_key(job, subset, settings)
@@ -252,7 +252,7 @@ def _execute_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progr
     from train.checkpoint import config_digest, discard_stale_state
     from train.evaluation.bundle_views import local_view_scorers
     from train.evaluation.tofu_eval import evaluate_tofu
-    from train.trainer import run
+    from train.run import run
 
     if settings.device == "cpu":
         torch.set_num_threads(1)

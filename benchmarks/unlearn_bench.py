@@ -277,7 +277,7 @@ def method_stage(cache: StageCache, method: Method, seed: int, models: dict[str,
                  split: UnlearnSplit, fmt: Any, files: dict[str, str], progress: bool):
     """Train one method with one seed (resumable per epoch inside its folder)."""
     from train.config import TrainConfig
-    from train.trainer import run
+    from train.run import run
 
     probe = train_config(method, seed, models["full"], base, split, fmt, files, Path("/"), progress)
     inputs = {"stage": "unlearn", "method": method.name, "seed": seed, "full": cache.records["ref-full"].key,

@@ -154,7 +154,7 @@ def test_a_training_run_is_the_same_fused_or_sequential(tmp_path) -> None:
     from tests.test_trainer import tiny_config
     from tests.tiny_model import build_tiny_model
     from train.data.synthetic import generate
-    from train.trainer import run
+    from train.run import run
 
     model_dir = build_tiny_model(tmp_path / "model")
     data_dir = generate(n_authors=8, facts_per_author=2, subdomains=("alpha", "beta", "gamma", "delta"),

@@ -133,6 +133,6 @@ def test_the_gpu_image_environment_lacks_the_server_packages(tmp_path: Path) -> 
     env = env_without(tmp_path)
     refused = subprocess.run([sys.executable, "-c", "import fastapi"], env=env, capture_output=True, text=True)
     assert refused.returncode != 0 and "not installed on the GPU image" in refused.stderr
-    allowed = subprocess.run([sys.executable, "-c", "import torch, transformers, peft, train.trainer"], env=env,
+    allowed = subprocess.run([sys.executable, "-c", "import torch, transformers, peft, train.run"], env=env,
                              cwd=REPO, capture_output=True, text=True)
     assert allowed.returncode == 0, allowed.stderr[-2000:]

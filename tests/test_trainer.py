@@ -13,12 +13,13 @@ from alter_serve.core.fingerprint import fingerprint, module_shapes
 from alter_serve.core.views import View, compose
 from tests.tiny_model import build_tiny_model
 from train import checkpoint as checkpoint_module
-from train import trainer as trainer_module
+from train.alter import alter_run as alter_run_module
 from train.config import ConfigError, TrainConfig, load_config
 from train.data.synthetic import generate
 from train.data.prompting import encode_example
 from train.examples import answer_tokens
-from train.trainer import Trainer, run
+from train.alter.alter_run import AlterRun
+from train.run import run
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -102,10 +103,10 @@ def test_resume_continues_after_the_last_finished_epoch(model_dir, data_dir, tmp
         if state.done.get("phase2") == 1:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr("train.trainer.save_state", crash_after_first_phase2_epoch)
+    monkeypatch.setattr("train.training_run.save_state", crash_after_first_phase2_epoch)
     with pytest.raises(KeyboardInterrupt):
         run(config)
-    monkeypatch.setattr("train.trainer.save_state", real_save)
+    monkeypatch.setattr("train.training_run.save_state", real_save)
     result = run(config, resume=True)
     state = checkpoint_module.load_state(result.run_dir, checkpoint_module.config_digest(config.model_dump(mode="json")))
     assert state.done == {"phase1": 1, "phase2": 3}
@@ -255,7 +256,7 @@ def test_setup_refuses_a_threshold_above_this_vocabularys_maximum(model_dir, dat
     model's 400 tokens cap it at 2 · (1 − 400^−½) = 1.9."""
     config = tiny_config(model_dir, data_dir, tmp_path, entropy={"q": 1.5, "threshold": 1.95, "split": "threshold"})
     with pytest.raises(ValueError, match=r"400 tokens.* = 1\.9, so Phase I"):
-        Trainer(config)
+        AlterRun(config)
 
 
 def _json_data(data_dir, tmp_path):
@@ -271,7 +272,7 @@ def test_a_misspelled_forget_subdomain_is_refused_with_the_known_ones(model_dir,
     data = _json_data(data_dir, tmp_path)
     config = tiny_config(model_dir, data_dir, tmp_path / "run", data={**data, "forget_subdomains": ["alpha", "btea"]})
     with pytest.raises(ValueError, match=r"\['btea'\] match no record's 'subdomain'.*\['alpha', 'beta'\]"):
-        Trainer(config)
+        AlterRun(config)
 
 
 def test_examples_whose_answer_is_truncated_away_are_left_out_and_counted(model_dir, data_dir, tmp_path) -> None:
@@ -281,7 +282,7 @@ def test_examples_whose_answer_is_truncated_away_are_left_out_and_counted(model_
     (tmp_path / "retain.json").write_text(json.dumps(retain))
     config = tiny_config(model_dir, data_dir, tmp_path / "run", data={**data, "forget_subdomains": ["alpha", "beta"]})
     with pytest.warns(UserWarning, match="1 of .* 'retain' examples have no answer token"):
-        trainer = Trainer(config)
+        trainer = AlterRun(config)
     assert trainer.truncated == {"retain": 1} and len(trainer.retain_examples) == len(retain) - 1
 
 
@@ -289,7 +290,7 @@ def test_examples_are_encoded_in_the_configured_prompt_format(model_dir, data_di
     from train.data.prompting import TOFU_LLAMA2_FORMAT
 
     config = tiny_config(model_dir, data_dir, tmp_path / "run", data={"prompt_format": "tofu-llama2"})
-    trainer = Trainer(config)
+    trainer = AlterRun(config)
     record = trainer.data.retain[0]
     example = trainer.retain_examples[0]
     expected = encode_example(trainer.tokenizer, record["question"], record["answer"], TOFU_LLAMA2_FORMAT)
@@ -311,13 +312,13 @@ def test_heads_start_from_a_seeded_random_sample_of_their_examples(model_dir, da
                           for ids, mask, _ in batches for row, row_mask in zip(ids, mask)]
         raise Stop
 
-    monkeypatch.setattr(trainer_module, "init_heads", spy)
+    monkeypatch.setattr(alter_run_module, "init_heads", spy)
     config = tiny_config(model_dir, data_dir, tmp_path / "run", adapter={"init_tokens": 40})
     samples = []
     for _ in range(2):
-        trainer = Trainer(config)
+        trainer = AlterRun(config)
         with pytest.raises(Stop):
-            trainer.train_alter()
+            trainer.train()
         samples.append(dict(seen))
     assert samples[0] == samples[1]  # seeded
     for head, examples in (("retain", trainer.retain_examples), ("alpha", trainer.forget_examples["alpha"])):
@@ -353,6 +354,7 @@ def test_a_phase_meter_measures_the_peak_of_its_own_blocks_only() -> None:
 def test_the_frozen_npo_reference_is_a_compute_dtype_copy(model_dir) -> None:
     from types import SimpleNamespace
 
+    from train.baselines.baseline_run import BaselineRun
     from train.baselines.baseline_steps import Reference
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -369,8 +371,8 @@ def test_the_frozen_npo_reference_is_a_compute_dtype_copy(model_dir) -> None:
     # The trainer's choice: bf16 under CUDA bf16 autocast, the configured dtype otherwise.
     on = lambda device, bf16: SimpleNamespace(device=torch.device(device), compute_dtype=torch.float32,  # noqa: E731
                                               config=SimpleNamespace(runtime=SimpleNamespace(bf16=bf16)))
-    assert Trainer._reference_dtype(on("cuda", True)) == torch.bfloat16
-    assert Trainer._reference_dtype(on("cpu", True)) == torch.float32
+    assert BaselineRun._reference_dtype(on("cuda", True)) == torch.bfloat16
+    assert BaselineRun._reference_dtype(on("cpu", True)) == torch.float32
 
 
 def test_anchored_forget_heads_train_the_same_fused_or_sequential(model_dir, data_dir, tmp_path) -> None:

@@ -7,7 +7,7 @@ arbitrary pickled objects. It is a private file of the run; bundles, the artefac
 are safetensors only.
 
 Resuming reproduces the uninterrupted run (same device and library versions): the data order of
-every pass is a function of (seed, stream, pass) alone (`train.trainer.Trainer._order`), the
+every pass is a function of (seed, stream, pass) alone (`train.training_run.TrainingRun._order`), the
 cycling Phase II / baseline streams restart at the batch the interrupted run had reached, and the
 RNG the steps draw their random views from is saved here at the end of each epoch. A phase
 interrupted mid-epoch restarts that epoch.

@@ -55,7 +55,7 @@ def build_demo_bundle(
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".demo-{key}-", dir=root))
     try:
-        from train.trainer import run
+        from train.run import run
 
         config.runtime.output_dir = str(scratch / "run")
         result = run(config)

@@ -89,7 +89,7 @@ def bounded_nll_ascent(logits: torch.Tensor, labels: torch.Tensor, mask: torch.T
         L = mean_i max(0, τ − L̄_i)          L̄_i: mean NLL of sequence i's selected tokens
 
     τ is the NLL level of answers the model never learned (the holdout authors' mean answer NLL
-    under the model before unlearning, `train.trainer`). Below τ the gradient is that of gradient
+    under the model before unlearning, `train.alter.alter_run`). Below τ the gradient is that of gradient
     ascent on the sequence; at τ it is zero, so a forgotten answer stops being pushed and the head
     stops spending its capacity (and the retain data's) on driving it to zero probability. An
     answer that overshoots is not pulled back. Sequences without a selected token are left out.

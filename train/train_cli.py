@@ -33,7 +33,7 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from train.config import load_config
-    from train.trainer import run
+    from train.run import run
 
     runtime = {"progress": not args.no_progress}
     if args.output_dir:

@@ -10,7 +10,7 @@ import pytest
 from train.config import load_config
 from train.data.synthetic import generate
 from train.import_gguf import import_smollm2
-from train.trainer import run
+from train.run import run
 
 from .conftest import serving_bundle
 
