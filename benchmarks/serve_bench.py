@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="overhead: measured passes per server, in turns")
     args = parser.parse_args(argv)
     if args.model is None:
-        from train.demo_model import build_demo_model
+        from train.demo.demo_model import build_demo_model
         args.model = build_demo_model()
     machine = machine_info()
     work = Path(tempfile.mkdtemp(prefix="serve-bench-", dir=Path("var").resolve() if Path("var").exists() else None))

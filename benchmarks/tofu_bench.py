@@ -55,7 +55,7 @@ from typing import Any
 from benchmarks.common import (RESULTS_DIR, REPO_ROOT, machine_info, markdown_table, print_header, save_figure,
                                write_results)
 from train.data.tofu_subset import SubsetSpec, TofuSubset, build_subset
-from train.demo_model import DemoModelConfig, DemoTrainConfig
+from train.demo.demo_model import DemoModelConfig, DemoTrainConfig
 from train.evaluation.bundle_views import CALIBRATED_PREFIX
 from train.tofu_models import TofuModelRecipe, build_reference_models
 

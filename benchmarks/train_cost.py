@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         print(json.dumps(run_method(args.one, args.model_dir, args.data, args.epochs, args.threads)))
         return None
     if args.model_dir is None:
-        from train.demo_model import build_demo_model
+        from train.demo.demo_model import build_demo_model
 
         args.model_dir = build_demo_model(progress=False)
     data_dir = args.data or _default_data(Path(args.model_dir))

@@ -96,7 +96,7 @@ def _tiny_base(split: UnlearnSplit, folder: Path) -> Path:
     BPE tokenizer of the split's texts and the `qa` chat template. It checks the pipeline only."""
     import torch
 
-    from train.demo_model import DemoModelConfig, make_model, save_model, train_tokenizer
+    from train.demo.demo_model import DemoModelConfig, make_model, save_model, train_tokenizer
 
     if (folder / "config.json").is_file():
         return folder

@@ -18,7 +18,7 @@ from train.data.prompting import (
     prompt_format,
 )
 from train.data.synthetic import generate
-from train.demo_model import train_tokenizer
+from train.demo.demo_model import train_tokenizer
 
 from .tiny_model import build_sentencepiece_tokenizer
 

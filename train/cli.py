@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from train.demo_assets import add_demo_assets_parser  # `demo-assets` (what `make serve` builds)
+from train.demo.demo_assets import add_demo_assets_parser  # `demo-assets` (what `make serve` builds)
 from train.eval_cli import add_eval_parser  # `eval`
 from train.evaluation.probe import add_probe_parser  # `probe` (A/B arms through a live server)
 from train.train_cli import add_train_parsers  # `run`, `demo-bundle` (argparse only; torch loads lazily)
@@ -33,7 +33,7 @@ def add_demo_model_parser(subparsers: argparse._SubParsersAction[argparse.Argume
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
     """Build or reuse the demo model; print its folder on stdout and a summary on stderr."""
-    from train.demo_model import INFO_FILE, build_demo_model  # torch loads only for this command
+    from train.demo.demo_model import INFO_FILE, build_demo_model  # torch loads only for this command
 
     folder = build_demo_model(out_root=args.out, seed=args.seed)
     info = json.loads((folder / INFO_FILE).read_text())

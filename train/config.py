@@ -32,7 +32,7 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    """The base model: a Hugging Face folder, or "demo" for `train.demo_model.build_demo_model()`."""
+    """The base model: a Hugging Face folder, or "demo" for `train.demo.demo_model.build_demo_model()`."""
 
     path: str = "demo"
     # auto: bf16 weights on CUDA (adapters stay fp32), fp32 on CPU.

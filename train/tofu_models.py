@@ -3,7 +3,7 @@
 TOFU's protocol fine-tunes one model on every author ("full", the model to unlearn) and one on the
 retain authors only ("retain", the gold standard that forget quality is measured against). With no
 7B checkpoint offline, both are small Llamas trained from scratch here, with the same tokenizer,
-architecture, optimiser and stopping rule (`train.demo_model.train_until_memorised`):
+architecture, optimiser and stopping rule (`train.demo.demo_model.train_until_memorised`):
 
 * the tokenizer is a byte-level BPE trained on every text of the subset (training, paraphrased and
   perturbed answers), shared by both models so that their scores are comparable;
@@ -35,7 +35,7 @@ import torch
 import transformers
 
 from train.data.tofu_subset import TofuSubset
-from train.demo_model import (DEFAULT_OUT_ROOT, DemoModelConfig, DemoTrainConfig, _torch_threads, greedy_answers,
+from train.demo.demo_model import (DEFAULT_OUT_ROOT, DemoModelConfig, DemoTrainConfig, _torch_threads, greedy_answers,
                               make_model, save_model, train_tokenizer, train_until_memorised)
 from train.files import exclusive_lock, publish_folder
 from train.evaluation.tofu_metrics import rouge_l_recall

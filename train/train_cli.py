@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_bundle(args: argparse.Namespace) -> int:
-    from train.demo_bundle import build_demo_bundle
+    from train.demo.demo_bundle import build_demo_bundle
 
     print(build_demo_bundle(args.model_dir, args.out_root, args.config, progress=not args.no_progress))
     return 0

@@ -65,7 +65,7 @@ class RunResult:
 
 def resolve_model_dir(path: str) -> Path:
     if path == "demo":
-        from train.demo_model import build_demo_model
+        from train.demo.demo_model import build_demo_model
 
         return build_demo_model()
     folder = Path(path)

@@ -21,8 +21,8 @@ def build_demo_assets(out: Path = DEFAULT_ASSETS, progress: bool = True) -> dict
     from alter_serve.core.bundle import load_bundle
 
     from train.data.synthetic import SyntheticTofu
-    from train.demo_bundle import build_demo_bundle
-    from train.demo_model import build_demo_model
+    from train.demo.demo_bundle import build_demo_bundle
+    from train.demo.demo_model import build_demo_model
 
     model_dir = build_demo_model(progress=progress)
     bundle_dir = build_demo_bundle(model_dir, progress=progress)

@@ -44,7 +44,7 @@ from train.runtime import autocast, seed_everything
 
 # Bump when a change to this module changes what a build produces, so old caches are not reused.
 CODE_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT_ROOT = REPO_ROOT / "var" / "models"
 INFO_FILE = "demo_info.json"
 DATA_DIR = "data"

@@ -26,7 +26,7 @@ from train.config import deep_merge, load_config
 
 # Bump when a change to the training code changes what a build produces.
 CODE_VERSION = 4
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 DEFAULT_OUT_ROOT = REPO_ROOT / "var" / "bundles"
 TRAINING_DIR = "training"
@@ -41,7 +41,7 @@ def build_demo_bundle(
 ) -> Path:
     """Train (or reuse) the demo bundle for the model in `model_dir` (default: the demo model)."""
     if model_dir is None:
-        from train.demo_model import build_demo_model
+        from train.demo.demo_model import build_demo_model
 
         model_dir = build_demo_model(progress=progress)
     model_dir = Path(model_dir).resolve()
