@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from train.cli import main
+from train.cli.main import main
 from train.data.prompting import format_prompt
 from train.data.synthetic import SyntheticConfig, SyntheticTofu
 from train.demo.demo_model import (DATA_DIR, INFO_FILE, DemoModelConfig, DemoTrainConfig, build_demo_model,

@@ -15,7 +15,7 @@ from alter_serve.core.bundle import BundleError
 from benchmarks.tofu_bench import DEFAULT_TOFU_ROOT as TOFU_DIR
 from alter_serve.core.fingerprint import fingerprint
 from train.data.synthetic import generate
-from train.cli import main
+from train.cli.main import main
 from train.evaluation.bundle_views import local_view_scorers, resolve_prompt_format
 from train.evaluation.eval_sets import load_eval_sets
 from train.alter.modeling import inject, to_bundle

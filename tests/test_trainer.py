@@ -217,7 +217,7 @@ def test_config_prompt_formats(tmp_path) -> None:
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys) -> None:
-    from train.cli import main
+    from train.cli.main import main
 
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\ndata: {kind: json}\n")

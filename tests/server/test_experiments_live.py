@@ -82,7 +82,7 @@ def test_results_feedback_pause_and_hot_swap_mid_experiment(live_server, experim
 
 
 def test_offline_probe_scores_each_arm_through_the_live_server(live_server, demo_model_dir, demo_bundle_dir):
-    from train.cli import main as alter_train
+    from train.cli.main import main as alter_train
 
     heads = load_bundle(demo_bundle_dir).forget_heads
     with live_server.http("admin") as admin:

@@ -1,4 +1,4 @@
-"""`alter-train demo-assets`: everything `make serve` needs, built (or reused from the cache).
+"""Everything `make serve` needs, built (or reused from the cache): `alter-train demo-assets`.
 
 Writes a small JSON file naming the demo base model, the demo bundle, and one forget-set and one
 retain-set question, so the server banner and the README examples can show the original view
@@ -7,9 +7,7 @@ answering a demo fact and the forgetting view not answering it.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from train.data.prompting import format_prompt
@@ -38,17 +36,3 @@ def build_demo_assets(out: Path = DEFAULT_ASSETS, progress: bool = True) -> dict
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(assets, indent=2) + "\n")
     return assets
-
-
-def add_demo_assets_parser(subparsers) -> None:
-    """Register `alter-train demo-assets [--out FILE]`."""
-    parser = subparsers.add_parser("demo-assets", help="build the demo model + demo bundle for `make serve`")
-    parser.add_argument("--out", type=Path, default=DEFAULT_ASSETS, help=f"assets file (default: {DEFAULT_ASSETS})")
-    parser.set_defaults(func=cmd_demo_assets)
-
-
-def cmd_demo_assets(args: argparse.Namespace) -> int:
-    assets = build_demo_assets(args.out)
-    print(json.dumps(assets, indent=2))
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0

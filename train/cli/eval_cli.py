@@ -19,7 +19,7 @@ Against an endpoint, the served model name *is* the view.
 The prompt format (``train.data.prompting``) is ``--prompt-format``; by default the one the bundle
 was trained with (its manifest's training config), else ``qa``.
 
-`cli.py` registers this subcommand with :func:`add_eval_parser`.
+`train.cli.main` registers this subcommand with :func:`add_eval_parser`.
 """
 
 from __future__ import annotations
