@@ -283,7 +283,7 @@ def _execute_job(job: _Job, subset: TofuSubset, settings: UnlearnSettings, progr
 
 
 def _train_config(job: _Job, subset: TofuSubset, s: UnlearnSettings, progress: bool):
-    from train.config import TrainConfig
+    from train.run_config import TrainConfig
 
     return TrainConfig.model_validate({
         "name": f"tofu-{job.name}".replace("_", "-"),

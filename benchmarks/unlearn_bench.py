@@ -44,7 +44,7 @@ from benchmarks.common import RESULTS_DIR, REPO_ROOT, machine_info, print_header
 from benchmarks.stages import StageCache
 from benchmarks.unlearn_report import omega_label, write_report
 from train.data.unlearn_split import SplitSpec, UnlearnSplit, build_split
-from train.config import deep_merge
+from train.run_config import deep_merge
 from train.finetune import MODEL_DIR, FinetuneSchedule
 
 DEFAULT_TOFU_ROOT = REPO_ROOT.parent / "shared" / "data" / "tofu"
@@ -276,7 +276,7 @@ def train_config(method: Method, seed: int, full_model: Path, base: Path, split:
 def method_stage(cache: StageCache, method: Method, seed: int, models: dict[str, Path], base: Path,
                  split: UnlearnSplit, fmt: Any, files: dict[str, str], progress: bool):
     """Train one method with one seed (resumable per epoch inside its folder)."""
-    from train.config import TrainConfig
+    from train.run_config import TrainConfig
     from train.run import run
 
     probe = train_config(method, seed, models["full"], base, split, fmt, files, Path("/"), progress)

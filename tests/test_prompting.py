@@ -150,7 +150,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 def test_forget_losses_that_need_inputs_refuse_a_config_without_them():
-    from train.config import TrainConfig
+    from train.run_config import TrainConfig
 
     data = {"kind": "json", "forget_file": "f.json", "retain_file": "r.json"}
     with pytest.raises(ValueError, match="needs its never-learned level"):

@@ -14,7 +14,7 @@ from alter_serve.core.views import View, compose
 from tests.tiny_model import build_tiny_model
 from train import checkpoint as checkpoint_module
 from train.alter import alter_run as alter_run_module
-from train.config import ConfigError, TrainConfig, load_config
+from train.run_config import ConfigError, TrainConfig, load_config
 from train.data.synthetic import generate
 from train.data.prompting import encode_example
 from train.examples import answer_tokens

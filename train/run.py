@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from train.alter.alter_run import AlterRun
 from train.baselines.baseline_run import BaselineRun
-from train.config import TrainConfig
+from train.run_config import TrainConfig
 from train.runtime import torch_threads
 from train.training_run import RunResult
 

@@ -43,7 +43,7 @@ from alter_serve.core.fingerprint import fingerprint
 from alter_serve.core.names import RETAIN_HEAD
 from train.answer_probability import mean_answer_probability, model_forward
 from train.checkpoint import TrainState, config_digest, load_state, save_state
-from train.config import TrainConfig
+from train.run_config import TrainConfig
 from train.examples import Batch, Example, answer_tokens, encode_records, epoch_batches
 from train.files import write_json
 from train.optim import lr_factor, optimizer_step, set_lr

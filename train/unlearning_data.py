@@ -18,7 +18,7 @@ import torch
 from alter_serve.core.names import HEAD_NAME_PATTERN, is_valid_head_name
 from train.data.synthetic import SyntheticTofu, records_digest
 
-from train.config import DataSection
+from train.run_config import DataSection
 from train.subdomains import cluster_head_names, kmeans
 
 Record = dict

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import load_config
+from train.run_config import load_config
 from train.data.synthetic import generate
 from train.import_gguf import import_smollm2
 from train.run import run

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keeps its traceback."""
     from alter_serve.core.bundle import BundleError
 
-    from train.config import ConfigError
+    from train.run_config import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from train.config import load_config
+    from train.run_config import load_config
     from train.run import run
 
     runtime = {"progress": not args.no_progress}

@@ -22,7 +22,7 @@ from typing import Any
 from alter_serve.core.fingerprint import fingerprint
 from alter_serve.core.names import MANIFEST_FILE
 
-from train.config import deep_merge, load_config
+from train.run_config import deep_merge, load_config
 
 # Bump when a change to the training code changes what a build produces.
 CODE_VERSION = 4
