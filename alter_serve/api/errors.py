@@ -14,9 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..serving.errors import (ENGINE_CLIENT_ERRORS, Forbidden, InvalidRequest, ModelNotFound, RateLimited, ResourceConflict,
-                              ResourceNotFound, ServingError, Unauthenticated, Unavailable, ViewLoadFailed,
-                              as_serving_error)
+from ..serving.errors import (ENGINE_CLIENT_ERRORS, Forbidden, InvalidRequest, ModelNotFound, RateLimited,
+                              ResourceConflict, ResourceNotFound, ServingError, Unauthenticated, Unavailable,
+                              ViewLoadFailed, as_serving_error)
 
 log = logging.getLogger(__name__)
 

@@ -71,7 +71,8 @@ class ModelCatalog:
             }
         for exp in running:
             cards[exp.alias] = {
-                "id": exp.alias, "object": "model", "created": int(exp.created_at.timestamp()), "owned_by": "alter-serve",
+                "id": exp.alias, "object": "model", "created": int(exp.created_at.timestamp()),
+                "owned_by": "alter-serve",
                 "root": str(base), "parent": None, "max_model_len": context,
                 # The arms' names are in every response's headers; the views behind them are not shown.
                 "experiment": {"name": exp.name, "status": exp.status, "arms": [arm.name for arm in exp.arms]},

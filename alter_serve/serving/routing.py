@@ -143,7 +143,8 @@ class Router:
                 raise Unavailable(f"The view for model '{model}' failed to load on this server; an administrator "
                                   "has to fix it. Retry later.", retry_after_s=30) from None
             self.publisher.load_soon(routed.view)  # in the registry (route found it) but not on this replica yet
-            raise Unavailable(f"The view for model '{model}' is being loaded; retry shortly.", retry_after_s=2) from None
+            raise Unavailable(f"The view for model '{model}' is being loaded; retry shortly.",
+                              retry_after_s=2) from None
         return Target(model, lease, routed.experiment, routed.arm, routed.paused, cache_salt(principal))
 
 

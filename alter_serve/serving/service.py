@@ -52,7 +52,8 @@ class AlterService:
         self.model_dir = Path(model_dir).resolve()
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.registry = Registry(config.registry_url, config.data_dir,
-                                 base_fingerprint=fingerprint(self.model_dir), base_shapes=module_shapes(self.model_dir),
+                                 base_fingerprint=fingerprint(self.model_dir),
+                                 base_shapes=module_shapes(self.model_dir),
                                  max_rank=config.engine.max_lora_rank)
         self.engine = VllmEngine(config.engine, self.model_dir)
         self.adapters = AdapterManager(self.engine)
