@@ -944,7 +944,7 @@ def test_switching_to_wal_retries_while_another_opener_holds_the_lock() -> None:
     a fresh registry together); the switch is retried, and any other error is raised at once."""
     import sqlite3
 
-    from alter_serve.registry.store import _enable_wal
+    from alter_serve.registry.database import _enable_wal
 
     class Cursor:
         def __init__(self, errors: list[str]):

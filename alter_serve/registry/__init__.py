@@ -5,6 +5,7 @@ request log (SQLAlchemy 2.0; SQLite by default). No web code and no vLLM here.
     registry.create_all()
 """
 
+from .access import UNCHANGED
 from .errors import Conflict, InvalidInput, NotFound, RegistryError
 from .experiments import Arm, choose_arm
 from .records import (
@@ -25,7 +26,7 @@ from .records import (
     ViewChange,
     ViewInfo,
 )
-from .store import UNCHANGED, Registry
+from .store import Registry
 
 __all__ = [
     "Arm",

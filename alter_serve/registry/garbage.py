@@ -40,7 +40,7 @@ from .models import BundleRow, BundleVersionRow, RequestLogRow, ViewRow, utcnow
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from .store import Registry
+    from .database import Database
 
 # Temp folders the admin API made directly in data_dir before uploads had their own folder.
 _LEGACY_UPLOAD_PREFIXES = ("upload-", "head-")
@@ -59,7 +59,7 @@ class GarbageReport:
     request_log_rows: int
 
 
-def collect_garbage(registry: Registry, *, keep_views: set[str] | frozenset[str] = frozenset(), grace_s: float = 3600,
+def collect_garbage(registry: Database, *, keep_views: set[str] | frozenset[str] = frozenset(), grace_s: float = 3600,
                     retention_days: float | None = None, retention_rows: int | None = None,
                     dry_run: bool = False) -> GarbageReport:
     """Remove what nothing refers to (see the module docstring); return what went."""
