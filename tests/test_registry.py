@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import threading
@@ -387,6 +388,42 @@ def test_failure_after_the_files_are_written_removes_them(reg, tmp_path, monkeyp
 
 
 # ---- views ----------------------------------------------------------------------------------------
+
+
+def _record_fsyncs(monkeypatch) -> list[Path]:
+    """Patch os.fsync to note the path behind each file descriptor it flushes, in order."""
+    flushed: list[Path] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return flushed
+
+
+def test_the_folders_vllm_loads_are_fsynced_before_and_after_they_are_published(sqlite_reg, tmp_path, monkeypatch):
+    """A view folder is what vLLM loads: its files and the staging folder are flushed before the
+    rename that publishes it, and the view store after it (so is a stored bundle's folder)."""
+    reg = sqlite_reg
+    flushed = _record_fsyncs(monkeypatch)
+    reg.store_bundle("alpha", write_bundle(make_bundle(0), tmp_path / "src-alpha"))
+    bundles = (tmp_path / "data" / "bundles").resolve()
+    assert sorted(p.name for p in flushed[:-2]) == ["manifest.json", "weights.safetensors"]
+    assert flushed[-2].parent == bundles and flushed[-2].name.startswith(".staging-") and flushed[-1] == bundles
+
+    flushed.clear()
+    reg.define_view(View(name="no-bio", forget={"bio": 1.0}), "alpha")
+    views = (tmp_path / "data" / "views").resolve()
+    staging = flushed[-2]
+    assert staging.parent == views and staging.name.startswith(".compose-")
+    assert sorted(flushed[:-2]) == [staging / "adapter_config.json", staging / "adapter_model.safetensors"]
+    assert flushed[-1] == views
+
+    flushed.clear()
+    reg.define_view(View(name="no-bio-again", forget={"bio": 1.0}), "alpha")  # same content: the folder is reused
+    assert flushed == []
 
 
 def test_define_view_composes_the_weighted_heads(alpha, tmp_path):

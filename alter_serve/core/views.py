@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save_file
 
 from .bundle import AlterBundle, BundleError
+from .durable import fsync_path, fsync_tree
 from .manifest import Calibration
 from .names import HEAD_NAME_PATTERN, is_valid_head_name
 from .tensors import content_hash, float32_array, peak_abs
@@ -185,7 +186,8 @@ class ComposedView:
 
 
 def compose(bundle: AlterBundle, view: View, store_root: str | Path) -> ComposedView:
-    """Write the view's LoRA folder under `store_root/<hash>/` (atomically; reused if present).
+    """Write the view's LoRA folder under `store_root/<hash>/` (atomically and durably: `core.durable`;
+    reused if present).
 
     Raise `BundleError` naming every module whose composed LoRA would overflow fp16 in vLLM
     (`fp16_range_problems`); nothing is written then."""
@@ -205,12 +207,15 @@ def compose(bundle: AlterBundle, view: View, store_root: str | Path) -> Composed
         try:
             save_file(tensors, str(staging / ADAPTER_WEIGHTS))
             (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            fsync_tree(staging)  # vLLM loads this folder: never publish it before its bytes are on disk
             try:
                 os.replace(staging, final)
             except OSError:
                 # Another writer published the same content first: identical bytes, keep theirs.
                 if not (final / ADAPTER_WEIGHTS).is_file():
                     raise
+            else:
+                fsync_path(root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     else:

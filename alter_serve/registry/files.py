@@ -4,8 +4,9 @@
     <data_dir>/views/<sha256>/     adapter_config.json + adapter_model.safetensors   (views.compose)
     <data_dir>/uploads/            uploads while they stream in (removed when done; `gc` takes leftovers)
 
-A folder appears in one `os.replace` of a fully written and fsynced staging folder, so a reader
-never sees half a bundle and a crash leaves at most a `.staging-*` folder (ignored, never referenced).
+A folder appears in one `os.replace` of a fully written and fsynced staging folder (bundles here,
+composed views in `views.compose`; `core.durable`), and its parent is fsynced after, so a reader
+never sees half a bundle and a crash leaves at most a `.staging-*` or `.compose-*` folder (ignored, never referenced).
 Identical content lands in the same folder, so writing it twice is a no-op (bar a touch: a reused
 folder gets a fresh mtime, so `gc`, which spares young unreferenced folders, does not take it before
 its row is written).
@@ -19,28 +20,13 @@ import tempfile
 from pathlib import Path
 
 from ..core.bundle import AlterBundle
+from ..core.durable import fsync_path, fsync_tree
 from ..core.names import MANIFEST_FILE, WEIGHTS_FILE
 
 BUNDLES_DIR = "bundles"
 VIEWS_DIR = "views"
 UPLOADS_DIR = "uploads"
 STAGING_PREFIX = ".staging-"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file of `folder` and the folder itself, so the DB row never outlives its files."""
-    for child in folder.iterdir():
-        if child.is_file():
-            _fsync_path(child)
-    _fsync_path(folder)
 
 
 def bundle_complete(folder: Path) -> bool:
@@ -63,14 +49,14 @@ def write_bundle(bundle: AlterBundle, root: Path, digest: str) -> tuple[Path, bo
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
     try:
         bundle.save(staging)
-        _fsync_tree(staging)
+        fsync_tree(staging)  # the DB row never outlives its files
         try:
             os.replace(staging, final)
         except OSError:
             if bundle_complete(final):  # a concurrent writer stored the same content first
                 return final, False
             raise
-        _fsync_path(root)
+        fsync_path(root)
         return final, True
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,7 +1,7 @@
 """The view half of the catalog: views defined on bundles, composed into the content-addressed view
 store (`<data_dir>/views/<sha256>/`, `core.views.compose`), read, and removed.
 
-Files first, row second: a view's folder is composed completely (atomically) before the
+Files first, row second: a view's folder is composed completely (atomically, fsynced) before the
 transaction that points the view at it; if that transaction fails, a folder this call created is
 removed again. So no row points at a missing folder. A view is composed from its bundle's current
 version, validated against the served base model (`_validated`); the transaction re-checks that
