@@ -138,7 +138,8 @@ class Manifest(BaseModel):
         problems: list[str] = []
         _json_value_problems(value, "training", 1, problems)
         if problems:
-            raise ValueError("; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
+            more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise ValueError("; ".join(problems[:10]) + more)
         return value
 
     @field_validator("created_at", mode="before")

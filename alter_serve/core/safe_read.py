@@ -37,7 +37,8 @@ def read_regular_file(path: Path, limit: int, problems: list[str]) -> bytes | No
     try:
         fd = os.open(path, flags)  # O_NONBLOCK: opening a FIFO must not hang; regular files ignore it
     except FileNotFoundError:
-        problems.append(f"{name}: missing" + (" (only safetensors weights are accepted)" if name == WEIGHTS_FILE else ""))
+        hint = " (only safetensors weights are accepted)" if name == WEIGHTS_FILE else ""
+        problems.append(f"{name}: missing{hint}")
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:

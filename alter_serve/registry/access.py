@@ -102,7 +102,8 @@ class Access(Database):
             if s.scalar(select(TenantRow.id).where(TenantRow.name == name)) is not None:
                 raise Conflict(f"tenant {name!r} already exists; choose another name or update it")
             view_ids = rows.view_ids(s, views)
-            row = TenantRow(name=name, **limits.model_dump(), default_view_id=view_ids.get(default_view), disabled=False)
+            row = TenantRow(name=name, **limits.model_dump(), default_view_id=view_ids.get(default_view),
+                            disabled=False)
             s.add(row)
             s.flush()
             for view_id in view_ids.values():
@@ -331,5 +332,6 @@ class Access(Database):
 
     @staticmethod
     def _key_info(s: Session, row: ApiKeyRow) -> KeyInfo:
-        tenant = None if row.tenant_id is None else s.scalar(select(TenantRow.name).where(TenantRow.id == row.tenant_id))
+        tenant = None if row.tenant_id is None else s.scalar(
+            select(TenantRow.name).where(TenantRow.id == row.tenant_id))
         return KeyInfo(row.id, tenant, row.role, row.prefix, row.created_at, row.revoked_at, row.expires_at)

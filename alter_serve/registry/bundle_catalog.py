@@ -100,7 +100,8 @@ class BundleCatalog(ViewCatalog):
         with self._reading() as s:
             row = rows.bundle_row(s, name)
             versions = s.scalars(
-                select(BundleVersionRow).where(BundleVersionRow.bundle_id == row.id).order_by(BundleVersionRow.id.desc())
+                select(BundleVersionRow).where(BundleVersionRow.bundle_id == row.id)
+                .order_by(BundleVersionRow.id.desc())
             )
             return [
                 BundleVersion(name, v.content_hash, self._abs(v.path), v.created_at, v.superseded_at) for v in versions

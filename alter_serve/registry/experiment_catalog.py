@@ -62,7 +62,8 @@ class ExperimentCatalog(Database):
             rows.view_ids(s, sorted({a.view for a in parsed}))
             tenant_ids = self._tenant_ids(s, tenants)
             row = ExperimentRow(name=name, alias=alias, arms=[a.model_dump() for a in parsed], sticky=sticky,
-                                salt=salt if salt is not None else exp.new_salt(), status=status, control_arm=control_name)
+                                salt=salt if salt is not None else exp.new_salt(), status=status,
+                                control_arm=control_name)
             if status != exp.STOPPED:
                 self._check_can_run(s, row, tenant_ids)
             s.add(row)
@@ -101,7 +102,8 @@ class ExperimentCatalog(Database):
                 s.execute(delete(experiment_tenants).where(experiment_tenants.c.experiment_id == row.id))
                 self._add_tenants(s, row, tenant_ids)
             else:
-                tenant_ids = list(s.scalars(select(experiment_tenants.c.tenant_id).where(experiment_tenants.c.experiment_id == row.id)))
+                tenant_ids = list(s.scalars(select(experiment_tenants.c.tenant_id)
+                                            .where(experiment_tenants.c.experiment_id == row.id)))
             if row.status != exp.STOPPED:
                 rows.view_ids(s, sorted({a["view"] for a in row.arms}))  # its views may be gone since it stopped
                 self._check_can_run(s, row, tenant_ids)

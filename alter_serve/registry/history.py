@@ -55,7 +55,8 @@ class History(Database):
         if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
             raise InvalidInput(f"rating {rating!r} of response {response_id!r} must be a finite number")
         if comment is not None and len(comment) > MAX_COMMENT_CHARS:
-            raise InvalidInput(f"comment on response {response_id!r} is {len(comment)} characters; the limit is {MAX_COMMENT_CHARS}")
+            raise InvalidInput(f"comment on response {response_id!r} is {len(comment)} characters; the limit is "
+                               f"{MAX_COMMENT_CHARS}")
         log, fb = RequestLogRow, FeedbackRow
         with self._writing(f"feedback on response {response_id!r}") as s:
             logged = s.execute(select(log.tenant, log.experiment, log.arm, log.view)
@@ -74,7 +75,8 @@ class History(Database):
             row.experiment, row.arm, row.view = info.experiment, info.arm, info.view
             return info
 
-    def list_feedback(self, *, experiment: str | None = None, tenant: str | None = None, limit: int = 1000) -> list[FeedbackInfo]:
+    def list_feedback(self, *, experiment: str | None = None, tenant: str | None = None,
+                      limit: int = 1000) -> list[FeedbackInfo]:
         """Feedback, newest first, optionally for one experiment and/or tenant, each attributed
         through the request log as it is now."""
         log, fb = RequestLogRow, FeedbackRow
@@ -125,7 +127,8 @@ class History(Database):
         log, fb = RequestLogRow, FeedbackRow
         samples = select(log.tenant, log.response_id, log.arm).where(*self._samples_of(row)).distinct().subquery()
         same_response = and_(fb.tenant == samples.c.tenant, fb.response_id == samples.c.response_id)
-        newest = select(func.max(fb.id)).select_from(fb).join(samples, same_response).group_by(fb.tenant, fb.response_id)
+        newest = (select(func.max(fb.id)).select_from(fb).join(samples, same_response)
+                  .group_by(fb.tenant, fb.response_id))
         return (select(fb.id, samples.c.arm, fb.rating).select_from(fb).join(samples, same_response)
                 .where(fb.id.in_(newest)).subquery())
 
@@ -243,9 +246,11 @@ class History(Database):
                    source: str | None) -> ProbeResultRow:
         arm, view = result.get("arm"), result.get("view")
         if arm not in views:
-            raise InvalidInput(f"probe result {index}: arm {arm!r} is not an arm of the experiment; its arms are {sorted(views)}")
+            raise InvalidInput(f"probe result {index}: arm {arm!r} is not an arm of the experiment; its arms are "
+                               f"{sorted(views)}")
         if view != views[arm]:
-            raise InvalidInput(f"probe result {index}: arm {arm!r} serves view {views[arm]!r} now, not {view!r}; probe again")
+            raise InvalidInput(f"probe result {index}: arm {arm!r} serves view {views[arm]!r} now, not {view!r}; "
+                               "probe again")
         samples = result.get("samples", 0)
         if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples <= INT32_MAX:
             raise InvalidInput(f"probe result {index}: samples {samples!r} must be an integer from 0 to {INT32_MAX}")

@@ -33,6 +33,8 @@ class ViewCatalog(Database):
     """Views: define, read, remove, and keep their composed folders (see the module docstring)."""
 
     def _validated(self, source: str | Path) -> AlterBundle:
+        """The bundle folder `source`, loaded and validated against the served base model and the
+        engine's largest LoRA rank; `InvalidInput` listing every problem otherwise."""
         try:
             bundle = load_bundle(source, self.base_shapes, self.base_fingerprint)
         except BundleError as exc:
@@ -62,14 +64,16 @@ class ViewCatalog(Database):
         composed folder (equal to the new one when the weights did not change). The built-in view
         "original" cannot be defined or redefined."""
         if view.is_original:
-            raise InvalidInput("'original' is the built-in base-model view and cannot be (re)defined; choose another name")
+            raise InvalidInput("'original' is the built-in base-model view and cannot be (re)defined; "
+                               "choose another name")
         if bundle_name is None:
             raise InvalidInput(f"view {view.name!r} needs a bundle; only the built-in 'original' view has none")
         with self._reading() as s:
             brow = rows.bundle_row(s, bundle_name)
             bundle_hash, bundle_path = brow.content_hash, self._abs(brow.path)
             if not replace and s.scalar(select(ViewRow.id).where(ViewRow.name == view.name)) is not None:
-                raise Conflict(f"view {view.name!r} already exists; pass replace=True to redefine it, or choose another name")
+                raise Conflict(f"view {view.name!r} already exists; pass replace=True to redefine it, "
+                               "or choose another name")
         bundle = self._validated(bundle_path)
         try:
             check_view_fits(bundle, view)
