@@ -4,13 +4,13 @@
 #
 # The base is plain Python, not a CUDA image: the vLLM and torch wheels bring their own CUDA
 # runtime libraries, and the NVIDIA Container Toolkit mounts the host's driver at run time.
-# EXTRAS picks the pip extras; add more once they exist in pyproject.toml (e.g. a PostgreSQL
-# driver for several replicas sharing one registry, see docs/deploy.md).
+# EXTRAS picks the pip extras: gpu (vLLM with CUDA) and postgres (the psycopg driver, for several
+# replicas sharing one registry, see docs/deploy.md).
 ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim-bookworm
 
-ARG EXTRAS=gpu
+ARG EXTRAS=gpu,postgres
 
 # Triton (used by vLLM's kernels) compiles small launcher stubs with a C compiler at first use.
 RUN apt-get update \

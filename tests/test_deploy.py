@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -83,6 +84,49 @@ def test_server_is_built_from_the_dockerfile_with_the_gpu_extra(server: dict) ->
     assert re.search(r'^RUN pip install (-e )?"\.\[\$\{EXTRAS\}\]"', text, re.MULTILINE), \
         "Dockerfile must pip install .[${EXTRAS}]"
     assert re.search(r"^COPY configs ", text, re.MULTILINE), "configs/ must be in the image"
+
+
+def test_the_image_carries_the_postgres_driver_by_default(server: dict) -> None:
+    """Several replicas need psycopg in the image (issue 18 §1): every default of EXTRAS includes the
+    `postgres` extra, and that extra is a psycopg v3 requirement (the driver of `postgresql+psycopg`)."""
+    defaults = {
+        "docker-compose.yml": interpolate(server["build"]["args"]["EXTRAS"], {}),
+        ".env.example": env_example().get("PIP_EXTRAS", ""),
+        "Dockerfile": re.search(r"^ARG EXTRAS=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)[1],
+    }
+    for where, extras in defaults.items():
+        assert {"gpu", "postgres"} <= set(extras.split(",")), f"{where}: EXTRAS={extras!r} lacks gpu or postgres"
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert any(req.startswith("psycopg") for req in extras["postgres"]), extras["postgres"]
+
+
+def _documented_compose_database_url() -> str:
+    """The (commented) ALTER_SERVE_DATABASE_URL of .env.example that points at the compose service."""
+    urls = re.findall(r"^#\s*ALTER_SERVE_DATABASE_URL=(\S+@postgres:\d+/\S+)$", ENV_EXAMPLE.read_text(), re.MULTILINE)
+    assert len(urls) == 1, f".env.example should show one URL for the compose postgres service, found {urls}"
+    return urls[0]
+
+
+def test_the_replicas_profile_runs_the_registry_database_the_env_example_points_at(compose: dict) -> None:
+    """`--profile replicas` adds PostgreSQL on the compose network; .env.example's URL for it names
+    that service, its user, database and port, and the psycopg driver the image carries."""
+    from sqlalchemy.engine import make_url
+
+    db = compose["services"].get("postgres")
+    assert db is not None, "docker-compose.yml has no postgres service"
+    assert db.get("profiles") == ["replicas"], "PostgreSQL must start only with --profile replicas"
+    assert "ports" not in db, "the database must not be published on the host"
+    env = db["environment"]
+    url = make_url(_documented_compose_database_url())
+    assert (url.drivername, url.host, url.port) == ("postgresql+psycopg", "postgres", 5432)
+    assert (url.username, url.database) == (env["POSTGRES_USER"], env["POSTGRES_DB"])
+    assert env["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD"), "the password must come from .env"
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    data = [m for m in volume_mounts(db) if m["target"] == "/var/lib/postgresql/data"]
+    assert data and data[0]["source"] in compose["volumes"], "the database needs a named volume"
+    # The server passes the URL through from .env.
+    assert "ALTER_SERVE_DATABASE_URL" in compose["services"][SERVICE]["environment"]
 
 
 def test_server_reserves_nvidia_gpus(server: dict) -> None:
@@ -387,10 +431,12 @@ def _compose_command() -> list[str] | None:
     return None
 
 
-def _run_compose(command: list[str], env_file: Path) -> subprocess.CompletedProcess:
+def _run_compose(command: list[str], env_file: Path, *options: str) -> subprocess.CompletedProcess:
     # The runner's own variables must not stand in for the env file's.
-    env = {k: v for k, v in os.environ.items() if k not in env_example() and not k.startswith("COMPOSE_")}
-    return subprocess.run([*command, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config", "-q"],
+    env = {k: v for k, v in os.environ.items()
+           if k not in env_example() and k not in ("POSTGRES_PASSWORD", "ALTER_SERVE_DATABASE_URL")
+           and not k.startswith("COMPOSE_")}
+    return subprocess.run([*command, "--env-file", str(env_file), *options, "-f", str(COMPOSE_FILE), "config", "-q"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -400,6 +446,19 @@ def test_docker_compose_config_validates() -> None:
         pytest.skip("no docker compose / docker-compose client")
     result = _run_compose(command, ENV_EXAMPLE)
     assert result.returncode == 0, f"{' '.join(command)} config -q failed:\n{result.stderr}"
+
+
+def test_docker_compose_config_validates_with_the_replicas_profile(tmp_path: Path) -> None:
+    """The documented several-replica start: .env.example with its replica lines uncommented."""
+    command = _compose_command()
+    if command is None:
+        pytest.skip("no docker compose / docker-compose client")
+    password = "a-test-secret"
+    env_file = tmp_path / "replicas.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env_example().items()) + f"POSTGRES_PASSWORD={password}\n"
+                        f"ALTER_SERVE_DATABASE_URL={_documented_compose_database_url()}\nAPI_PORT=8000-8001\n")
+    result = _run_compose(command, env_file, "--profile", "replicas")
+    assert result.returncode == 0, f"{' '.join(command)} --profile replicas config failed:\n{result.stderr}"
 
 
 def test_docker_compose_refuses_to_run_without_the_admin_key(tmp_path: Path) -> None:
