@@ -133,7 +133,7 @@ class AlterLinear(nn.Module):
             mixed = (weights.unsqueeze(-1) * ax.unsqueeze(-2)).flatten(-2)
             delta = F.linear(mixed, heads.flatten(1).to(dtype))
         elif mix.mode == "samples":
-            delta = _per_sample_delta(ax, heads, mix.weights, dtype)
+            return _add_per_sample_delta(result, ax, heads, mix.weights, self.scale)
         else:
             raise ValueError(f"unknown adapter mode {mix.mode!r}; use one of {MODES}")
         return result + (self.scale * delta).to(result.dtype)
@@ -159,21 +159,26 @@ def _isolate(stacked: torch.Tensor, mix: HeadMix) -> torch.Tensor:
     return torch.where(mix.keep.to(stacked.device), stacked, stacked.detach())
 
 
-def _per_sample_delta(ax: torch.Tensor, stacked: torch.Tensor, weights: torch.Tensor,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """B_n (A x_n) for every sample n (see the module docstring, samples mode).
+def _add_per_sample_delta(result: torch.Tensor, ax: torch.Tensor, stacked: torch.Tensor, weights: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """result + s · B_n (A x_n) for every sample n (see the module docstring, samples mode).
 
-    `ax` [N, ..., r], `stacked` [out, H, r], `weights` [2, N, H]. The trained part goes through
-    B and the rest through B.detach(): the same values as one mix, the gradient only where
-    weights[0] says."""
+    `result` [N, ..., out] (the base layer's W0 x), `ax` [N, ..., r], `stacked` [out, H, r],
+    `weights` [2, N, H]. The trained part goes through B and the rest through B.detach(): the same
+    values as one mix, the gradient only where weights[0] says. s is folded into the per-sample
+    [N, out, r] matrices and the addition into the batched matmul (`baddbmm`), so no elementwise
+    pass over the [N, T, out] activations is left: each was a full read and write, forward and
+    backward, of the layer's largest tensor."""
     if ax.dim() < 2 or ax.shape[0] != weights.shape[1]:
         raise ValueError(f"samples mode has head weights for {weights.shape[1]} samples, but the layer input "
                          f"has leading shape {tuple(ax.shape[:-1])}; set the weights for this batch")
-    per_sample = (torch.einsum("nh,ohr->nor", weights[0].to(stacked.dtype), stacked)
-                  + torch.einsum("nh,ohr->nor", weights[1].to(stacked.dtype), stacked.detach()))
+    scaled = weights.to(stacked.dtype) * scale
+    per_sample = (torch.einsum("nh,ohr->nor", scaled[0], stacked)
+                  + torch.einsum("nh,ohr->nor", scaled[1], stacked.detach()))
     flat = ax.reshape(ax.shape[0], -1, ax.shape[-1])                       # [N, T, r]
-    delta = torch.bmm(flat, per_sample.to(dtype).transpose(1, 2))          # [N, T, out]
-    return delta.reshape(*ax.shape[:-1], delta.shape[-1])
+    base = result.reshape(flat.shape[0], flat.shape[1], -1)                # [N, T, out]
+    mixed = torch.baddbmm(base, flat.to(base.dtype), per_sample.to(base.dtype).transpose(1, 2))
+    return mixed.reshape(result.shape)
 
 
 def host_to_device(values: Sequence[float] | Sequence[bool], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
