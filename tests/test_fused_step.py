@@ -12,7 +12,8 @@ import torch
 from tests.test_alter_steps import HEADS, THRESHOLD, b_grads, base, set_phase  # noqa: F401 (fixture)
 from train.alter.alter_steps import AlterStepConfig, AlterSteps
 from train.examples import Example, collate
-from train.alter.fused_step import FusedPhase2, concat_batches, draw_views, groups_of, head_orthogonality, row_mixing
+from train.alter.fused_step import (FusedPhase2, compact_positions, concat_batches, draw_views, groups_of, head_orthogonality,
+                                    logits_at, row_mixing)
 from train.alter.modeling import inject
 from train.objectives import orthogonality_loss
 
@@ -106,6 +107,39 @@ def test_a_heads_gradient_ignores_the_other_groups_rows(alter) -> None:
     after = b_grads(alter)
     assert torch.equal(after[:, :, 1], bio)
     assert not torch.equal(after[:, :, 0], torch.zeros_like(after[:, :, 0]))
+
+
+def test_compact_positions_keep_each_rows_masked_positions_in_order() -> None:
+    masks = torch.tensor([[False, True, False, True], [False, False, False, False], [True, True, True, False]])
+    labels = torch.arange(15).reshape(3, 5)
+    index, compact, keep = compact_positions(masks, labels)
+    assert index.tolist() == [[1, 3, 0, 0], [0, 0, 0, 0], [0, 1, 2, 0]]
+    assert compact.tolist() == [[-100, 2, 4, -100], [-100, -100, -100, -100], [-100, 11, 12, 13]]
+    assert keep.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+
+
+def test_logits_are_computed_at_the_loss_positions_only(alter) -> None:
+    """The output projection sees only the hidden states at the index: [N, J, V] logits, equal to
+    the full logits there."""
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([[4, 0, 2], [1, 5, 5]])
+    full = alter(input_ids=ids).logits
+    with logits_at(alter.model, index) as compact:
+        picked = alter(input_ids=ids).logits
+    assert compact and picked.shape == (2, 3, full.shape[-1])
+    torch.testing.assert_close(picked, torch.stack([full[0, [4, 0, 2]], full[1, [1, 5, 5]]]))
+
+
+def test_a_model_without_an_output_projection_hook_fuses_exactly(alter, monkeypatch) -> None:
+    """Without `get_output_embeddings` the full logits are computed and then gathered: the same
+    gradients as the sequential step."""
+    forget, retain = batches(7)
+    cfg = config(0.5)
+    reference = copy.deepcopy(alter)
+    expected = sequential(reference, forget, retain, cfg, 1)
+    monkeypatch.setattr(alter.model, "get_output_embeddings", lambda: None)
+    got = fused(alter, forget, retain, cfg, 1)
+    assert_same_heads(reference, alter, expected, got)
 
 
 def test_head_orthogonality_matches_the_per_head_term(alter) -> None:

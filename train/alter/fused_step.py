@@ -39,6 +39,16 @@ einsum of the [N, H] weights with B, and the mix as one bmm (`train.alter.modeli
 The forward holds all N rows' activations at once, where the sequential step held one group's:
 that is the price of one pass (gradient checkpointing bounds it as usual).
 
+Logits only where a loss reads them. Every loss here reads the prediction at position t only
+where its token mask m[n, t] is set (t predicts label t + 1; masked-out positions are multiplied
+by 0 or never gathered), so the output projection W_out h_t, [V] per position, is computed only
+there (`compact_positions`, `logits_at`): row n keeps its positions t₁ < … < t_k in order,
+left-aligned, and its labels become (ignored, y_{t₁+1}, …, y_{t_k+1}), so every loss, with its
+causal shift, sees exactly the terms it saw on the full rows, per row (per-sequence losses too).
+Teachers' logits are taken at the same positions. The vocabulary projection and every
+vocabulary-wide loss pass then run on the masked tokens only, not on all N·T positions (on
+SmolLM2, V = 49152, about two thirds of them are prompt, padding or high-entropy tokens).
+
 No host sync: batches are concatenated on the host, the row weights, loss masks and (with
 padding, under SDPA) the 4-D attention mask are host tensors copied asynchronously, and the
 group boundaries are Python ints.
@@ -47,8 +57,8 @@ group boundaries are Python ints.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -158,6 +168,53 @@ def loss_masks(batches: dict[str, Batch], config: AlterStepConfig, width: int) -
     return torch.cat(masks)
 
 
+def compact_positions(masks: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The masked positions of every row, left-aligned (module docstring, "Logits only where a loss
+    reads them"), from host `masks` [N, T − 1] and `labels` [N, T]:
+
+        index  [N, P + 1]   index[n, j] = t_j (the row's j-th masked position), 0 past its k_n;
+                            the last column is a spare the causal shift drops
+        labels [N, P + 1]   (ignored, y_{t₁+1}, …, y_{t_k+1}, ignored …)
+        mask   [N, P]       j < k_n
+
+    with P = max_n k_n. Built on the host (P is a Python int, no device read)."""
+    counts = masks.sum(dim=1)
+    # Read through numpy, which refuses a device tensor: this read can never become a host sync.
+    width = int(counts.numpy().max()) if masks.numel() else 0
+    # A stable sort of "not masked" puts each row's masked positions first, in their order.
+    order = torch.sort((~masks).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    keep = torch.arange(width)[None, :] < counts[:, None]
+    index = torch.where(keep, order, 0)
+    picked = torch.where(keep, labels.gather(1, index + 1), IGNORE_INDEX)
+    return F.pad(index, (0, 1)), F.pad(picked, (1, 0), value=IGNORE_INDEX), keep
+
+
+def at_positions(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[n, index[n, j]] for [N, T, D] values and [N, J] index: [N, J, D]."""
+    return values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+
+
+@contextmanager
+def logits_at(model: torch.nn.Module, index: torch.Tensor) -> Iterator[bool]:
+    """Within: the model's output projection sees only the hidden states at `index` [N, J], so its
+    logits come out [N, J, V] (whatever the model applies after the projection, e.g. soft-capping,
+    is per position and applies as before). Yields False for a model without
+    `get_output_embeddings` (then the caller takes `at_positions` of the full logits)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield False
+        return
+
+    def gather(module: torch.nn.Module, args: tuple) -> tuple:
+        return (at_positions(args[0], index), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
 def groups_of(batches: dict[str, Batch], views: dict[str, dict[str, float]]) -> list[Group]:
     """The row range of every batch in the concatenation, with its view (an anchor has its
     head's)."""
@@ -247,20 +304,20 @@ class FusedPhase2:
         batches = {**forget, **anchored, RETAIN_HEAD: retain}
         groups = groups_of(batches, views)
         fused = concat_batches(list(batches.values()), self.pad_id)
-        masks = loss_masks(batches, self.config, fused.input_ids.shape[1])
+        index, labels, masks = compact_positions(loss_masks(batches, self.config, fused.input_ids.shape[1]),
+                                                 fused.labels)
         attention = sdpa_mask(fused, getattr(self.alter.config, "_attn_implementation", None))
         weights, trainable = row_mixing(self.alter.heads, groups)
         device = self.alter.device
-        fused, masks = fused.to(device), to_device(masks, device)
+        fused, index, labels, masks = fused.to(device), *(to_device(t, device) for t in (index, labels, masks))
         attention = None if attention is None else to_device(attention, device)
-        targets = self._targets(groups, fused, attention)
+        targets = self._targets(groups, fused, attention, index)
         with self.alter.sample_mixing(weights, trainable):
-            with self.autocast():
-                logits = self.alter(input_ids=fused.input_ids, attention_mask=attention).logits
-            per_head = {g.head: self._loss(g.head, logits[g.start: g.stop], fused.labels[g.start: g.stop],
+            logits = self._logits(fused.input_ids, attention, index)
+            per_head = {g.head: self._loss(g.head, logits[g.start: g.stop], labels[g.start: g.stop],
                                            masks[g.start: g.stop], targets.get(g.key))
                         for g in groups if not g.is_anchor}
-            kl = {g.key: distribution_kl(logits[g.start: g.stop], targets[g.key], fused.labels[g.start: g.stop])
+            kl = {g.key: distribution_kl(logits[g.start: g.stop], targets[g.key], labels[g.start: g.stop])
                   for g in groups if g.key in targets and (g.is_anchor or g.key == RETAIN_HEAD)}
             retain_kl = kl.pop(RETAIN_HEAD, None)
             anchor = {key.removeprefix(ANCHOR): value for key, value in kl.items()}
@@ -270,11 +327,19 @@ class FusedPhase2:
                            None if retain_kl is None else retain_kl.detach(),
                            {h: value.detach() for h, value in anchor.items()})
 
+    def _logits(self, input_ids: torch.Tensor, attention: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+        """The model's logits at `index` only ([N, J, V]), in the current adapter mode."""
+        with logits_at(self.alter.model, index) as compact, self.autocast():
+            logits = self.alter(input_ids=input_ids, attention_mask=attention).logits
+        return logits if compact else at_positions(logits, index)
+
     @torch.no_grad()
-    def _targets(self, groups: Sequence[Group], fused: Batch, attention: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """No-grad logits the losses compare against, by group key: the kl_pre teacher's on each
-        forget group; the base model's (adapters off) on every anchor, and on the retain group when
-        retain_kl is set — those rows are contiguous (`step` orders them so), one forward."""
+    def _targets(self, groups: Sequence[Group], fused: Batch, attention: torch.Tensor | None,
+                 index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """No-grad logits the losses compare against, by group key, at the rows' `index` positions:
+        the kl_pre teacher's on each forget group; the base model's (adapters off) on every anchor,
+        and on the retain group when retain_kl is set — those rows are contiguous (`step` orders
+        them so), one forward."""
         targets: dict[str, torch.Tensor] = {}
 
         def rows(start: int, stop: int) -> Batch:
@@ -287,15 +352,16 @@ class FusedPhase2:
             start, stop = on_base[0].start, on_base[-1].stop
             if sum(g.stop - g.start for g in on_base) != stop - start:
                 raise AssertionError("the rows scored by the base model must be contiguous")
-            with self.alter.mixing("off"), self.autocast():
-                logits = self.alter(input_ids=fused.input_ids[start: stop],
-                                    attention_mask=rows(start, stop).attention_mask).logits
+            with self.alter.mixing("off"):
+                logits = self._logits(fused.input_ids[start: stop], rows(start, stop).attention_mask,
+                                      index[start: stop])
             targets.update({g.key: logits[g.start - start: g.stop - start] for g in on_base})
         if self.config.forget_loss == "kl_pre" and self.forget_objective is None:
             for group in groups:
                 if group.key in self.alter.forget_heads:
                     with self.autocast():
-                        targets[group.key] = self.forget_teacher(rows(group.start, group.stop))
+                        teacher = self.forget_teacher(rows(group.start, group.stop))
+                    targets[group.key] = at_positions(teacher, index[group.start: group.stop])
         return targets
 
     def _loss(self, head: str, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
