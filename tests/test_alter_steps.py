@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from train.alter.alter_steps import AlterStepConfig, AlterSteps, random_view, token_masks
 from train.examples import Example, collate
-from train.alter.head_init import init_heads, top_directions
+from train.alter.head_init import collect_outputs, init_heads, top_directions
 from train.alter.modeling import inject
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -169,6 +169,22 @@ def test_head_init_uses_each_heads_data_and_keeps_forget_heads_orthogonal_to_ret
     assert torch.allclose(retain.T @ bio, torch.zeros(8, 8), atol=1e-5)  # B_d ⟂ B_r at init
     assert torch.allclose(layer.lora_B[:, 1], 0.02 * bio)
     assert torch.allclose(layer.head(0).norm(dim=0), torch.full((8,), 0.02), atol=1e-6)
+
+
+def test_collected_outputs_are_the_full_forwards_first_tokens(alter) -> None:
+    """Running only the rows that hold a kept token, and no output projection, changes nothing:
+    the first `max_tokens` masked outputs of a plain forward of every row."""
+    batch, _ = make_batch(3)
+    mask = (batch.labels != -100) & batch.attention_mask.bool()
+    layer = alter.layers[f"model.layers.1.mlp.{TARGETS[-1]}"]
+    seen = []
+    handle = layer.base.register_forward_hook(lambda module, inputs, output: seen.append(output[mask]))
+    with torch.no_grad(), alter.mixing("off"):
+        alter(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    handle.remove()
+    budget = int(mask[0].sum()) + 1  # the first row and one token of the second: the rest is not run
+    got = collect_outputs(alter, [(batch.input_ids, batch.attention_mask, batch.labels != -100)], budget)
+    torch.testing.assert_close(got[f"model.layers.1.mlp.{TARGETS[-1]}"], seen[0][:budget], atol=1e-6, rtol=1e-5)
 
 
 def test_top_directions_recover_a_planted_subspace() -> None:

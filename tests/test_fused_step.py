@@ -13,8 +13,8 @@ from tests.test_alter_steps import HEADS, THRESHOLD, b_grads, base, set_phase  #
 from train.alter.alter_steps import AlterStepConfig, AlterSteps
 from train.examples import Example, collate
 from train.alter.fused_step import (FusedPhase2, compact_positions, concat_batches, draw_views, groups_of, head_orthogonality,
-                                    logits_at, row_mixing)
-from train.alter.modeling import inject
+                                    row_mixing)
+from train.alter.modeling import inject, logits_at
 from train.objectives import orthogonality_loss
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -57,8 +57,8 @@ group boundaries are Python ints.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +68,7 @@ from alter_serve.core.names import RETAIN_HEAD
 
 from train.alter.alter_steps import AlterStepConfig, Teacher, forget_term, forget_token_mask, random_view
 from train.examples import Batch
-from train.alter.modeling import AlterModel
+from train.alter.modeling import AlterModel, at_positions, logits_at
 from train.objectives import IGNORE_INDEX, distribution_kl, nll_loss
 from train.runtime import to_device
 
@@ -187,32 +187,6 @@ def compact_positions(masks: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     index = torch.where(keep, order, 0)
     picked = torch.where(keep, labels.gather(1, index + 1), IGNORE_INDEX)
     return F.pad(index, (0, 1)), F.pad(picked, (1, 0), value=IGNORE_INDEX), keep
-
-
-def at_positions(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values[n, index[n, j]] for [N, T, D] values and [N, J] index: [N, J, D]."""
-    return values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
-
-
-@contextmanager
-def logits_at(model: torch.nn.Module, index: torch.Tensor) -> Iterator[bool]:
-    """Within: the model's output projection sees only the hidden states at `index` [N, J], so its
-    logits come out [N, J, V] (whatever the model applies after the projection, e.g. soft-capping,
-    is per position and applies as before). Yields False for a model without
-    `get_output_embeddings` (then the caller takes `at_positions` of the full logits)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        yield False
-        return
-
-    def gather(module: torch.nn.Module, args: tuple) -> tuple:
-        return (at_positions(args[0], index), *args[1:])
-
-    handle = head.register_forward_pre_hook(gather)
-    try:
-        yield True
-    finally:
-        handle.remove()
 
 
 def groups_of(batches: dict[str, Batch], views: dict[str, dict[str, float]]) -> list[Group]:

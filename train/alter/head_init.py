@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
-from train.alter.modeling import AlterModel
+from train.alter.modeling import AlterModel, logits_at
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, token mask
 
@@ -54,8 +54,13 @@ def collect_outputs(alter: AlterModel, batches: Iterable[Batch], max_tokens: int
                 budget = max_tokens - taken
                 positions = mask.flatten().nonzero().squeeze(-1)[budget:]
                 mask.view(-1)[positions] = False
-                current["mask"] = mask
-                alter(input_ids=input_ids, attention_mask=attention_mask)
+                # Rows are independent (causal, right-padded): only those holding a kept token are
+                # run, and the output projection over the vocabulary (nothing here reads logits) on
+                # no position at all.
+                rows = mask.any(dim=1)
+                current["mask"] = mask[rows]
+                with logits_at(alter.model, torch.zeros(int(rows.sum()), 0, dtype=torch.long)):
+                    alter(input_ids=input_ids[rows], attention_mask=attention_mask[rows])
                 taken += int(mask.sum())
     finally:
         for handle in hooks:

@@ -345,6 +345,35 @@ class AlterModel(nn.Module):
         return next(iter(self._layers.values())).lora_A.device
 
 
+# ---- logits at chosen positions -----------------------------------------------------------------
+
+
+def at_positions(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[n, index[n, j]] for [N, T, D] values and [N, J] index: [N, J, D]."""
+    return values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+
+
+@contextmanager
+def logits_at(model: torch.nn.Module, index: torch.Tensor) -> Iterator[bool]:
+    """Within: the model's output projection sees only the hidden states at `index` [N, J], so its
+    logits come out [N, J, V] (whatever the model applies after the projection, e.g. soft-capping,
+    is per position and applies as before). Yields False for a model without
+    `get_output_embeddings` (then the caller takes `at_positions` of the full logits)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield False
+        return
+
+    def gather(module: torch.nn.Module, args: tuple) -> tuple:
+        return (at_positions(args[0], index), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
 # ---- injection ------------------------------------------------------------------------------------
 
 
