@@ -17,7 +17,7 @@ one ALTER forget head each; retain = the other genres), batch 8, for
 
 Each method runs in its own subprocess, so its peak RSS (resource.ru_maxrss) is its own; the
 "training overhead" column is peak RSS minus the RSS after the model and data were loaded.
-"total s" = setup + train, and "total / GradDiff" is the target's ratio (ALTER ≤ 1.3× LoRA-GradDiff).
+"total s" = setup + train, and "total / GradDiff" is issue #17's CPU ratio (target: ALTER ≤ 0.8× LoRA-GradDiff).
 The methods run `--rounds` times, in alternating order, and each row is the round with the median
 total: this machine's background load drifts, and a single pass per method measured the drift.
 "tokens" counts the batches a method trains on per step (NPO's reference pass is extra work). Every
